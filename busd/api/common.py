@@ -1,0 +1,164 @@
+"""What every route shares: the bus context, strict parsing, JSON replies, the long-poll."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from .. import errors
+from ..errors import BusError
+from ..identity import OpenAccess, Principal
+from ..model import Limits, StoredMessage
+from ..store import Store
+from ..waiters import WaiterHub
+
+
+@dataclass
+class BusSettings:
+    hold_seconds: float = 25.0          # long-poll hold; clients time out at 35 s
+    default_batch: int = 100            # rapid's default `max`
+    max_batch: int = 1000               # largest `max` a client may ask for
+    body_timeout: float = 10.0          # a body must arrive within this
+    limits: Limits = field(default_factory=Limits)
+    card_name: str = "agent-bus"
+    card_description: str = "A message bus for agents: addressed messages and channel broadcasts."
+    public_url: str = ""
+
+
+@dataclass
+class Bus:
+    store: Store
+    settings: BusSettings
+    hub: WaiterHub = field(default_factory=WaiterHub)
+    access: OpenAccess = field(default_factory=OpenAccess)
+
+
+BUS = web.AppKey("bus", Bus)
+PRINCIPAL = "principal"
+
+
+def bus_of(request: web.Request) -> Bus:
+    return request.app[BUS]
+
+
+def principal_of(request: web.Request) -> Principal:
+    return request[PRINCIPAL]
+
+
+def reply(payload: object, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(payload).encode(), status=status,
+                        content_type="application/json")
+
+
+def error_reply(exc: BusError) -> web.Response:
+    return reply(exc.as_json(), status=exc.http_status)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+async def read_json_object(request: web.Request) -> dict:
+    bus = bus_of(request)
+    limit = bus.settings.limits.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BusError(errors.BODY_TOO_LARGE, f"{request.content_length} bytes, the limit is {limit}")
+    try:
+        raw = await asyncio.wait_for(request.read(), bus.settings.body_timeout)
+    except asyncio.TimeoutError:
+        raise BusError(errors.BODY_TIMEOUT) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise BusError(errors.BODY_TOO_LARGE, f"the limit is {limit} bytes") from None
+    if not raw.strip():
+        raise BusError(errors.EMPTY_BODY)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BusError(errors.BAD_ENCODING, f"at byte {exc.start}") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BusError(errors.BAD_JSON, str(exc)[:120]) from None
+    if not isinstance(body, dict):
+        raise BusError(errors.NOT_AN_OBJECT, "got " + type(body).__name__)
+    return body
+
+
+def query_value(request: web.Request, name: str) -> str | None:
+    values = request.rel_url.query.getall(name, [])
+    if len(values) > 1:
+        raise BusError(errors.BAD_PARAM, f"{name} is given {len(values)} times")
+    return values[0] if values else None
+
+
+def query_float(request: web.Request, name: str, default: float) -> float:
+    text = query_value(request, name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise BusError(errors.BAD_PARAM, f"{name} must be a finite number of seconds, got {text[:40]!r}")
+    return value
+
+
+def query_bool(request: web.Request, name: str, default: bool) -> bool:
+    text = query_value(request, name)
+    if text is None or text == "":
+        return default
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise BusError(errors.BAD_PARAM, f"{name} must be true or false, got {text[:40]!r}")
+
+
+def query_batch(request: web.Request, name: str = "max") -> int:
+    settings = bus_of(request).settings
+    text = query_value(request, name)
+    if text is None or text == "":
+        return settings.default_batch
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= settings.max_batch:
+        raise BusError(errors.BAD_PARAM,
+                       f"{name} must be a whole number from 1 to {settings.max_batch}, got {text[:40]!r}")
+    return value
+
+
+Fetch = Callable[[], Awaitable[list[StoredMessage]]]
+
+
+async def long_poll(bus: Bus, channel: str, name: str, fetch: Fetch,
+                    block: bool) -> tuple[list[StoredMessage], float]:
+    """Fetch; if nothing and `block`, park until a matching commit or the hold ends.
+
+    Returns the messages and a `now` sampled before the fetch that found them,
+    so the cursor rule holds: nothing visible later is at or below that `now`.
+    """
+    if not block or bus.hub.closed:
+        now = bus.store.now()
+        return await fetch(), now
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bus.settings.hold_seconds
+    while True:
+        # Park before looking, so a commit between the look and the park still wakes us.
+        waiter = bus.hub.register(channel, name)
+        try:
+            now = bus.store.now()
+            messages = await fetch()
+            remaining = deadline - loop.time()
+            if messages or remaining <= 0 or bus.hub.closed:
+                return messages, now
+            await waiter.wait(remaining)
+        finally:
+            bus.hub.unregister(waiter)

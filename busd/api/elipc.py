@@ -1,0 +1,114 @@
+"""The el-ipc protocol (PROTOCOLS.md §2): channel broadcasts with per-agent watermarks.
+
+An el-ipc send is a broadcast (`to` = "*") on its channel, so rapid receivers on
+that channel get it too; a reader's watermark only ever moves forward.
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+from .. import __version__, errors
+from ..errors import BusError
+from ..model import NewMessage, check_body, check_channel, check_key, check_meta, check_name
+from .common import bus_of, long_poll, principal_of, query_bool, query_value, reply
+
+FIELDS = ("channel", "sender", "content")
+READ_BATCH = 1000
+
+
+def _signature(value: object) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > 200 or not value.isascii():
+        raise BusError(errors.BAD_SIGNATURE_FORMAT, "expected base64 text")
+    return value
+
+
+async def send(request: web.Request, body: dict) -> web.Response:
+    bus = bus_of(request)
+    limits = bus.settings.limits
+    for name in FIELDS:
+        if body.get(name) in (None, ""):
+            raise BusError(errors.MISSING_FIELD, name)
+    message = NewMessage(
+        channel=check_channel(body["channel"]),
+        sender=check_name(body["sender"], "sender"),
+        to="*",
+        body=check_body(body["content"], "content", limits.max_msg_bytes, allow_empty=False),
+        meta=check_meta(body.get("meta"), limits.max_meta_bytes),
+        key=check_key(body.get("key")),
+        signature=_signature(body.get("signature")),
+    )
+    bus.access.check_send_as(principal_of(request), message.sender)
+    result = await bus.store.append(message)
+    return reply({"ok": True, "id": result.message.id})
+
+
+def _channel_and_agent(request: web.Request) -> tuple[str, str]:
+    channel = query_value(request, "channel")
+    agent = query_value(request, "agent")
+    if not channel or not agent:
+        raise BusError(errors.MISSING_FIELD, "channel and agent query parameters are required")
+    return check_channel(channel), check_name(agent, "agent")
+
+
+async def messages(request: web.Request) -> web.Response:
+    bus = bus_of(request)
+    channel, agent = _channel_and_agent(request)
+    wait = query_bool(request, "wait", False)
+    bus.access.check_read_as(principal_of(request), agent)
+
+    async def fetch():
+        return await bus.store.read_unread(agent, channel, READ_BATCH)
+
+    found, _ = await long_poll(bus, channel, agent, fetch, wait)
+    return reply([m.as_elipc() for m in found])
+
+
+async def channels(request: web.Request) -> web.Response:
+    bus = bus_of(request)
+    bus.access.check_admin(principal_of(request))
+    return reply(await bus.store.channels())
+
+
+async def agents(request: web.Request) -> web.Response:
+    bus = bus_of(request)
+    return reply(await bus.store.registered_agents())
+
+
+async def health(request: web.Request) -> web.Response:
+    bus = bus_of(request)
+    pending = 0
+    if query_value(request, "channel") or query_value(request, "agent"):
+        channel, agent = _channel_and_agent(request)
+        bus.access.check_read_as(principal_of(request), agent)
+        pending = await bus.store.count_unread(agent, channel)
+    return reply({"status": "ok", "pending": pending, "secure_mode": bus.access.secure})
+
+
+async def agent_card(request: web.Request) -> web.Response:
+    bus = bus_of(request)
+    settings = bus.settings
+    url = settings.public_url or f"{request.scheme}://{request.host}"
+    card = {
+        "name": settings.card_name,
+        "description": settings.card_description,
+        "url": url,
+        "version": __version__,
+        "capabilities": {"streaming": False, "pushNotifications": False,
+                         "longPolling": True, "stateTransitionHistory": False},
+        "authentication": {"schemes": ["bearer"] if bus.access.secure else ["none"]},
+        "defaultInputModes": ["text/plain", "application/json"],
+        "defaultOutputModes": ["application/json"],
+        "skills": [
+            {"id": "send", "name": "Send a message",
+             "description": "POST /send: an addressed message (from/to/msg) or a channel "
+                            "broadcast (channel/sender/content).",
+             "tags": ["messaging"]},
+            {"id": "receive", "name": "Receive messages",
+             "description": "GET /recv?to=NAME&since=TS&block=true or "
+                            "GET /messages?channel=C&agent=A&wait=true (long-poll).",
+             "tags": ["messaging", "long-poll"]},
+        ],
+    }
+    return reply(card)

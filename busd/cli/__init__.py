@@ -1,0 +1,107 @@
+"""The `agent-bus` command: a thin layer that reads the environment and arguments,
+then calls the library. Each submodule registers one group of commands."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Mapping, NoReturn
+
+from ..client import DEFAULT_UA, BusClient, BusClientError
+
+# Exit codes, shared with the bin/ shell mirrors (README, "Exit codes").
+EXIT_OK = 0
+EXIT_REFUSED = 1       # the bus refused the request (4xx), or a check failed
+EXIT_USAGE = 2         # wrong arguments or configuration
+EXIT_UNREACHABLE = 3   # the bus could not be reached or failed (network, 5xx)
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, exit_code: int = EXIT_REFUSED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Env:
+    """Every environment variable agent-bus reads, read in one place."""
+    url: str
+    name: str
+    channel: str
+    token: str
+    user_agent: str
+    ca: str
+    state_dir: str      # ${XDG_STATE_HOME:-~/.local/state}/agent-bus: the default DB lives here
+    cursor_dir: str     # AGENT_BUS_STATE_DIR, else <state_dir>/cursors
+    no_cursor: bool
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> "Env":
+        state_home = environ.get("XDG_STATE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "state")
+        return cls(
+            url=environ.get("AGENT_BUS_URL", ""),
+            name=environ.get("AGENT_NAME", ""),
+            channel=environ.get("AGENT_BUS_CHANNEL") or "default",
+            token=environ.get("AGENT_BUS_TOKEN", ""),
+            user_agent=environ.get("AGENT_BUS_UA") or DEFAULT_UA,
+            ca=environ.get("AGENT_BUS_CA", ""),
+            state_dir=os.path.join(state_home, "agent-bus"),
+            cursor_dir=environ.get("AGENT_BUS_STATE_DIR") or os.path.join(
+                state_home, "agent-bus", "cursors"),
+            no_cursor=environ.get("AGENT_BUS_NO_CURSOR", "") not in ("", "0"),
+        )
+
+    def client(self) -> BusClient:
+        if not self.url:
+            raise CommandError("AGENT_BUS_URL is not set; export it, for example "
+                               "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
+        return BusClient(self.url, token=self.token or None, user_agent=self.user_agent,
+                         ca=self.ca or None)
+
+    def agent_name(self, given: str | None = None) -> str:
+        name = given or self.name
+        if not name:
+            raise CommandError("no agent name: set AGENT_NAME or pass --from NAME", EXIT_USAGE)
+        return name
+
+
+def exit_code_for(exc: BusClientError) -> int:
+    return EXIT_UNREACHABLE if exc.transient else EXIT_REFUSED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import messaging, serve
+
+    parser = argparse.ArgumentParser(
+        prog="agent-bus",
+        description="A shell-first message bus for agents. See README.md for the everyday uses.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (serve, messaging):
+        module.register(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = Env.from_environ(os.environ)
+    try:
+        return args.func(args, env)
+    except CommandError as exc:
+        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BusClientError as exc:
+        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (| head); that is not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
+
+
+def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    raise CommandError(message, code)

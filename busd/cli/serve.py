@@ -1,0 +1,47 @@
+"""`agent-bus serve`: run the bus server."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..api.common import BusSettings
+from ..model import Limits
+from ..server import ServerConfig, run
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve", help="run the bus server",
+        description="Run the bus server: the rapid and el-ipc protocols on one port, "
+                    "stored durably in SQLite.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; any other address "
+                             "needs authentication or --insecure-open)")
+    parser.add_argument("--port", type=int, default=9876,
+                        help="port to listen on (default 9876; 0 picks a free one)")
+    parser.add_argument("--db", default=None,
+                        help="SQLite database path (default "
+                             "${XDG_STATE_HOME:-~/.local/state}/agent-bus/bus.db)")
+    parser.add_argument("--insecure-open", action="store_true",
+                        help="allow a non-loopback address with no authentication")
+    parser.add_argument("--hold", type=float, default=25.0, metavar="SECONDS",
+                        help="how long a long-poll is held when nothing arrives (default 25, "
+                             "at most 30)")
+    parser.add_argument("--max-msg-bytes", type=int, default=Limits().max_msg_bytes,
+                        help="largest message body in bytes (default 65536)")
+    parser.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace, env) -> int:
+    from . import die
+
+    if not 0 < args.hold <= 30:
+        die("--hold must be more than 0 and at most 30 seconds (clients time out at 35)")
+    if args.max_msg_bytes < 1:
+        die("--max-msg-bytes must be at least 1")
+    os.umask(0o077)
+    db = args.db or os.path.join(env.state_dir, "bus.db")
+    settings = BusSettings(hold_seconds=args.hold, limits=Limits(max_msg_bytes=args.max_msg_bytes))
+    config = ServerConfig(host=args.host, port=args.port, db=db,
+                          insecure_open=args.insecure_open, settings=settings)
+    return run(config)

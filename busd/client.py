@@ -1,0 +1,216 @@
+"""The Python client: speaks to a bus over HTTP only (requests), from any machine."""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import requests
+
+DEFAULT_UA = "Mozilla/5.0"   # the older clients' default; WAFs in front of buses expect it
+RECV_TIMEOUT = 35.0          # the server holds a long-poll ~25-30 s
+
+
+class BusClientError(Exception):
+    """The bus could not do what was asked. `transient` says whether a retry can help."""
+
+    def __init__(self, message: str, status: int | None = None, code: int | None = None,
+                 transient: bool = False, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.transient = transient
+        self.retry_after = retry_after
+
+
+class BusClient:
+    def __init__(self, url: str, *, token: str | None = None, user_agent: str = DEFAULT_UA,
+                 ca: str | None = None, timeout: float = 15.0):
+        if not url:
+            raise ValueError("no bus URL: set AGENT_BUS_URL (for example http://127.0.0.1:9876)")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = user_agent
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        if ca:
+            self.session.verify = ca
+
+    def close(self) -> None:
+        self.session.close()
+
+    def request(self, method: str, path: str, *, params: dict | None = None,
+                body: Any = None, timeout: float | None = None) -> Any:
+        try:
+            response = self.session.request(method, self.url + path, params=params, json=body,
+                                            timeout=timeout or self.timeout)
+        except requests.RequestException as exc:
+            raise BusClientError(f"cannot reach the bus at {self.url}: {_short(exc)}",
+                                 transient=True) from None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.status_code >= 400:
+            text = payload.get("error") if isinstance(payload, dict) else response.text[:200]
+            code = payload.get("code") if isinstance(payload, dict) else None
+            retry_after = _float_or_none(response.headers.get("Retry-After"))
+            transient = response.status_code >= 500 or response.status_code == 429
+            raise BusClientError(f"the bus answered {response.status_code}: {text}",
+                                 status=response.status_code, code=code,
+                                 transient=transient, retry_after=retry_after)
+        if payload is None:
+            raise BusClientError(f"the bus answered {response.status_code} with a body that is "
+                                 "not JSON; is AGENT_BUS_URL pointing at an agent-bus?",
+                                 status=response.status_code, transient=True)
+        return payload
+
+    # -- the rapid protocol, with our extra fields --------------------------
+
+    def send(self, sender: str, to: str, msg: str, *, channel: str = "default",
+             key: str | None = None, meta: dict | None = None) -> dict:
+        body: dict[str, Any] = {"from": sender, "to": to, "msg": msg, "channel": channel}
+        if key is not None:
+            body["key"] = key
+        if meta is not None:
+            body["meta"] = meta
+        return self.request("POST", "/send", body=body)
+
+    def recv(self, to: str, *, since: float = 0.0, block: bool = False,
+             channel: str = "default", max_batch: int | None = None) -> dict:
+        params: dict[str, Any] = {"to": to, "since": repr(float(since)),
+                                  "block": "true" if block else "false", "channel": channel}
+        if max_batch is not None:
+            params["max"] = max_batch
+        return self.request("GET", "/recv", params=params,
+                            timeout=RECV_TIMEOUT if block else None)
+
+    def healthz(self) -> dict:
+        return self.request("GET", "/healthz")
+
+    def inbox(self) -> dict:
+        return self.request("GET", "/inbox")
+
+    def agents(self) -> list:
+        return self.request("GET", "/agents")
+
+    def channels(self) -> list:
+        return self.request("GET", "/channels")
+
+
+class CursorFile:
+    """A since-cursor kept in one file, replaced atomically (tmp, fsync, rename)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def load(self, default: float = 0.0) -> float:
+        try:
+            with open(self.path, encoding="ascii") as handle:
+                return float(handle.read().strip() or default)
+        except FileNotFoundError:
+            return default
+        except ValueError:
+            raise ValueError(f"{self.path}: not a cursor (a number of seconds); "
+                             "fix or delete it") from None
+
+    def save(self, value: float) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cursor.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(repr(float(value)).encode("ascii") + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff: 0.5 s, 1 s, 2 s ... up to `cap`."""
+    initial: float = 0.5
+    cap: float = 10.0
+    _next: float = 0.0
+
+    def delay(self, hint: float | None = None) -> float:
+        self._next = self.initial if self._next == 0 else min(self.cap, self._next * 2)
+        return max(self._next, hint or 0.0)
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+
+def listen(client: BusClient, name: str, *, channel: str = "default",
+           cursor: CursorFile | None = None, since: float | None = None,
+           stop: threading.Event | None = None,
+           on_error: Callable[[BusClientError, float], None] | None = None,
+           backoff: Backoff | None = None) -> Iterator[dict]:
+    """Yield every message for `name` once, in order, surviving bus restarts.
+
+    The cursor moves past a message only when the caller asks for the next one,
+    so a message is never skipped; `since` (default: the cursor's saved value)
+    says where to start. Transient errors are retried with backoff
+    and the cursor is kept. A refusal (4xx other than 429) is raised.
+    """
+    stop = stop or threading.Event()
+    backoff = backoff or Backoff()
+    if since is None:
+        since = cursor.load(0.0) if cursor is not None else 0.0
+    while not stop.is_set():
+        try:
+            data = client.recv(name, since=since, block=True, channel=channel)
+        except BusClientError as exc:
+            if not exc.transient:
+                raise
+            delay = backoff.delay(exc.retry_after)
+            if on_error is not None:
+                on_error(exc, delay)
+            stop.wait(delay)
+            continue
+        backoff.reset()
+        for message in data.get("messages") or []:
+            ts = float(message.get("ts", 0))
+            if ts <= since:
+                continue  # already seen: never repeat
+            yield message
+            since = ts
+            if cursor is not None:
+                cursor.save(since)
+        now = data.get("now")
+        if isinstance(now, (int, float)) and now > since:
+            since = float(now)
+            if cursor is not None:
+                cursor.save(since)
+
+
+def monitor_block(message: dict) -> str:
+    """The Monitor-tool block: `[HH:MM:SSZ] from X:`, the body, `---`."""
+    stamp = time.strftime("%H:%M:%S", time.gmtime(float(message.get("ts", 0))))
+    return f"[{stamp}Z] from {message.get('from')}:\n{message.get('msg', '')}\n---\n"
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= 160 else text[:160] + "..."
+
+
+def _float_or_none(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

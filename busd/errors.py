@@ -1,0 +1,90 @@
+"""Every error the bus answers with, in one table.
+
+A reply body is always `{"error": "<what went wrong and what to do>", "code": <int>}`.
+The code's first three digits are the HTTP status, so a client can branch on either.
+Nothing here imports any other module of ours.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    code: int
+    http_status: int
+    text: str
+
+
+class BusError(Exception):
+    """An error with a place in the table; `detail` says which field or value."""
+
+    def __init__(self, kind: ErrorKind, detail: str | None = None):
+        self.kind = kind
+        self.detail = detail
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.kind.text}: {self.detail}" if self.detail else self.kind.text
+
+    @property
+    def http_status(self) -> int:
+        return self.kind.http_status
+
+    def as_json(self) -> dict:
+        return {"error": self.message, "code": self.kind.code}
+
+
+# 400: the request itself is wrong; the client must change it.
+BAD_JSON = ErrorKind(40001, 400, "the request body is not valid JSON")
+NOT_AN_OBJECT = ErrorKind(40002, 400, "the request body must be a JSON object")
+MISSING_FIELD = ErrorKind(40003, 400, "a required field is missing or empty")
+WRONG_TYPE = ErrorKind(40004, 400, "a field has the wrong type")
+BAD_NAME = ErrorKind(
+    40005, 400,
+    "invalid name: use 1-64 characters of A-Z a-z 0-9 . _ - (not only dots)")
+BAD_CHANNEL = ErrorKind(
+    40006, 400,
+    "invalid channel: use 1-64 characters of A-Z a-z 0-9 . _ - (not only dots)")
+BAD_PARAM = ErrorKind(40007, 400, "invalid query parameter")
+AMBIGUOUS_SEND = ErrorKind(
+    40008, 400,
+    "mixed protocols in one send: use from/to/msg (rapid) or channel/sender/content (el-ipc)")
+BAD_META = ErrorKind(
+    40009, 400, "meta must be a flat JSON object of string, number, boolean or null values")
+BAD_KEY = ErrorKind(40010, 400, "key must be 1-200 printable characters")
+BAD_ENCODING = ErrorKind(40011, 400, "the request body is not valid UTF-8")
+EMPTY_BODY = ErrorKind(40012, 400, "the request body is empty; send a JSON object")
+PRIVATE_KEY_IN_REQUEST = ErrorKind(
+    40013, 400,
+    "the request carries private key material; sign locally and send only the signature")
+BAD_SIGNATURE_FORMAT = ErrorKind(40014, 400, "the signature is malformed")
+
+# 401/403: who you are, and what you may do.
+UNAUTHENTICATED = ErrorKind(40101, 401, "authentication required")
+BAD_CREDENTIAL = ErrorKind(40102, 401, "the credential is not valid")
+FORBIDDEN = ErrorKind(40301, 403, "not allowed")
+SIGNATURE_REQUIRED = ErrorKind(40302, 403, "signature required (secure mode is on)")
+BAD_SIGNATURE = ErrorKind(40303, 403, "the signature does not verify")
+UNKNOWN_SENDER = ErrorKind(40304, 403, "unknown sender")
+
+# 404/405/408/413/429
+NOT_FOUND = ErrorKind(40401, 404, "no such route; the README lists every route this bus serves")
+NO_SUCH_MESSAGE = ErrorKind(40402, 404, "no such message")
+METHOD_NOT_ALLOWED = ErrorKind(40501, 405, "method not allowed on this route")
+BODY_TIMEOUT = ErrorKind(
+    40801, 408, "the request body did not arrive in time (is Content-Length larger than the body?)")
+CONFLICT = ErrorKind(40901, 409, "already exists")
+BODY_TOO_LARGE = ErrorKind(41301, 413, "the request body is too large")
+MSG_TOO_LARGE = ErrorKind(41302, 413, "the message is too large")
+META_TOO_LARGE = ErrorKind(41303, 413, "meta is too large")
+RATE_LIMITED = ErrorKind(42901, 429, "too many requests; retry after the given delay")
+
+# 5xx: our side; the client may retry.
+STORAGE_UNAVAILABLE = ErrorKind(
+    50301, 503, "storage is unavailable (disk full or read-only?); nothing was stored, retry later")
+SHUTTING_DOWN = ErrorKind(50302, 503, "the server is shutting down; retry shortly")
+INTERNAL = ErrorKind(50001, 500, "internal error; the server log has details")
+
+ALL_KINDS = tuple(v for v in dict(globals()).values() if isinstance(v, ErrorKind))

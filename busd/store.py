@@ -1,0 +1,119 @@
+"""The storage interface every backend implements, and the commit clock.
+
+A store knows no HTTP. It assigns each message its id and ts at commit, keeps
+idempotency keys, el-ipc watermarks and recipients' acknowledged cursors, and
+calls `on_commit` (on the event loop thread) with the messages each commit made
+visible, so the server can wake parked long-polls.
+"""
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from typing import Callable, Sequence
+
+from .model import NewMessage, SendResult, StoredMessage
+
+CommitListener = Callable[[Sequence[StoredMessage]], None]
+
+
+class Store(abc.ABC):
+    on_commit: CommitListener | None = None
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish every write already accepted, then release the database."""
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """A cursor value no later message can fall at or below.
+
+        Every message that becomes visible after this call has a larger ts, so a
+        client that moves its since-cursor to this value never skips one.
+        """
+
+    @abc.abstractmethod
+    async def append(self, message: NewMessage) -> SendResult:
+        """Store durably (returns after the commit); a repeated (from, key) returns the first."""
+
+    @abc.abstractmethod
+    async def recv(self, to: str, channel: str, since: float, limit: int) -> list[StoredMessage]:
+        """Messages for `to` (addressed, or broadcast by someone else) with ts > since, oldest first.
+
+        channel "*" reads every channel.
+        """
+
+    @abc.abstractmethod
+    def acknowledge(self, agent: str, channel: str, since: float) -> None:
+        """The recipient asked for ts > since: everything up to since has reached it."""
+
+    @abc.abstractmethod
+    async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
+        """el-ipc read: unread messages on the channel; the watermark moves past them durably."""
+
+    @abc.abstractmethod
+    async def count_unread(self, agent: str, channel: str) -> int: ...
+
+    @abc.abstractmethod
+    async def channels(self) -> list[dict]:
+        """[{channel, count, last_message}], newest first."""
+
+    @abc.abstractmethod
+    async def registered_agents(self) -> list[dict]: ...
+
+    @abc.abstractmethod
+    async def pending_counts(self) -> dict[str, dict[str, int]]:
+        """{channel: {recipient: count}} of addressed messages the recipient has not acknowledged."""
+
+
+class CommitClock:
+    """Strictly increasing ts, assigned at commit, and safe `now` values.
+
+    One writer assigns and commits in order. `now()` must never return a value
+    above the ts of a message that is assigned but not yet visible, and every ts
+    assigned later must exceed every `now()` given out: that is the whole
+    since-cursor guarantee.
+    """
+
+    # At today's epoch a double resolves ~2.4e-7 s, so 1 us steps stay distinct.
+    STEP = 1e-6
+
+    def __init__(self, last_ts: float = 0.0):
+        self._lock = threading.Lock()
+        self._assigned = last_ts
+        self._committed = last_ts
+        self._issued = last_ts
+
+    def assign(self) -> float:
+        with self._lock:
+            ts = max(time.time(), self._assigned + self.STEP, self._issued + self.STEP)
+            self._assigned = ts
+            return ts
+
+    def mark(self) -> float:
+        with self._lock:
+            return self._assigned
+
+    def committed(self) -> None:
+        with self._lock:
+            self._committed = self._assigned
+
+    def rolled_back(self, mark: float) -> None:
+        with self._lock:
+            self._assigned = mark
+
+    def high_water(self) -> float:
+        """What must survive a restart: the largest ts assigned or now issued."""
+        with self._lock:
+            return max(self._assigned, self._issued)
+
+    def now(self) -> float:
+        with self._lock:
+            if self._assigned > self._committed:
+                return self._committed
+            value = max(time.time(), self._committed, self._issued)
+            self._issued = value
+            return value

@@ -1,0 +1,373 @@
+"""The embedded SQLite store: one writer thread that group-commits, reads on the loop.
+
+Durability: WAL with synchronous=FULL, so a send is acknowledged only after its
+commit reached the disk. Concurrent writes queue up while a commit is being
+synced and are committed together in the next transaction (group commit), so
+durability does not cost throughput. Reads use their own connection on the event
+loop thread; WAL lets them run beside the writer, and they are short indexed
+lookups.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import errors
+from .errors import BusError
+from .model import NewMessage, SendResult, StoredMessage, encode_meta
+from .store import CommitClock, Store
+
+log = logging.getLogger("busd.store")
+
+# Numbered migrations: index + 1 is the schema version each one produces.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE messages (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts        REAL    NOT NULL UNIQUE,
+        channel   TEXT    NOT NULL,
+        from_name TEXT    NOT NULL,
+        to_name   TEXT    NOT NULL,
+        body      TEXT    NOT NULL,
+        meta      TEXT,
+        key       TEXT,
+        signature TEXT
+    );
+    CREATE UNIQUE INDEX messages_by_key ON messages (from_name, key) WHERE key IS NOT NULL;
+    CREATE INDEX messages_by_recipient ON messages (to_name, channel, ts);
+    CREATE INDEX messages_by_channel ON messages (channel, id);
+    CREATE TABLE watermarks (
+        agent   TEXT    NOT NULL,
+        channel TEXT    NOT NULL,
+        last_id INTEGER NOT NULL,
+        PRIMARY KEY (agent, channel)
+    ) WITHOUT ROWID;
+    CREATE TABLE acknowledged (
+        agent   TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        ts      REAL NOT NULL,
+        PRIMARY KEY (agent, channel)
+    ) WITHOUT ROWID;
+    CREATE TABLE agents (
+        name          TEXT PRIMARY KEY,
+        identity      TEXT NOT NULL DEFAULT '',
+        public_key    TEXT NOT NULL,
+        role          TEXT NOT NULL DEFAULT 'agent',
+        registered_by TEXT,
+        created_at    REAL NOT NULL
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+SQL_CREATE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+SQL_GET_VERSION = "SELECT version FROM schema_version"
+SQL_SET_VERSION = "UPDATE schema_version SET version = ?"
+SQL_INIT_VERSION = "INSERT INTO schema_version (version) VALUES (0)"
+
+SQL_GET_CLOCK = "SELECT value FROM meta WHERE key = 'clock'"
+SQL_SET_CLOCK = ("INSERT INTO meta (key, value) VALUES ('clock', ?) "
+                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+SQL_MAX_TS = "SELECT MAX(ts) FROM messages"
+
+_COLUMNS = "id, ts, channel, from_name, to_name, body, meta, signature"
+SQL_FIND_BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE from_name = ? AND key = ?"
+SQL_INSERT = ("INSERT INTO messages (ts, channel, from_name, to_name, body, meta, key, signature) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+# A recipient gets what is addressed to it and what others broadcast on the channel.
+SQL_RECV = (f"SELECT {_COLUMNS} FROM messages "
+            "WHERE to_name IN (?, '*') AND channel = ? AND ts > ? "
+            "AND NOT (to_name = '*' AND from_name = ?) ORDER BY ts LIMIT ?")
+SQL_RECV_ALL_CHANNELS = (f"SELECT {_COLUMNS} FROM messages "
+                         "WHERE to_name IN (?, '*') AND ts > ? "
+                         "AND NOT (to_name = '*' AND from_name = ?) ORDER BY ts LIMIT ?")
+
+# el-ipc readers see the whole channel's broadcasts (their own included, as the
+# older server did) and what is addressed to them.
+SQL_GET_WATERMARK = "SELECT last_id FROM watermarks WHERE agent = ? AND channel = ?"
+SQL_SET_WATERMARK = ("INSERT INTO watermarks (agent, channel, last_id) VALUES (?, ?, ?) "
+                     "ON CONFLICT (agent, channel) DO UPDATE SET last_id = "
+                     "MAX(last_id, excluded.last_id)")
+SQL_UNREAD = (f"SELECT {_COLUMNS} FROM messages "
+              "WHERE channel = ? AND id > ? AND to_name IN (?, '*') ORDER BY id LIMIT ?")
+SQL_COUNT_UNREAD = ("SELECT COUNT(*) FROM messages "
+                    "WHERE channel = ? AND id > ? AND to_name IN (?, '*')")
+
+SQL_ACKNOWLEDGE = ("INSERT INTO acknowledged (agent, channel, ts) VALUES (?, ?, ?) "
+                   "ON CONFLICT (agent, channel) DO UPDATE SET ts = MAX(ts, excluded.ts)")
+SQL_PENDING = (
+    "SELECT m.channel, m.to_name, COUNT(*) FROM messages m "
+    "LEFT JOIN acknowledged a ON a.agent = m.to_name AND a.channel = m.channel "
+    "LEFT JOIN acknowledged w ON w.agent = m.to_name AND w.channel = '*' "
+    "WHERE m.to_name <> '*' AND m.ts > MAX(COALESCE(a.ts, 0), COALESCE(w.ts, 0)) "
+    "GROUP BY m.channel, m.to_name")
+
+SQL_CHANNELS = ("SELECT channel, COUNT(*), MAX(ts) FROM messages "
+                "GROUP BY channel ORDER BY MAX(ts) DESC")
+SQL_AGENTS = ("SELECT name, identity, role, registered_by, created_at FROM agents "
+              "ORDER BY created_at")
+
+# How many queued writes one transaction takes at most.
+MAX_GROUP = 1024
+
+
+def _row_to_message(row: tuple) -> StoredMessage:
+    return StoredMessage(id=row[0], ts=row[1], channel=row[2], sender=row[3], to=row[4],
+                         body=row[5], meta=json.loads(row[6]) if row[6] else None,
+                         signature=row[7])
+
+
+@dataclass
+class _Write:
+    """One unit of work for the writer thread; `future` None means fire-and-forget."""
+    apply: Callable[[sqlite3.Connection, list], Any]
+    future: asyncio.Future | None
+
+
+_STOP = object()
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str):
+        self.path = path
+        self._clock = CommitClock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._acknowledged: dict[tuple[str, str], float] = {}
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if not os.path.exists(self.path):
+            # Created 0600 before SQLite opens it: messages are private.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        writer_conn = self._connect()
+        self._migrate(writer_conn)
+        self._clock = CommitClock(self._load_clock(writer_conn))
+        self._reader = self._connect()
+        self._reader.execute("PRAGMA query_only = ON")
+        self._acknowledged = {}
+        self._writer = threading.Thread(target=self._write_loop, args=(writer_conn,),
+                                        name="busd-sqlite-writer", daemon=True)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute(SQL_CREATE_VERSION_TABLE)
+        row = conn.execute(SQL_GET_VERSION).fetchone()
+        if row is None:
+            conn.execute(SQL_INIT_VERSION)
+            version = 0
+        else:
+            version = row[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{conn!r}: database schema version {version} is newer than this agent-bus "
+                f"({SCHEMA_VERSION}); upgrade agent-bus")
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Statement by statement: executescript() would commit half-way.
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(SQL_SET_VERSION, (number,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _load_clock(conn: sqlite3.Connection) -> float:
+        row = conn.execute(SQL_GET_CLOCK).fetchone()
+        stored = float(row[0]) if row else 0.0
+        newest = conn.execute(SQL_MAX_TS).fetchone()[0] or 0.0
+        return max(stored, newest)
+
+    # -- the writer thread -------------------------------------------------
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            batch: list[_Write] = []
+            if first is _STOP:
+                stopping = True
+            else:
+                batch.append(first)
+            while len(batch) < MAX_GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    continue
+                batch.append(item)
+            if batch:
+                self._commit_group(conn, batch)
+        conn.close()
+
+    def _commit_group(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        mark = self._clock.mark()
+        visible: list[StoredMessage] = []
+        outcomes: list[tuple[_Write, bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for write in batch:
+                    try:
+                        outcomes.append((write, True, write.apply(conn, visible)))
+                    except BusError as exc:
+                        outcomes.append((write, False, exc))
+                if visible:
+                    conn.execute(SQL_SET_CLOCK, (repr(self._clock.high_water()),))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            log.error("commit failed, nothing of this group was stored: %s", exc)
+            self._clock.rolled_back(mark)
+            failure = BusError(errors.STORAGE_UNAVAILABLE, str(exc))
+            outcomes = [(write, False, failure) for write in batch]
+            visible = []
+        except Exception as exc:  # a bug: fail the group loudly, keep the writer alive
+            log.exception("unexpected error in the writer")
+            self._clock.rolled_back(mark)
+            failure = BusError(errors.INTERNAL, type(exc).__name__)
+            outcomes = [(write, False, failure) for write in batch]
+            visible = []
+        else:
+            self._clock.committed()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._deliver, outcomes, visible)
+            except RuntimeError:
+                pass  # the loop closed under us during shutdown
+
+    def _deliver(self, outcomes: list, visible: list[StoredMessage]) -> None:
+        for write, ok, value in outcomes:
+            future = write.future
+            if future is None or future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        if visible and self.on_commit is not None:
+            self.on_commit(visible)
+
+    async def _write(self, apply: Callable[[sqlite3.Connection, list], Any]) -> Any:
+        if self._writer is None:
+            raise BusError(errors.SHUTTING_DOWN)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put(_Write(apply, future))
+        return await future
+
+    # -- the interface -----------------------------------------------------
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    async def append(self, message: NewMessage) -> SendResult:
+        clock = self._clock
+
+        def apply(conn: sqlite3.Connection, visible: list) -> SendResult:
+            if message.key is not None:
+                row = conn.execute(SQL_FIND_BY_KEY, (message.sender, message.key)).fetchone()
+                if row is not None:
+                    return SendResult(_row_to_message(row), duplicate=True)
+            ts = clock.assign()
+            cursor = conn.execute(SQL_INSERT, (
+                ts, message.channel, message.sender, message.to, message.body,
+                encode_meta(message.meta), message.key, message.signature))
+            stored = StoredMessage(id=cursor.lastrowid, ts=ts, channel=message.channel,
+                                   sender=message.sender, to=message.to, body=message.body,
+                                   meta=message.meta, signature=message.signature)
+            visible.append(stored)
+            return SendResult(stored)
+
+        return await self._write(apply)
+
+    async def recv(self, to: str, channel: str, since: float, limit: int) -> list[StoredMessage]:
+        if channel == "*":
+            rows = self._reader.execute(SQL_RECV_ALL_CHANNELS, (to, since, to, limit))
+        else:
+            rows = self._reader.execute(SQL_RECV, (to, channel, since, to, limit))
+        return [_row_to_message(row) for row in rows.fetchall()]
+
+    def acknowledge(self, agent: str, channel: str, since: float) -> None:
+        key = (agent, channel)
+        if since <= self._acknowledged.get(key, 0.0) or self._writer is None:
+            return
+        self._acknowledged[key] = since
+        # Fire-and-forget: acknowledgements only feed pending counts, and ride
+        # along with the next group commit instead of costing one of their own.
+        self._queue.put(_Write(
+            lambda conn, visible: conn.execute(SQL_ACKNOWLEDGE, (agent, channel, since)), None))
+
+    async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
+        row = self._reader.execute(SQL_GET_WATERMARK, (agent, channel)).fetchone()
+        last_id = row[0] if row else 0
+        rows = self._reader.execute(SQL_UNREAD, (channel, last_id, agent, limit)).fetchall()
+        if not rows:
+            return []
+        newest = rows[-1][0]
+        await self._write(lambda conn, visible: conn.execute(
+            SQL_SET_WATERMARK, (agent, channel, newest)))
+        return [_row_to_message(r) for r in rows]
+
+    async def count_unread(self, agent: str, channel: str) -> int:
+        row = self._reader.execute(SQL_GET_WATERMARK, (agent, channel)).fetchone()
+        last_id = row[0] if row else 0
+        return self._reader.execute(SQL_COUNT_UNREAD, (channel, last_id, agent)).fetchone()[0]
+
+    async def channels(self) -> list[dict]:
+        return [{"channel": c, "count": n, "last_message": last}
+                for c, n, last in self._reader.execute(SQL_CHANNELS).fetchall()]
+
+    async def registered_agents(self) -> list[dict]:
+        return [{"name": r[0], "identity": r[1], "role": r[2], "registered_by": r[3],
+                 "created_at": r[4]} for r in self._reader.execute(SQL_AGENTS).fetchall()]
+
+    async def pending_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for channel, recipient, count in self._reader.execute(SQL_PENDING).fetchall():
+            out.setdefault(channel, {})[recipient] = count
+        return out

@@ -1,0 +1,95 @@
+"""Parked long-polls, woken the moment a matching message is committed.
+
+The hub knows nothing of SQL: a store (SQLite in-process, PostgreSQL through
+LISTEN/NOTIFY) tells it what was committed, and it wakes the waiters that care.
+Everything here runs on the event loop thread.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable
+
+from .model import ALL_CHANNELS, BROADCAST
+
+
+class Waiter:
+    __slots__ = ("channel", "name", "future")
+
+    def __init__(self, channel: str, name: str, future: asyncio.Future):
+        self.channel = channel
+        self.name = name
+        self.future = future
+
+    async def wait(self, timeout: float) -> bool:
+        """True if woken by a commit (or shutdown), False on timeout."""
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(timeout, _settle, self.future, False)
+        try:
+            return await self.future
+        finally:
+            handle.cancel()
+
+
+def _settle(future: asyncio.Future, value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class WaiterHub:
+    def __init__(self) -> None:
+        # channel -> recipient name -> waiters; channel "*" holds recv-all waiters.
+        self._by_channel: dict[str, dict[str, set[Waiter]]] = {}
+        self._count = 0
+        self.closed = False
+
+    def __len__(self) -> int:
+        return self._count
+
+    def register(self, channel: str, name: str) -> Waiter:
+        waiter = Waiter(channel, name, asyncio.get_running_loop().create_future())
+        if self.closed:
+            _settle(waiter.future, True)
+        self._by_channel.setdefault(channel, {}).setdefault(name, set()).add(waiter)
+        self._count += 1
+        return waiter
+
+    def unregister(self, waiter: Waiter) -> None:
+        names = self._by_channel.get(waiter.channel)
+        if names is None:
+            return
+        group = names.get(waiter.name)
+        if group is None or waiter not in group:
+            return
+        group.discard(waiter)
+        self._count -= 1
+        if not group:
+            del names[waiter.name]
+            if not names:
+                del self._by_channel[waiter.channel]
+
+    def publish(self, committed: Iterable) -> None:
+        """Wake every waiter a committed message may concern (they re-check)."""
+        for message in committed:
+            for channel in (message.channel, ALL_CHANNELS):
+                names = self._by_channel.get(channel)
+                if not names:
+                    continue
+                if message.to == BROADCAST:
+                    for group in names.values():
+                        _wake(group)
+                else:
+                    group = names.get(message.to)
+                    if group:
+                        _wake(group)
+
+    def close(self) -> None:
+        """Answer every parked poll now (shutdown); later polls do not park."""
+        self.closed = True
+        for names in self._by_channel.values():
+            for group in names.values():
+                _wake(group)
+
+
+def _wake(group: set[Waiter]) -> None:
+    for waiter in group:
+        _settle(waiter.future, True)
