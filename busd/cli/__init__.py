@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, NoReturn
 
+from .. import __version__
 from ..client import DEFAULT_UA, BusClient, BusClientError
 
 # Exit codes, shared with the bin/ shell mirrors (README, "Exit codes").
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (serve, messaging):
         module.register(commands)

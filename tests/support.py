@@ -1,0 +1,129 @@
+"""Real components for tests and benchmarks: a bus server process, waiting on events."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process that must run this checkout's busd."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+def agent_bus_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "busd", *args]
+
+
+class BusServer:
+    """`agent-bus serve` as a child process on loopback, with a real SQLite file."""
+
+    LISTENING = re.compile(r"listening on (http://\S+)")
+
+    def __init__(self, db: str | Path, *extra_args: str, port: int = 0):
+        self.db = str(db)
+        self.extra_args = list(extra_args)
+        self.port = port
+        self.url = ""
+        self.proc: subprocess.Popen | None = None
+        self.log: list[str] = []
+        self._drain: threading.Thread | None = None
+
+    def start(self, timeout: float = 10.0) -> "BusServer":
+        cmd = agent_bus_cmd("serve", "--port", str(self.port), "--db", self.db, *self.extra_args)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, env=repo_env(), start_new_session=True)
+        started = threading.Event()
+
+        def drain() -> None:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                match = self.LISTENING.search(line)
+                if match and not started.is_set():
+                    self.url = match.group(1)
+                    started.set()
+            started.set()
+
+        self._drain = threading.Thread(target=drain, name="bus-server-stderr", daemon=True)
+        self._drain.start()
+        if not started.wait(timeout) or not self.url:
+            self.kill()
+            raise RuntimeError("bus server did not start:\n" + "".join(self.log))
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _reap(self, timeout: float) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        if self._drain is not None:
+            self._drain.join(timeout)
+        self.proc.stderr.close()
+        self.proc = None
+        return code
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, and the exit code."""
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self._reap(timeout)
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self._reap(10)
+
+    def restart(self) -> "BusServer":
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> "BusServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+    # conveniences for tests --------------------------------------------------
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 40), **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 40), **kw)
+
+    def send(self, sender: str, to: str, msg: str, **fields) -> dict:
+        response = self.post("/send", json={"from": sender, "to": to, "msg": msg, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """Poll a cheap predicate until it holds; for outside state with no event to wait on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
