@@ -133,16 +133,16 @@ async def serve(config: ServerConfig,
     runner = web.AppRunner(make_app(bus), access_log=None, handle_signals=False,
                            shutdown_timeout=config.shutdown_timeout, keepalive_timeout=75)
     await runner.setup()
+    # Signals first: a SIGTERM that lands right after "listening" must stop us cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
         await site.start()
-        address = _bound_address(runner, config)
         if on_listening is not None:
-            on_listening(address)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            on_listening(_bound_address(runner, config))
         await stop.wait()
         log.info("stopping: answering parked long-polls, finishing sends in flight")
         bus.hub.close()
