@@ -19,9 +19,11 @@ class ErrorKind:
 class BusError(Exception):
     """An error with a place in the table; `detail` says which field or value."""
 
-    def __init__(self, kind: ErrorKind, detail: str | None = None):
+    def __init__(self, kind: ErrorKind, detail: str | None = None, *,
+                 close_connection: bool = False):
         self.kind = kind
         self.detail = detail
+        self.close_connection = close_connection
         super().__init__(self.message)
 
     @property

@@ -55,7 +55,11 @@ def reply(payload: object, status: int = 200) -> web.Response:
 
 
 def error_reply(exc: BusError) -> web.Response:
-    return reply(exc.as_json(), status=exc.http_status)
+    response = reply(exc.as_json(), status=exc.http_status)
+    if exc.close_connection:
+        # The rest of this connection's bytes can no longer be trusted as requests.
+        response.force_close()
+    return response
 
 
 def _reject_constant(name: str) -> float:
@@ -66,13 +70,15 @@ async def read_json_object(request: web.Request) -> dict:
     bus = bus_of(request)
     limit = bus.settings.limits.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise BusError(errors.BODY_TOO_LARGE, f"{request.content_length} bytes, the limit is {limit}")
+        raise BusError(errors.BODY_TOO_LARGE, f"{request.content_length} bytes, the limit is {limit}",
+                       close_connection=True)
     try:
         raw = await asyncio.wait_for(request.read(), bus.settings.body_timeout)
     except asyncio.TimeoutError:
-        raise BusError(errors.BODY_TIMEOUT) from None
+        raise BusError(errors.BODY_TIMEOUT, close_connection=True) from None
     except web.HTTPRequestEntityTooLarge:
-        raise BusError(errors.BODY_TOO_LARGE, f"the limit is {limit} bytes") from None
+        raise BusError(errors.BODY_TOO_LARGE, f"the limit is {limit} bytes",
+                       close_connection=True) from None
     if not raw.strip():
         raise BusError(errors.EMPTY_BODY)
     try:

@@ -27,6 +27,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--hold", type=float, default=25.0, metavar="SECONDS",
                         help="how long a long-poll is held when nothing arrives (default 25, "
                              "at most 30)")
+    parser.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="how long a request body may take to arrive (default 10)")
     parser.add_argument("--max-msg-bytes", type=int, default=Limits().max_msg_bytes,
                         help="largest message body in bytes (default 65536)")
     parser.set_defaults(func=_serve)
@@ -37,11 +39,14 @@ def _serve(args: argparse.Namespace, env) -> int:
 
     if not 0 < args.hold <= 30:
         die("--hold must be more than 0 and at most 30 seconds (clients time out at 35)")
+    if args.body_timeout <= 0:
+        die("--body-timeout must be more than 0 seconds")
     if args.max_msg_bytes < 1:
         die("--max-msg-bytes must be at least 1")
     os.umask(0o077)
     db = args.db or os.path.join(env.state_dir, "bus.db")
-    settings = BusSettings(hold_seconds=args.hold, limits=Limits(max_msg_bytes=args.max_msg_bytes))
+    settings = BusSettings(hold_seconds=args.hold, body_timeout=args.body_timeout,
+                           limits=Limits(max_msg_bytes=args.max_msg_bytes))
     config = ServerConfig(host=args.host, port=args.port, db=db,
                           insecure_open=args.insecure_open, settings=settings)
     return run(config)
