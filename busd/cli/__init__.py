@@ -36,6 +36,7 @@ class Env:
     state_dir: str      # ${XDG_STATE_HOME:-~/.local/state}/agent-bus: the default DB lives here
     cursor_dir: str     # AGENT_BUS_STATE_DIR, else <state_dir>/cursors
     no_cursor: bool
+    listen_dir: str     # AGENT_BUS_LISTEN_DIR, else <state_dir>/listen: `listen`'s logs
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "Env":
@@ -52,6 +53,8 @@ class Env:
             cursor_dir=environ.get("AGENT_BUS_STATE_DIR") or os.path.join(
                 state_home, "agent-bus", "cursors"),
             no_cursor=environ.get("AGENT_BUS_NO_CURSOR", "") not in ("", "0"),
+            listen_dir=environ.get("AGENT_BUS_LISTEN_DIR") or os.path.join(
+                state_home, "agent-bus", "listen"),
         )
 
     def client(self) -> BusClient:
@@ -73,14 +76,14 @@ def exit_code_for(exc: BusClientError) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import messaging, serve
+    from . import directory, listen, messaging, serve
 
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, messaging):
+    for module in (serve, messaging, listen, directory):
         module.register(commands)
     return parser
 

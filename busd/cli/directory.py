@@ -1,0 +1,54 @@
+"""`agent-bus agents` and `agent-bus health`: who is registered, and is the bus up."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from . import EXIT_OK, Env
+
+AGENT_COLUMNS = (("NAME", "name"), ("ROLE", "role"), ("REGISTERED BY", "registered_by"),
+                 ("CREATED", "created_at"), ("IDENTITY", "identity"))
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    agents = commands.add_parser(
+        "agents", help="list the registered agents",
+        description="Print the bus's registered agents (GET /agents) as a table: name, role, "
+                    "who registered it, when (UTC), and its identity. Empty cells show '-'.")
+    agents.set_defaults(func=_agents)
+
+    health = commands.add_parser(
+        "health", help="ask whether the bus is up",
+        description="Print the bus's health (GET /healthz) as JSON. Exits 3 when the bus "
+                    "cannot be reached or fails.")
+    health.set_defaults(func=_health)
+
+
+def agents_table(agents: list) -> str:
+    """Aligned columns; bin/bus-agents prints the same bytes."""
+    rows = [[title for title, _ in AGENT_COLUMNS]]
+    rows += [[_cell(agent.get(field), field) for _, field in AGENT_COLUMNS] for agent in agents]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(AGENT_COLUMNS) - 1)]
+    lines = ["  ".join([cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]])
+             for row in rows]
+    return "".join(line + "\n" for line in lines)
+
+
+def _cell(value: object, field: str) -> str:
+    if value is None or value == "":
+        return "-"
+    if field == "created_at" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    # One agent, one line: a free-text identity may hold line breaks or tabs.
+    return str(value).replace("\n", " ").replace("\r", " ").replace("\t", " ")
+
+
+def _agents(args: argparse.Namespace, env: Env) -> int:
+    print(agents_table(env.client().agents()), end="", flush=True)
+    return EXIT_OK
+
+
+def _health(args: argparse.Namespace, env: Env) -> int:
+    print(json.dumps(env.client().healthz()), flush=True)
+    return EXIT_OK
