@@ -56,9 +56,9 @@ if [ "$uninstall" = 1 ]; then
 fi
 
 python=${PYTHON:-python3}
-command -v "$python" >/dev/null 2>&1 || die "python3 is needed (3.10 or newer); install it with your package manager"
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-  || die "python3 is too old: agent-bus needs 3.10 or newer"
+command -v "$python" >/dev/null 2>&1 || die "python3 is needed (3.11 or newer); install it with your package manager"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "python3 is too old: agent-bus needs 3.11 or newer"
 "$python" -c 'import venv, ensurepip' 2>/dev/null \
   || die "python3 cannot make virtual environments; install python3-venv (Debian/Ubuntu: apt-get install python3-venv)"
 

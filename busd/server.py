@@ -15,7 +15,7 @@ from . import errors
 from .api import elipc, rapid
 from .api.common import BUS, PRINCIPAL, Bus, BusSettings, error_reply, read_json_object
 from .errors import BusError
-from .store import Store
+from .store import Store, StoreError
 from .store_sqlite import SQLiteStore
 
 log = logging.getLogger("busd.server")
@@ -170,7 +170,7 @@ def run(config: ServerConfig) -> int:
 
     try:
         asyncio.run(serve(config, listening))
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         print(f"agent-bus serve: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

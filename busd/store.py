@@ -69,13 +69,17 @@ class Store(abc.ABC):
         """{channel: {recipient: count}} of addressed messages the recipient has not acknowledged."""
 
 
-class CommitClock:
-    """Strictly increasing ts, assigned at commit, and safe `now` values.
+class StoreError(Exception):
+    """The store cannot open or run; the message says what is wrong and what to do."""
 
-    One writer assigns and commits in order. `now()` must never return a value
-    above the ts of a message that is assigned but not yet visible, and every ts
-    assigned later must exceed every `now()` given out: that is the whole
-    since-cursor guarantee.
+
+class CommitClock:
+    """Strictly increasing ts for messages, and safe `now` values.
+
+    Messages get their ts in the order they will commit. `now()` must never
+    return a value above the ts of a message that is assigned but not yet
+    visible, and every ts assigned later must exceed every `now()` given out:
+    that is the whole since-cursor guarantee.
     """
 
     # At today's epoch a double resolves ~2.4e-7 s, so 1 us steps stay distinct.
@@ -86,24 +90,21 @@ class CommitClock:
         self._assigned = last_ts
         self._committed = last_ts
         self._issued = last_ts
+        self._pending = 0
 
     def assign(self) -> float:
         with self._lock:
             ts = max(time.time(), self._assigned + self.STEP, self._issued + self.STEP)
             self._assigned = ts
+            self._pending += 1
             return ts
 
-    def mark(self) -> float:
+    def settled(self, count: int, committed_up_to: float | None) -> None:
+        """`count` assigned stamps are done: committed up to a ts, or (None) abandoned."""
         with self._lock:
-            return self._assigned
-
-    def committed(self) -> None:
-        with self._lock:
-            self._committed = self._assigned
-
-    def rolled_back(self, mark: float) -> None:
-        with self._lock:
-            self._assigned = mark
+            self._pending -= count
+            if committed_up_to is not None and committed_up_to > self._committed:
+                self._committed = committed_up_to
 
     def high_water(self) -> float:
         """What must survive a restart: the largest ts assigned or now issued."""
@@ -112,7 +113,7 @@ class CommitClock:
 
     def now(self) -> float:
         with self._lock:
-            if self._assigned > self._committed:
+            if self._pending:
                 return self._committed
             value = max(time.time(), self._committed, self._issued)
             self._issued = value

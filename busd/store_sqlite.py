@@ -10,19 +10,20 @@ lookups.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
 import queue
 import sqlite3
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import errors
 from .errors import BusError
 from .model import NewMessage, SendResult, StoredMessage, encode_meta
-from .store import CommitClock, Store
+from .store import CommitClock, Store, StoreError
 
 log = logging.getLogger("busd.store")
 
@@ -84,8 +85,11 @@ SQL_MAX_TS = "SELECT MAX(ts) FROM messages"
 
 _COLUMNS = "id, ts, channel, from_name, to_name, body, meta, signature"
 SQL_FIND_BY_KEY = f"SELECT {_COLUMNS} FROM messages WHERE from_name = ? AND key = ?"
-SQL_INSERT = ("INSERT INTO messages (ts, channel, from_name, to_name, body, meta, key, signature) "
-              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+SQL_INSERT = ("INSERT INTO messages (id, ts, channel, from_name, to_name, body, meta, key, "
+              "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# AUTOINCREMENT's counter remembers ids of deleted rows too: ids never repeat.
+SQL_MAX_ID = ("SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0), "
+              "COALESCE((SELECT MAX(id) FROM messages), 0))")
 
 # A recipient gets what is addressed to it and what others broadcast on the channel.
 SQL_RECV = (f"SELECT {_COLUMNS} FROM messages "
@@ -120,10 +124,6 @@ SQL_CHANNELS = ("SELECT channel, COUNT(*), MAX(ts) FROM messages "
 SQL_AGENTS = ("SELECT name, identity, role, registered_by, created_at FROM agents "
               "ORDER BY created_at")
 
-# How many queued writes one transaction takes at most.
-MAX_GROUP = 1024
-
-
 def _row_to_message(row: tuple) -> StoredMessage:
     return StoredMessage(id=row[0], ts=row[1], channel=row[2], sender=row[3], to=row[4],
                          body=row[5], meta=json.loads(row[6]) if row[6] else None,
@@ -131,16 +131,27 @@ def _row_to_message(row: tuple) -> StoredMessage:
 
 
 @dataclass
-class _Write:
-    """One unit of work for the writer thread; `future` None means fire-and-forget."""
-    apply: Callable[[sqlite3.Connection, list], Any]
-    future: asyncio.Future | None
+class _Group:
+    """Writes that commit together: plain statements, and what to answer once they did."""
+    statements: list[tuple[str, tuple]] = field(default_factory=list)
+    answers: list[tuple[asyncio.Future, Any]] = field(default_factory=list)
+    messages: list[StoredMessage] = field(default_factory=list)
+    by_key: dict[tuple[str, str], StoredMessage] = field(default_factory=dict)
+    error: BusError | None = None
 
 
 _STOP = object()
 
 
 class SQLiteStore(Store):
+    """Group commit, pipelined: while one group is being synced to disk, the next forms.
+
+    Everything but the commit itself happens on the event loop thread: ids and ts
+    are given as a message joins a group, so they follow commit order, and the
+    writer thread only runs plain statements and COMMIT. That keeps the two
+    threads from contending for the GIL.
+    """
+
     def __init__(self, path: str):
         self.path = path
         self._clock = CommitClock()
@@ -148,7 +159,13 @@ class SQLiteStore(Store):
         self._writer: threading.Thread | None = None
         self._reader: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock_file: int | None = None
         self._acknowledged: dict[tuple[str, str], float] = {}
+        self._forming = _Group()
+        self._in_flight: _Group | None = None
+        self._kick_scheduled = False
+        self._next_id = 1
+        self._idle = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -156,27 +173,47 @@ class SQLiteStore(Store):
         self._loop = asyncio.get_running_loop()
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        self._lock_file = self._take_lock()
         if not os.path.exists(self.path):
             # Created 0600 before SQLite opens it: messages are private.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         writer_conn = self._connect()
         self._migrate(writer_conn)
         self._clock = CommitClock(self._load_clock(writer_conn))
+        self._next_id = (writer_conn.execute(SQL_MAX_ID).fetchone()[0] or 0) + 1
         self._reader = self._connect()
         self._reader.execute("PRAGMA query_only = ON")
         self._acknowledged = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._writer = threading.Thread(target=self._write_loop, args=(writer_conn,),
                                         name="busd-sqlite-writer", daemon=True)
         self._writer.start()
 
+    def _take_lock(self) -> int:
+        # One server per database file: two would each keep their own clock and
+        # could hand out the same ts. The lock dies with the process (even kill -9).
+        fd = os.open(self.path + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"{self.path} is in use by another agent-bus server; stop it "
+                             "first, or give this one its own --db") from None
+        return fd
+
     async def close(self) -> None:
         if self._writer is not None:
+            await self._idle.wait()
             self._queue.put(_STOP)
-            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
-            self._writer = None
+            writer, self._writer = self._writer, None
+            await asyncio.get_running_loop().run_in_executor(None, writer.join)
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -195,9 +232,8 @@ class SQLiteStore(Store):
         else:
             version = row[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{conn!r}: database schema version {version} is newer than this agent-bus "
-                f"({SCHEMA_VERSION}); upgrade agent-bus")
+            raise StoreError(f"the database schema (version {version}) is newer than this "
+                             f"agent-bus understands ({SCHEMA_VERSION}); upgrade agent-bus")
         for number in range(version + 1, SCHEMA_VERSION + 1):
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -218,87 +254,85 @@ class SQLiteStore(Store):
         newest = conn.execute(SQL_MAX_TS).fetchone()[0] or 0.0
         return max(stored, newest)
 
-    # -- the writer thread -------------------------------------------------
+    # -- group commit ------------------------------------------------------
 
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            batch: list[_Write] = []
-            if first is _STOP:
-                stopping = True
-            else:
-                batch.append(first)
-            while len(batch) < MAX_GROUP:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    continue
-                batch.append(item)
-            if batch:
-                self._commit_group(conn, batch)
-        conn.close()
-
-    def _commit_group(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
-        mark = self._clock.mark()
-        visible: list[StoredMessage] = []
-        outcomes: list[tuple[_Write, bool, Any]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for write in batch:
-                    try:
-                        outcomes.append((write, True, write.apply(conn, visible)))
-                    except BusError as exc:
-                        outcomes.append((write, False, exc))
-                if visible:
-                    conn.execute(SQL_SET_CLOCK, (repr(self._clock.high_water()),))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            log.error("commit failed, nothing of this group was stored: %s", exc)
-            self._clock.rolled_back(mark)
-            failure = BusError(errors.STORAGE_UNAVAILABLE, str(exc))
-            outcomes = [(write, False, failure) for write in batch]
-            visible = []
-        except Exception as exc:  # a bug: fail the group loudly, keep the writer alive
-            log.exception("unexpected error in the writer")
-            self._clock.rolled_back(mark)
-            failure = BusError(errors.INTERNAL, type(exc).__name__)
-            outcomes = [(write, False, failure) for write in batch]
-            visible = []
-        else:
-            self._clock.committed()
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._deliver, outcomes, visible)
-            except RuntimeError:
-                pass  # the loop closed under us during shutdown
-
-    def _deliver(self, outcomes: list, visible: list[StoredMessage]) -> None:
-        for write, ok, value in outcomes:
-            future = write.future
-            if future is None or future.done():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        if visible and self.on_commit is not None:
-            self.on_commit(visible)
-
-    async def _write(self, apply: Callable[[sqlite3.Connection, list], Any]) -> Any:
+    def _join(self, sql: str, params: tuple, answer: Any = None,
+              future: asyncio.Future | None = None) -> _Group:
+        """Add a statement to the forming group; commit it as soon as the writer is free."""
         if self._writer is None:
             raise BusError(errors.SHUTTING_DOWN)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put(_Write(apply, future))
-        return await future
+        group = self._forming
+        group.statements.append((sql, params))
+        if future is not None:
+            group.answers.append((future, answer))
+        self._idle.clear()
+        if not self._kick_scheduled and self._in_flight is None:
+            # Let the rest of this loop iteration's requests join the same group.
+            self._kick_scheduled = True
+            self._loop.call_soon(self._kick)
+        return group
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._in_flight is not None:
+            return
+        group = self._forming
+        if not group.statements and not group.answers:
+            self._idle.set()
+            return
+        self._forming = _Group()
+        self._in_flight = group
+        if group.messages:
+            group.statements.append((SQL_SET_CLOCK, (repr(self._clock.high_water()),)))
+        self._queue.put(group)
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            group = self._queue.get()
+            if group is _STOP:
+                break
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, params in group.statements:
+                        conn.execute(sql, params)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                log.error("commit failed, nothing of this group was stored: %s", exc)
+                group.error = BusError(errors.STORAGE_UNAVAILABLE, str(exc))
+            except Exception as exc:  # a bug: fail the group loudly, keep the writer alive
+                log.exception("unexpected error in the writer")
+                group.error = BusError(errors.INTERNAL, type(exc).__name__)
+            try:
+                self._loop.call_soon_threadsafe(self._committed, group)
+            except RuntimeError:
+                break  # the loop is gone: nobody is waiting for an answer
+        conn.close()
+
+    def _committed(self, group: _Group) -> None:
+        self._in_flight = None
+        ok = group.error is None
+        if group.messages:
+            self._clock.settled(len(group.messages), group.messages[-1].ts if ok else None)
+        for future, answer in group.answers:
+            if future.done():
+                continue
+            if ok:
+                future.set_result(answer)
+            else:
+                future.set_exception(group.error)
+        if ok and group.messages and self.on_commit is not None:
+            self.on_commit(group.messages)
+        self._kick()
+
+    def _find_pending_key(self, sender: str, key: str) -> tuple[_Group, StoredMessage] | None:
+        for group in (self._in_flight, self._forming):
+            if group is not None and (sender, key) in group.by_key:
+                return group, group.by_key[(sender, key)]
+        return None
 
     # -- the interface -----------------------------------------------------
 
@@ -306,24 +340,30 @@ class SQLiteStore(Store):
         return self._clock.now()
 
     async def append(self, message: NewMessage) -> SendResult:
-        clock = self._clock
-
-        def apply(conn: sqlite3.Connection, visible: list) -> SendResult:
-            if message.key is not None:
-                row = conn.execute(SQL_FIND_BY_KEY, (message.sender, message.key)).fetchone()
-                if row is not None:
-                    return SendResult(_row_to_message(row), duplicate=True)
-            ts = clock.assign()
-            cursor = conn.execute(SQL_INSERT, (
-                ts, message.channel, message.sender, message.to, message.body,
-                encode_meta(message.meta), message.key, message.signature))
-            stored = StoredMessage(id=cursor.lastrowid, ts=ts, channel=message.channel,
-                                   sender=message.sender, to=message.to, body=message.body,
-                                   meta=message.meta, signature=message.signature)
-            visible.append(stored)
-            return SendResult(stored)
-
-        return await self._write(apply)
+        future = self._loop.create_future()
+        if message.key is not None:
+            pending = self._find_pending_key(message.sender, message.key)
+            if pending is not None:
+                # The first send with this key is not committed yet: answer with it
+                # when (and only if) its group commits.
+                group, first = pending
+                group.answers.append((future, SendResult(first, duplicate=True)))
+                return await future
+            row = self._reader.execute(SQL_FIND_BY_KEY, (message.sender, message.key)).fetchone()
+            if row is not None:
+                return SendResult(_row_to_message(row), duplicate=True)
+        stored = StoredMessage(id=self._next_id, ts=self._clock.assign(), channel=message.channel,
+                               sender=message.sender, to=message.to, body=message.body,
+                               meta=message.meta, signature=message.signature)
+        self._next_id += 1
+        group = self._join(SQL_INSERT, (
+            stored.id, stored.ts, stored.channel, stored.sender, stored.to, stored.body,
+            encode_meta(stored.meta), message.key, stored.signature),
+            SendResult(stored), future)
+        group.messages.append(stored)
+        if message.key is not None:
+            group.by_key[(message.sender, message.key)] = stored
+        return await future
 
     async def recv(self, to: str, channel: str, since: float, limit: int) -> list[StoredMessage]:
         if channel == "*":
@@ -338,9 +378,8 @@ class SQLiteStore(Store):
             return
         self._acknowledged[key] = since
         # Fire-and-forget: acknowledgements only feed pending counts, and ride
-        # along with the next group commit instead of costing one of their own.
-        self._queue.put(_Write(
-            lambda conn, visible: conn.execute(SQL_ACKNOWLEDGE, (agent, channel, since)), None))
+        # along with the next group commit.
+        self._join(SQL_ACKNOWLEDGE, (agent, channel, since))
 
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
         row = self._reader.execute(SQL_GET_WATERMARK, (agent, channel)).fetchone()
@@ -348,9 +387,9 @@ class SQLiteStore(Store):
         rows = self._reader.execute(SQL_UNREAD, (channel, last_id, agent, limit)).fetchall()
         if not rows:
             return []
-        newest = rows[-1][0]
-        await self._write(lambda conn, visible: conn.execute(
-            SQL_SET_WATERMARK, (agent, channel, newest)))
+        future = self._loop.create_future()
+        self._join(SQL_SET_WATERMARK, (agent, channel, rows[-1][0]), None, future)
+        await future
         return [_row_to_message(r) for r in rows]
 
     async def count_unread(self, agent: str, channel: str) -> int:

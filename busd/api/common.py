@@ -66,6 +66,10 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
+# NaN and Infinity are not JSON; Python's decoder would accept them.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 async def read_json_object(request: web.Request) -> dict:
     bus = bus_of(request)
     limit = bus.settings.limits.max_request_bytes
@@ -73,7 +77,11 @@ async def read_json_object(request: web.Request) -> dict:
         raise BusError(errors.BODY_TOO_LARGE, f"{request.content_length} bytes, the limit is {limit}",
                        close_connection=True)
     try:
-        raw = await asyncio.wait_for(request.read(), bus.settings.body_timeout)
+        if request.content.is_eof():
+            raw = await request.read()  # already here whole: no timer needed
+        else:
+            async with asyncio.timeout(bus.settings.body_timeout):
+                raw = await request.read()
     except asyncio.TimeoutError:
         raise BusError(errors.BODY_TIMEOUT, close_connection=True) from None
     except web.HTTPRequestEntityTooLarge:
@@ -86,7 +94,7 @@ async def read_json_object(request: web.Request) -> dict:
     except UnicodeDecodeError as exc:
         raise BusError(errors.BAD_ENCODING, f"at byte {exc.start}") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        body = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise BusError(errors.BAD_JSON, str(exc)[:120]) from None
     if not isinstance(body, dict):
