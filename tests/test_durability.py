@@ -207,3 +207,33 @@ def test_refuses_a_non_loopback_address_without_auth(tmp_path):
     assert result.returncode == 2
     assert "refusing to listen on 0.0.0.0 without authentication" in result.stderr
     assert not (tmp_path / "bus.db").exists()
+
+
+def test_a_second_server_on_the_same_database_refuses_to_start(tmp_path):
+    with BusServer(tmp_path / "bus.db") as bus:
+        result = subprocess.run(agent_bus_cmd("serve", "--port", "0", "--db", bus.db),
+                                env=repo_env(), capture_output=True, text=True, timeout=20)
+        assert result.returncode == 2
+        assert "in use by another agent-bus server" in result.stderr
+        assert bus.get("/healthz").status_code == 200
+        assert bus.stop() == 0
+
+
+def test_concurrent_sends_with_one_key_store_one_message(server, names):
+    a, b = names("a", "b")
+    replies: list[dict] = []
+
+    def send() -> None:
+        with requests.Session() as session:
+            reply = session.post(f"{server.url}/send", json={
+                "from": a, "to": b, "msg": "only once", "key": "same"}, timeout=10)
+            replies.append(reply.json())
+
+    threads = [threading.Thread(target=send) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert len({r["id"] for r in replies}) == 1
+    assert sum(1 for r in replies if not r.get("duplicate")) == 1
+    assert len(server.get(f"/recv?to={b}").json()["messages"]) == 1
