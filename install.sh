@@ -93,16 +93,25 @@ if [ "$dev" = 1 ] && ! command -v shellcheck >/dev/null 2>&1; then
 fi
 
 # The shell commands are copied (not linked to this checkout, which may move).
+# Each finds its shared code in lib/ beside its own resolved path, so lib/ goes first.
+install_file() {  # install_file SRC DEST MODE: replace DEST atomically
+  local tmp
+  tmp=$(mktemp "$(dirname "$2")/.$(basename "$2").XXXXXX")
+  cp "$1" "$tmp"
+  chmod "$3" "$tmp"
+  mv -f "$tmp" "$2"
+}
 scripts="$data_home/agent-bus/bin"
-mkdir -p "$bindir" "$scripts"
+mkdir -p "$bindir" "$scripts/lib"
 ln -sfn "$venv/bin/agent-bus" "$bindir/agent-bus"
+for lib in "$src"/bin/lib/*.sh; do
+  [ -f "$lib" ] || continue
+  install_file "$lib" "$scripts/lib/$(basename "$lib")" 644
+done
 for script in "$src"/bin/bus-*; do
   [ -f "$script" ] || continue
   name=$(basename "$script")
-  tmp=$(mktemp "$scripts/.$name.XXXXXX")
-  cp "$script" "$tmp"
-  chmod 755 "$tmp"
-  mv -f "$tmp" "$scripts/$name"
+  install_file "$script" "$scripts/$name" 755
   ln -sfn "$scripts/$name" "$bindir/$name"
 done
 

@@ -1,0 +1,603 @@
+"""The bin/ shell mirrors, run as a user runs them (real bash, curl and jq) against a
+real bus, and compared byte for byte with the `agent-bus` command they mirror."""
+from __future__ import annotations
+
+import concurrent.futures
+import http.server
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from busd.client import monitor_block
+from busd.cli.directory import agents_table
+from busd.listener import summary_line
+from tests.support import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
+
+BIN = REPO / "bin"
+LIB = BIN / "lib" / "agent-bus.sh"
+SCRIPTS = sorted(p for p in BIN.glob("bus-*") if p.is_file())
+
+# Bodies a shell could mangle: every one must arrive and print byte for byte.
+BODIES = [
+    "plain",
+    "multi\nline\n\nwith a blank line and\n  indentation",
+    "UTF-8: é ü ß 日本語 😀 \u2028 \ufeff",
+    "quotes \"double\" 'single' `back`",
+    "backslashes \\ \\n \\\\ \\u0041 \\",
+    "$(echo pwned) ${HOME} `id` $((1+1)) !! ~",
+    "100% %s %d %% %n",
+    "-n starts with a dash",
+    "--help",
+    "no trailing newline",
+    "trailing newline\n",
+    "two trailing newlines\n\n",
+    "",
+    "control \x01\x02\x1b[31m red \x7f tab\there cr\r\nnext",
+    "nul \x00 inside",
+    "x" * 118 + "é😀" + "y" * 10,
+    "a long line " * 30,
+]
+
+
+@pytest.fixture(autouse=True)
+def script_tmpdir(tmp_path, monkeypatch):
+    """Every process a test starts gets an empty TMPDIR; it must be empty again after."""
+    folder = tmp_path / "TMPDIR"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    yield folder
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == [], f"temporary files left behind: {left}"
+
+
+def env_for(server_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    values = {"AGENT_BUS_URL": server_url, "AGENT_BUS_STATE_DIR": str(tmp_path / "cursors"),
+              "AGENT_BUS_LISTEN_DIR": str(tmp_path / "listen"),
+              "XDG_STATE_HOME": str(tmp_path / "state")}
+    values.update(extra)
+    return repo_env(**values)
+
+
+def run_script(name: str, *args: str, env: dict, stdin: bytes = b"", timeout: float = 40):
+    return subprocess.run([str(BIN / name), *args], input=stdin, capture_output=True,
+                          env=env, timeout=timeout)
+
+
+def run_cli(*args: str, env: dict, stdin: bytes = b"", timeout: float = 40):
+    return subprocess.run(agent_bus_cmd(*args), input=stdin, capture_output=True,
+                          env=env, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> bytes:
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+class Background:
+    """A long-running command in its own process group, its output in files."""
+
+    def __init__(self, cmd: list[str], env: dict, folder: Path, label: str):
+        self.out = folder / f"{label}.out"
+        self.err = folder / f"{label}.err"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stdout(self) -> bytes:
+        return self.out.read_bytes()
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+
+def count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def python_dumps_format(text: bytes) -> bool:
+    """Whether a line is exactly what Python's json.dumps writes for its value."""
+    return text == (json.dumps(json.loads(text)) + "\n").encode()
+
+
+def assert_canonical_cursor(path: Path) -> float:
+    text = path.read_text()
+    value = float(text)
+    assert text == repr(value) + "\n", f"{path}: {text!r} is not how agent-bus writes {value!r}"
+    return value
+
+
+# -- send ---------------------------------------------------------------------
+
+
+def test_send_delivers_every_body_byte_for_byte(server, names, tmp_path):
+    a, b = names("a", "b")
+    env = env_for(server.url, tmp_path, AGENT_NAME=a)
+    for body in BODIES:
+        ack = ok(run_script("bus-send", b, env=env, stdin=body.encode()))
+        assert python_dumps_format(ack), ack
+        assert json.loads(ack)["ok"] is True
+    got = server.get(f"/recv?to={b}&max=1000").json()["messages"]
+    assert [m["msg"] for m in got] == BODIES
+    assert {m["from"] for m in got} == {a}
+
+
+def test_send_ack_equals_python_ack(server, names, tmp_path):
+    a, b = names("a", "b")
+    env = env_for(server.url, tmp_path, AGENT_NAME=a, AGENT_BUS_CHANNEL="ops")
+    # The same idempotency key answers the first message's id and ts to both tools,
+    # so their acknowledgements must be the same bytes.
+    first = ok(run_cli("send", b, "--key", "k1", env=env, stdin=b"x"))
+    by_python = ok(run_cli("send", b, "--key", "k1", env=env, stdin=b"x"))
+    by_shell = ok(run_script("bus-send", b, "--key", "k1", env=env, stdin=b"x"))
+    assert by_shell == by_python
+    assert json.loads(by_shell)["duplicate"] is True
+    assert json.loads(first)["channel"] == "ops"
+    # --from, --channel, --meta, both flag spellings, and a recipient after `--`.
+    ack = ok(run_script("bus-send", "--from=zed", "--channel", "x1", "--meta", '{"n": 1, "s": "é"}',
+                        "--", b, env=env, stdin=b"m"))
+    assert json.loads(ack)["channel"] == "x1"
+    [message] = server.get(f"/recv?to={b}&channel=x1").json()["messages"]
+    assert (message["from"], message["msg"], message["meta"]) == ("zed", "m", {"n": 1, "s": "é"})
+
+
+def test_send_refuses_what_python_refuses(server, tmp_path):
+    env = env_for(server.url, tmp_path, AGENT_NAME="a")
+    cases = [
+        (("dell",), b"\xff\xfe", 2, "not UTF-8"),
+        (("dell", "--meta", "{nope"), b"x", 2, "--meta is not JSON"),
+        (("bad name",), b"x", 1, "invalid name"),
+        ((), b"x", 2, "TO is required"),
+        (("dell", "--bogus"), b"x", 2, "unknown option"),
+    ]
+    for args, stdin, code, text in cases:
+        shell = run_script("bus-send", *args, env=env, stdin=stdin)
+        python = run_cli("send", *args, env=env, stdin=stdin)
+        assert (shell.returncode, python.returncode) == (code, code), (args, shell.stderr)
+        assert text in shell.stderr.decode()
+        assert shell.stderr.count(b"\n") == 1 and shell.stdout == b""
+    no_name = run_script("bus-send", "dell", env=env_for(server.url, tmp_path, AGENT_NAME=""))
+    assert no_name.returncode == 2 and b"AGENT_NAME" in no_name.stderr
+
+
+# -- recv ---------------------------------------------------------------------
+
+
+def test_recv_once_prints_the_same_blocks_as_python(server, names, tmp_path):
+    a, b = names("a", "b")
+    env = env_for(server.url, tmp_path, AGENT_NAME=a)
+    for body in BODIES:
+        ok(run_script("bus-send", b, env=env, stdin=body.encode()))
+    messages = server.get(f"/recv?to={b}&max=1000").json()["messages"]
+    expected = "".join(monitor_block(m) for m in messages).encode()
+    shell = ok(run_script("bus-recv", b, "--once", "--since", "0", "--no-cursor", env=env))
+    python = ok(run_cli("recv", b, "--once", "--since", "0", "--no-cursor", env=env))
+    assert shell == python == expected
+
+
+def test_recv_follows_and_prints_what_python_prints(server, names, tmp_path):
+    a, b = names("a", "b")
+    env = env_for(server.url, tmp_path, AGENT_NAME=a)
+    with Background([str(BIN / "bus-recv"), b], env, tmp_path, "recv") as follower:
+        for body in BODIES:
+            server.send(a, b, body)
+        wait_until(lambda: follower.stdout().count(b"\n---\n") >= len(BODIES), timeout=20,
+                   what="every block")
+        # The follower keeps its cursor where the Python command keeps it.
+        cursor = tmp_path / "cursors" / f"{b}@default.cursor"
+        wait_until(cursor.exists, timeout=20, what="the cursor file")
+    python = ok(run_cli("recv", b, "--once", "--since", "0", "--no-cursor", env=env))
+    assert follower.stdout() == python
+    assert_canonical_cursor(cursor)
+
+
+def test_a_cursor_written_by_either_tool_is_used_by_the_other(server, names, tmp_path):
+    a, b = names("a", "b")
+    env = env_for(server.url, tmp_path, AGENT_NAME=a, AGENT_BUS_CHANNEL="c1")
+    cursor = tmp_path / "cursors" / f"{b}@c1.cursor"
+    server.send(a, b, "one", channel="c1")
+    assert b"\none\n" in ok(run_cli("recv", b, "--once", env=env))
+    written_by_python = assert_canonical_cursor(cursor)
+    server.send(a, b, "two", channel="c1")
+    assert ok(run_script("bus-recv", b, "--once", env=env)).endswith(b"\ntwo\n---\n")
+    written_by_shell = assert_canonical_cursor(cursor)
+    assert written_by_shell > written_by_python
+    server.send(a, b, "three", channel="c1")
+    assert ok(run_cli("recv", b, "--once", env=env)).endswith(b"\nthree\n---\n")
+    server.send(a, b, "four", channel="c1")
+    only_four = ok(run_script("bus-recv", b, "--once", env=env))
+    assert only_four.count(b"---\n") == 1 and b"\nfour\n" in only_four
+    # A channel of '*' has its own file, named as agent-bus names it.
+    ok(run_script("bus-recv", b, "--once", "--channel", "*", env=env))
+    assert_canonical_cursor(tmp_path / "cursors" / f"{b}@%2A.cursor")
+    # A broken cursor is a configuration error with the same exit code on both sides.
+    cursor.write_text("not a number\n")
+    broken = run_script("bus-recv", b, "--once", env=env)
+    assert broken.returncode == 2 and b"not a cursor" in broken.stderr
+
+
+def test_float_formatting_round_trips_exactly_like_python(tmp_path):
+    """Timestamps pass through jq as the cursor and as `since`: they must come out as
+    Python's repr writes them, so both tools write identical cursor files."""
+    rng = random.Random(4)
+    now = time.time()
+    values = [now + i * 1e-6 for i in range(200)]
+    values += [rng.uniform(1.5e9, 2.5e9) for _ in range(2000)]
+    values += [round(rng.uniform(1.5e9, 2.5e9), digits) for digits in range(0, 8) for _ in range(50)]
+    values += [0.0, 1.0, 0.1, 1795292651.0, 1795292651.5642948, 123456789.123456789, 0.001]
+    numbers = "".join(json.dumps(v) + "\n" for v in values).encode()
+    script = f'. "{LIB}" && jq -r "$BUS_JQ py_float"'
+    formatted = subprocess.run(["bash", "-c", script], input=numbers, capture_output=True,
+                               check=True).stdout.decode().splitlines()
+    assert formatted == [repr(v) for v in values]
+    # And json.dumps for the acknowledgements and health replies.
+    objects = [{"ok": True, "ts": 1795292651.0, "channel": "default", "id": 7},
+               {"ok": True, "now": 1795292651.5642948},
+               {"s": "é 😀 \x7f \x01 \n \"q\" \\ / \u2028", "l": [1, "a", None, False], "o": {}}]
+    lines = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects).encode()
+    dumped = subprocess.run(["bash", "-c", f'. "{LIB}" && jq -r "$BUS_JQ py_json"'], input=lines,
+                            capture_output=True, check=True).stdout.decode().splitlines()
+    assert dumped == [json.dumps(o) for o in objects]
+
+
+# -- listen -------------------------------------------------------------------
+
+
+def test_listen_writes_the_same_files_as_python(server, names, tmp_path):
+    a, b = names("a", "b")
+    env = env_for(server.url, tmp_path, AGENT_NAME=a)
+    server.send(a, b, "with meta", meta={"k": "v", "n": 2, "f": 1.5, "é": "ü\n"})
+    for body in BODIES:
+        server.send(a, b, body)
+    ok(run_script("bus-listen", b, "--once", "--dir", str(tmp_path / "sh"), env=env))
+    ok(run_cli("listen", b, "--once", "--dir", str(tmp_path / "py"), env=env))
+    for suffix in (".jsonl", ".tsv", ".heartbeat"):
+        shell = (tmp_path / "sh" / f"{b}@default{suffix}").read_bytes()
+        python = (tmp_path / "py" / f"{b}@default{suffix}").read_bytes()
+        assert shell == python, suffix
+    messages = server.get(f"/recv?to={b}&max=1000").json()["messages"]
+    # Split on "\n" only: str.splitlines would also split inside bodies (at \u2028).
+    full = (tmp_path / "sh" / f"{b}@default.jsonl").read_text().split("\n")
+    assert full.pop() == ""
+    assert [json.loads(line) for line in full] == messages
+    summary = (tmp_path / "sh" / f"{b}@default.tsv").read_text()
+    assert summary == "".join(summary_line(m) for m in messages)
+    for line in summary.split("\n")[:-1]:
+        ts, sender, shown = line.split("\t")
+        assert sender == a and "\n" not in shown and len(shown) <= 120 + 2 * shown.count(" | ")
+    assert "multi | line |  | with a blank line and |   indentation" in summary
+    assert_canonical_cursor(tmp_path / "sh" / f"{b}@default.cursor")
+    assert_canonical_cursor(tmp_path / "py" / f"{b}@default.cursor")
+
+
+def test_listen_resumes_from_either_tools_cursor_and_never_logs_twice(server, names, tmp_path):
+    a, b = names("a", "b")
+    env = env_for(server.url, tmp_path, AGENT_NAME=a)
+    folder = tmp_path / "listen"
+    full, summary = folder / f"{b}@default.jsonl", folder / f"{b}@default.tsv"
+    server.send(a, b, "one")
+    ok(run_cli("listen", b, "--once", env=env))
+    server.send(a, b, "two")
+    ok(run_script("bus-listen", b, "--once", env=env))
+    server.send(a, b, "three")
+    ok(run_cli("listen", b, "--once", env=env))
+    assert [json.loads(line)["msg"] for line in full.read_text().splitlines()] == \
+        ["one", "two", "three"]
+    # Lost cursor (a crash after logging, before the cursor was saved): the last
+    # logged line says where to resume, for both tools.
+    (folder / f"{b}@default.cursor").unlink()
+    server.send(a, b, "four")
+    ok(run_script("bus-listen", b, "--once", env=env))
+    (folder / f"{b}@default.cursor").unlink()
+    server.send(a, b, "five")
+    ok(run_cli("listen", b, "--once", env=env))
+    assert [json.loads(line)["msg"] for line in full.read_text().splitlines()] == \
+        ["one", "two", "three", "four", "five"]
+    assert count_lines(summary) == 5
+    # A partial last line (a crash mid-write) is ended, and logging goes on after it.
+    with open(full, "a") as handle:
+        handle.write('{"ts": 1, "partial')
+    server.send(a, b, "six")
+    ok(run_script("bus-listen", b, "--once", env=env))
+    lines = full.read_text().splitlines()
+    assert lines[-2] == '{"ts": 1, "partial' and json.loads(lines[-1])["msg"] == "six"
+
+
+def test_listen_under_a_burst_of_1000_logs_each_exactly_once(server, names, tmp_path):
+    a, b = names("a", "b")
+    env = env_for(server.url, tmp_path, AGENT_NAME=a)
+    full = tmp_path / "listen" / f"{b}@default.jsonl"
+    summary = tmp_path / "listen" / f"{b}@default.tsv"
+    heartbeat = tmp_path / "listen" / f"{b}@default.heartbeat"
+    total = 1000
+    with Background([str(BIN / "bus-listen"), b], env, tmp_path, "listen") as listener:
+        wait_until(heartbeat.exists, timeout=20, what="the first poll")
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: server.send(a, b, f"burst {i}\nline two"), range(total)))
+        wait_until(lambda: count_lines(full) >= total, timeout=60, what="1000 logged lines")
+        # Give a duplicate the chance to show up before looking.
+        beat = heartbeat.stat().st_mtime_ns
+        wait_until(lambda: heartbeat.stat().st_mtime_ns != beat, timeout=20, what="another poll")
+    assert listener.proc.returncode is not None
+    logged = [json.loads(line)["msg"] for line in full.read_text().splitlines()]
+    assert sorted(logged) == sorted(f"burst {i}\nline two" for i in range(total))
+    assert count_lines(summary) == total
+    # Restarted, it logs nothing old again.
+    ok(run_script("bus-listen", b, "--once", env=env))
+    assert count_lines(full) == total
+
+
+# -- agents, health -----------------------------------------------------------
+
+
+def test_agents_and_health_print_what_python_prints(tmp_path):
+    with BusServer(tmp_path / "agents.db", "--hold", "2") as bus:
+        env = env_for(bus.url, tmp_path)
+        empty = ok(run_script("bus-agents", env=env))
+        assert empty == ok(run_cli("agents", env=env)) == b"NAME  ROLE  REGISTERED BY  CREATED  IDENTITY\n"
+        # No registration route exists yet; the rows go in as the server stores them.
+        with sqlite3.connect(tmp_path / "agents.db") as db:
+            db.executemany(
+                "INSERT INTO agents (name, identity, public_key, role, registered_by, created_at) "
+                "VALUES (?, ?, 'pk', ?, ?, ?)",
+                [("dell", "a9e6db87-b090-47e0-a509-2bc624896d0f", "agent", "ops", 1795000000.75),
+                 ("cube-a6000", "line one\nline\ttwo é😀", "operator", None, 1700000000.0),
+                 ("x", "", "agent", "dell", 1600000000.25)])
+        db.close()
+        shell = ok(run_script("bus-agents", env=env))
+        assert shell == ok(run_cli("agents", env=env))
+        assert shell.decode() == agents_table(bus.get("/agents").json())
+        assert shell.decode().splitlines() == [
+            "NAME        ROLE      REGISTERED BY  CREATED               IDENTITY",
+            "x           agent     dell           2020-09-13T12:26:40Z  -",
+            "cube-a6000  operator  -              2023-11-14T22:13:20Z  line one line two é😀",
+            "dell        agent     ops            2026-11-18T11:06:40Z  a9e6db87-b090-47e0-a509-2bc624896d0f",
+        ]
+        health = ok(run_script("bus-health", env=env))
+        assert re.fullmatch(rb'\{"ok": true, "now": \d+\.\d+\}\n', health)
+        assert python_dumps_format(health)
+        assert re.fullmatch(rb'\{"ok": true, "now": \d+\.\d+\}\n', ok(run_cli("health", env=env)))
+        bus.stop()
+        for args in (("health",), ("agents",)):
+            shell, python = run_script(f"bus-{args[0]}", env=env), run_cli(*args, env=env)
+            assert shell.returncode == python.returncode == 3
+            assert b"cannot reach the bus" in shell.stderr and shell.stderr.count(b"\n") == 1
+
+
+# -- failures -----------------------------------------------------------------
+
+
+class BrokenProxy:
+    """A real HTTP server that answers every request with one status, as a broken
+    proxy in front of a bus would: the stand-in for a 5xx, not a mock of our parts."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = "text/html"):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="broken-proxy")
+
+    def __enter__(self) -> "BrokenProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+ONE_SHOT = [("bus-send", ("dell",), ("send", "dell")),
+            ("bus-health", (), ("health",)),
+            ("bus-agents", (), ("agents",)),
+            ("bus-recv", ("dell", "--once"), ("recv", "dell", "--once")),
+            ("bus-listen", ("dell", "--once"), ("listen", "dell", "--once"))]
+
+
+def _assert_failure(result, code: int, text: str) -> None:
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == code, err
+    assert text in err, err
+    assert err.count("\n") == 1 and err.endswith("\n"), f"not one line: {err!r}"
+
+
+def test_unreachable_4xx_and_5xx_give_one_line_and_the_python_exit_code(server, tmp_path):
+    unreachable = env_for("http://127.0.0.1:9", tmp_path, AGENT_NAME="a")
+    for script, args, cli in ONE_SHOT:
+        _assert_failure(run_script(script, *args, env=unreachable, stdin=b"x"), 3,
+                        "cannot reach the bus at http://127.0.0.1:9: ")
+        assert run_cli(*cli, env=unreachable, stdin=b"x").returncode == 3
+    with BrokenProxy(502, b"<html>\n<body>Bad Gateway</body>\n</html>\n") as proxy:
+        env = env_for(proxy.url, tmp_path, AGENT_NAME="a")
+        for script, args, cli in ONE_SHOT:
+            _assert_failure(run_script(script, *args, env=env, stdin=b"x"), 3,
+                            "the bus answered 502: <html> <body>Bad Gateway</body> </html>")
+            assert run_cli(*cli, env=env, stdin=b"x").returncode == 3
+    with BrokenProxy(200, b"<html>a login page</html>") as proxy:
+        env = env_for(proxy.url, tmp_path, AGENT_NAME="a")
+        _assert_failure(run_script("bus-health", env=env), 3, "not JSON")
+    # 4xx: the bus refuses a name; 1 on both sides.
+    env = env_for(server.url, tmp_path, AGENT_NAME="a")
+    for script, args in (("bus-recv", ("bad name", "--once")), ("bus-listen", ("bad name",)),
+                         ("bus-recv", ("bad name",)), ("bus-send", ("bad name",))):
+        _assert_failure(run_script(script, *args, env=env, stdin=b"x"), 1,
+                        "the bus answered 400: invalid name")
+    assert run_cli("recv", "bad name", env=env).returncode == 1
+    assert run_cli("listen", "bad name", env=env).returncode == 1
+    # Configuration: no URL.
+    for script, args, _ in ONE_SHOT:
+        _assert_failure(run_script(script, *args, env=env_for("", tmp_path, AGENT_NAME="a"),
+                                   stdin=b"x"), 2, "AGENT_BUS_URL is not set")
+
+
+@pytest.mark.parametrize("script", ["bus-recv", "bus-listen"])
+def test_followers_retry_a_failing_bus_with_capped_backoff(script, tmp_path):
+    with BrokenProxy(503, b'{"error": "the bus is restarting", "code": 50301}',
+                     "application/json") as proxy:
+        env = env_for(proxy.url, tmp_path, AGENT_NAME="a")
+        with Background([str(BIN / script), "dell"], env, tmp_path, script) as follower:
+            wait_until(lambda: follower.stderr().count("\n") >= 4, timeout=20, what="4 retries")
+            assert follower.proc.poll() is None
+    lines = follower.stderr().splitlines()
+    assert lines[:4] == [f"{script}: the bus answered 503: the bus is restarting; "
+                         f"retrying in {delay}s" for delay in ("0.5", "1", "2", "4")]
+
+
+def test_recv_and_listen_lose_and_repeat_nothing_across_server_restarts(tmp_path):
+    with BusServer(tmp_path / "restart.db", "--hold", "2") as bus:
+        env = env_for(bus.url, tmp_path, AGENT_NAME="a")
+        full = tmp_path / "listen" / "b@default.jsonl"
+        sent: list[str] = []
+
+        def send(count: int) -> None:
+            for _ in range(count):
+                sent.append(f"message {len(sent)}\n$(x) é")
+                bus.send("a", "b", sent[-1])
+
+        with Background([str(BIN / "bus-recv"), "b"], env, tmp_path, "recv") as recv, \
+                Background([str(BIN / "bus-listen"), "b"], env, tmp_path, "listen") as listen:
+            send(5)
+            for _ in range(2):
+                wait_until(lambda: recv.stdout().count(b"\n---\n") == len(sent)
+                           and count_lines(full) == len(sent), timeout=30, what="all so far")
+                bus.restart()
+                send(5)
+            wait_until(lambda: recv.stdout().count(b"\n---\n") == len(sent)
+                       and count_lines(full) == len(sent), timeout=30, what="everything")
+            bus.stop()
+            wait_until(lambda: "retrying in" in recv.stderr() and "retrying in" in listen.stderr(),
+                       timeout=20, what="retries while the bus is down")
+            bus.start()
+            send(3)
+            wait_until(lambda: recv.stdout().count(b"\n---\n") == len(sent)
+                       and count_lines(full) == len(sent), timeout=40, what="the last three")
+        shown = re.findall(rb"\] from a:\n(.*?)\n---\n", recv.stdout(), re.S)
+        assert [m.decode() for m in shown] == sent
+        assert [json.loads(line)["msg"] for line in full.read_text().splitlines()] == sent
+        bus.stop()
+
+
+def test_scripts_stop_promptly_and_clean_up_on_sigterm(server, names, tmp_path, script_tmpdir):
+    (b,) = names("b")
+    env = env_for(server.url, tmp_path)
+    for script in ("bus-recv", "bus-listen"):
+        with Background([str(BIN / script), b], env, tmp_path, script) as follower:
+            # The work folder gets reply-headers just before each request starts.
+            wait_until(lambda: list(script_tmpdir.glob("*/reply-headers")), timeout=10,
+                       what="the first long-poll")
+            started = time.monotonic()
+            assert follower.stop() == 0, "SIGTERM is how a follower is stopped: exit 0, as in Python"
+            assert time.monotonic() - started < 1.5, "SIGTERM waited for the long-poll"
+        assert list(script_tmpdir.iterdir()) == []
+    with Background(agent_bus_cmd("listen", b), env, tmp_path, "python-listen") as python:
+        wait_until(lambda: (tmp_path / "listen" / f"{b}@default.heartbeat").exists(), timeout=10,
+                   what="the Python listener's first poll")
+        assert python.stop() == 0
+    leftovers = [p for p in tmp_path.rglob(".cursor.*")]
+    assert leftovers == []
+
+
+def test_no_temp_file_is_left_on_success_or_failure(server, names, tmp_path, script_tmpdir):
+    a, b = names("a", "b")
+    good = env_for(server.url, tmp_path, AGENT_NAME=a)
+    bad = env_for("http://127.0.0.1:9", tmp_path, AGENT_NAME=a)
+    with BrokenProxy(500, b"oops") as proxy:
+        failing = env_for(proxy.url, tmp_path, AGENT_NAME=a)
+        for env in (good, bad, failing):
+            for script, args, _ in ONE_SHOT:
+                run_script(script, *args, env=env, stdin=b"x")
+    run_script("bus-send", "bad name", env=good, stdin=b"x")
+    run_script("bus-send", b, env=good, stdin=b"\xff")
+    run_script("bus-recv", b, "--since", "nope", env=good)
+    assert list(script_tmpdir.iterdir()) == []
+    assert [p for p in tmp_path.rglob(".cursor.*")] == []
+
+
+# -- the scripts themselves ---------------------------------------------------
+
+
+def test_every_script_has_help_and_is_in_the_readme_mirror_table():
+    readme = (REPO / "README.md").read_text()
+    assert SCRIPTS, "no bin/bus-* scripts"
+    for script in SCRIPTS:
+        result = subprocess.run([str(script), "-h"], capture_output=True, timeout=10)
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: {script.name}".encode())
+        assert re.search(rf"\| `agent-bus \w+`[^\n]*\| `{script.name}` \|", readme), \
+            f"{script.name} is not in the README's shell mirrors table"
+
+
+def test_scripts_run_through_symlinks(server, tmp_path):
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "bus-health").symlink_to(BIN / "bus-health")
+    (links / "hop").symlink_to("bus-health")   # a relative link to a link
+    env = env_for(server.url, tmp_path)
+    for name in ("bus-health", "hop"):
+        result = subprocess.run([str(links / name)], capture_output=True, env=env, timeout=20)
+        assert result.returncode == 0 and result.stdout.startswith(b'{"ok": true'), result.stderr
+
+
+def test_shellcheck_is_clean_on_bin_and_install_sh():
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is missing: run ./install.sh --dev (tests/run does)"
+    files = [str(p.relative_to(REPO)) for p in SCRIPTS] + ["bin/lib/agent-bus.sh", "install.sh"]
+    result = subprocess.run([shellcheck, "-x", "-S", "warning", *files], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_bearer_token_and_user_agent_are_sent(tmp_path):
+    seen: list[dict] = []
+
+    with BrokenProxy(200, b'{"ok": true, "now": 1.5}', "application/json") as proxy:
+        original = proxy.httpd.RequestHandlerClass._answer
+
+        def record(handler):
+            seen.append(dict(handler.headers))
+            original(handler)
+
+        proxy.httpd.RequestHandlerClass.do_GET = record
+        env = env_for(proxy.url, tmp_path, AGENT_BUS_TOKEN="s3cret", AGENT_BUS_UA="probe/1")
+        assert ok(run_script("bus-health", env=env)) == b'{"ok": true, "now": 1.5}\n'
+    assert seen[-1]["Authorization"] == "Bearer s3cret"
+    assert seen[-1]["User-Agent"] == "probe/1"
