@@ -5,10 +5,15 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import signing
+from .errors import REPLAY
 
 DEFAULT_UA = "Mozilla/5.0"   # the older clients' default; WAFs in front of buses expect it
 RECV_TIMEOUT = 35.0          # the server holds a long-poll ~25-30 s
@@ -18,8 +23,10 @@ class BusClientError(Exception):
     """The bus could not do what was asked. `transient` says whether a retry can help."""
 
     def __init__(self, message: str, status: int | None = None, code: int | None = None,
-                 transient: bool = False, retry_after: float | None = None):
+                 transient: bool = False, retry_after: float | None = None,
+                 payload: dict | None = None):
         super().__init__(message)
+        self.payload = payload
         self.status = status
         self.code = code
         self.transient = transient
@@ -28,17 +35,19 @@ class BusClientError(Exception):
 
 class BusClient:
     def __init__(self, url: str, *, token: str | None = None, user_agent: str = DEFAULT_UA,
-                 ca: str | None = None, timeout: float = 15.0):
+                 ca: str | None = None, timeout: float = 15.0,
+                 signing_key: Ed25519PrivateKey | None = None):
         if not url:
             raise ValueError("no bus URL: set AGENT_BUS_URL (for example http://127.0.0.1:9876)")
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.signing_key = signing_key
         self.session = requests.Session()
         self.session.headers["User-Agent"] = user_agent
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
-        if ca:
-            self.session.verify = ca
+        # Passed with each request: requests lets REQUESTS_CA_BUNDLE override session.verify.
+        self.verify: str | bool = ca or True
 
     def close(self) -> None:
         self.session.close()
@@ -47,7 +56,11 @@ class BusClient:
                 body: Any = None, timeout: float | None = None) -> Any:
         try:
             response = self.session.request(method, self.url + path, params=params, json=body,
-                                            timeout=timeout or self.timeout)
+                                            timeout=timeout or self.timeout, verify=self.verify)
+        except requests.exceptions.SSLError as exc:
+            raise BusClientError(f"cannot reach the bus at {self.url}: its TLS certificate is "
+                                 "not trusted here; point AGENT_BUS_CA at the CA certificate "
+                                 f"that signed it ({_short(exc, 80)})", transient=True) from None
         except requests.RequestException as exc:
             raise BusClientError(f"cannot reach the bus at {self.url}: {_short(exc)}",
                                  transient=True) from None
@@ -62,7 +75,8 @@ class BusClient:
             transient = response.status_code >= 500 or response.status_code == 429
             raise BusClientError(f"the bus answered {response.status_code}: {text}",
                                  status=response.status_code, code=code,
-                                 transient=transient, retry_after=retry_after)
+                                 transient=transient, retry_after=retry_after,
+                                 payload=payload if isinstance(payload, dict) else None)
         if payload is None:
             raise BusClientError(f"the bus answered {response.status_code} with a body that is "
                                  "not JSON; is AGENT_BUS_URL pointing at an agent-bus?",
@@ -74,11 +88,24 @@ class BusClient:
     def send(self, sender: str, to: str, msg: str, *, channel: str = "default",
              key: str | None = None, meta: dict | None = None) -> dict:
         body: dict[str, Any] = {"from": sender, "to": to, "msg": msg, "channel": channel}
+        if self.signing_key is not None:
+            # A signed send needs a key: it is the nonce that makes a replay detectable.
+            key = key or uuid.uuid4().hex
+            body["signed_at"] = int(time.time() * 1000)
+            body["signature"] = signing.sign(self.signing_key, signing.native_payload(
+                channel, sender, to, body["signed_at"], key, msg))
         if key is not None:
             body["key"] = key
         if meta is not None:
             body["meta"] = meta
-        return self.request("POST", "/send", body=body)
+        try:
+            return self.request("POST", "/send", body=body)
+        except BusClientError as exc:
+            if exc.code == REPLAY.code and exc.payload:
+                # Our own earlier send with this key was stored: that is success.
+                return {"ok": True, "ts": exc.payload.get("ts"), "channel": channel,
+                        "id": exc.payload.get("id"), "duplicate": True}
+            raise
 
     def recv(self, to: str, *, since: float = 0.0, block: bool = False,
              channel: str = "default", max_batch: int | None = None) -> dict:
@@ -197,9 +224,9 @@ def monitor_block(message: dict) -> str:
     return f"[{stamp}Z] from {message.get('from')}:\n{message.get('msg', '')}\n---\n"
 
 
-def _short(exc: Exception) -> str:
+def _short(exc: Exception, limit: int = 160) -> str:
     text = str(exc)
-    return text if len(text) <= 160 else text[:160] + "..."
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _float_or_none(text: str | None) -> float | None:

@@ -20,10 +20,13 @@ class BusError(Exception):
     """An error with a place in the table; `detail` says which field or value."""
 
     def __init__(self, kind: ErrorKind, detail: str | None = None, *,
-                 close_connection: bool = False):
+                 close_connection: bool = False, fields: dict | None = None,
+                 headers: dict | None = None):
         self.kind = kind
         self.detail = detail
         self.close_connection = close_connection
+        self.fields = fields or {}      # extra JSON fields, e.g. the first id of a replay
+        self.headers = headers or {}    # e.g. Retry-After
         super().__init__(self.message)
 
     @property
@@ -35,7 +38,7 @@ class BusError(Exception):
         return self.kind.http_status
 
     def as_json(self) -> dict:
-        return {"error": self.message, "code": self.kind.code}
+        return {"error": self.message, "code": self.kind.code, **self.fields}
 
 
 # 400: the request itself is wrong; the client must change it.
@@ -70,6 +73,19 @@ FORBIDDEN = ErrorKind(40301, 403, "not allowed")
 SIGNATURE_REQUIRED = ErrorKind(40302, 403, "signature required (secure mode is on)")
 BAD_SIGNATURE = ErrorKind(40303, 403, "the signature does not verify")
 UNKNOWN_SENDER = ErrorKind(40304, 403, "unknown sender")
+STALE_SIGNATURE = ErrorKind(
+    40305, 403, "the signature's signed_at is more than 5 minutes off; check the clock and sign again")
+LEGACY_SIGNATURE_REFUSED = ErrorKind(
+    40306, 403,
+    "el-ipc-format signatures (no timestamp, so replayable) are refused here once native signing "
+    "is in use; sign natively (AGENT_BUS_KEY), or the operator can allow them with "
+    "--legacy-signatures on")
+FOREIGN_HOST = ErrorKind(
+    40307, 403,
+    "the Host header names a site this bus does not serve (DNS rebinding?); "
+    "use its own address, or the operator can add the name with --allow-host")
+FOREIGN_ORIGIN = ErrorKind(
+    40308, 403, "cross-site requests from web pages are refused (Origin header)")
 
 # 404/405/408/413/429
 NOT_FOUND = ErrorKind(40401, 404, "no such route; the README lists every route this bus serves")
@@ -78,6 +94,8 @@ METHOD_NOT_ALLOWED = ErrorKind(40501, 405, "method not allowed on this route")
 BODY_TIMEOUT = ErrorKind(
     40801, 408, "the request body did not arrive in time (is Content-Length larger than the body?)")
 CONFLICT = ErrorKind(40901, 409, "already exists")
+REPLAY = ErrorKind(
+    40902, 409, "this signed message was already accepted (same sender and key); nothing new was stored")
 BODY_TOO_LARGE = ErrorKind(41301, 413, "the request body is too large")
 MSG_TOO_LARGE = ErrorKind(41302, 413, "the message is too large")
 META_TOO_LARGE = ErrorKind(41303, 413, "meta is too large")

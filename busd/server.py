@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import signal
+import ssl
 import sys
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,10 +18,13 @@ from . import errors
 from .api import elipc, rapid
 from .api.common import BUS, PRINCIPAL, Bus, BusSettings, error_reply, read_json_object
 from .errors import BusError
+from .identity import Access
+from .ratelimit import RateLimiter
 from .store import Store, StoreError
 from .store_sqlite import SQLiteStore
 
 log = logging.getLogger("busd.server")
+GUARD = web.AppKey("guard", object)
 
 _HTTP_TO_KIND = {
     404: errors.NOT_FOUND,
@@ -32,7 +38,12 @@ async def _errors_and_identity(request: web.Request, handler):
     """Every failure becomes one JSON error from the table; every request gets a principal."""
     bus: Bus = request.app[BUS]
     try:
-        request[PRINCIPAL] = bus.access.authenticate(request.headers)
+        guard: RequestGuard = request.app[GUARD]
+        guard.check_host_and_origin(request)
+        principal = await bus.access.authenticate(request.headers)
+        if principal.authenticated:
+            guard.check_rate(principal.name)
+        request[PRINCIPAL] = principal
         return await handler(request)
     except BusError as exc:
         return error_reply(exc)
@@ -52,6 +63,56 @@ async def _errors_and_identity(request: web.Request, handler):
         return error_reply(BusError(errors.INTERNAL))
 
 
+class RequestGuard:
+    """What a browser must not be able to do to a bus, and how much one agent may ask.
+
+    A web page can make a browser send requests to a bus on localhost: a foreign
+    Host (DNS rebinding) or a cross-site Origin is refused.
+    """
+
+    LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+    def __init__(self, loopback_only: bool, allowed_hosts: tuple[str, ...],
+                 limiter: RateLimiter):
+        self.loopback_only = loopback_only
+        self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
+        self.limiter = limiter
+
+    @staticmethod
+    def _name(host: str) -> str:
+        host = host.strip().lower()
+        if host.startswith("["):
+            return host[1:].split("]", 1)[0]
+        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+    def host_allowed(self, host: str) -> bool:
+        name = self._name(host)
+        if name in self.allowed_hosts:
+            return True
+        if not self.loopback_only:
+            return True
+        return name in self.LOOPBACK_NAMES or name.endswith(".localhost") or is_loopback(name)
+
+    def check_host_and_origin(self, request: web.Request) -> None:
+        host = request.headers.get("Host", "")
+        if host and not self.host_allowed(host):
+            raise BusError(errors.FOREIGN_HOST, f"Host: {host[:80]}")
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return
+        parts = urlsplit(origin)
+        if parts.netloc.lower() != host.lower() and parts.netloc.lower() not in self.allowed_hosts:
+            raise BusError(errors.FOREIGN_ORIGIN, f"Origin: {origin[:80]}")
+
+    def check_rate(self, name: str) -> None:
+        wait = self.limiter.retry_after(name)
+        if wait is not None:
+            seconds = max(1, math.ceil(wait))
+            raise BusError(errors.RATE_LIMITED, f"{name} is over its request budget",
+                           headers={"Retry-After": str(seconds)},
+                           fields={"retry_after": seconds})
+
+
 async def _send(request: web.Request) -> web.Response:
     """POST /send serves both protocols; the field names say which one is speaking."""
     body = await read_json_object(request)
@@ -67,10 +128,15 @@ async def _send(request: web.Request) -> web.Response:
                    "send from, to and msg (rapid) or channel, sender and content (el-ipc)")
 
 
-def make_app(bus: Bus) -> web.Application:
+async def _register(request: web.Request) -> web.Response:
+    return await elipc.register(request, await read_json_object(request))
+
+
+def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
     app = web.Application(middlewares=[_errors_and_identity],
                           client_max_size=bus.settings.limits.max_request_bytes)
     app[BUS] = bus
+    app[GUARD] = guard
     bus.store.on_commit = bus.hub.publish
 
     async def answer_parked_polls(_app: web.Application) -> None:
@@ -79,6 +145,7 @@ def make_app(bus: Bus) -> web.Application:
     app.on_shutdown.append(answer_parked_polls)
     app.add_routes([
         web.post("/send", _send),
+        web.post("/register", _register),
         web.get("/recv", rapid.recv),
         web.get("/inbox", rapid.inbox),
         web.get("/healthz", rapid.healthz),
@@ -107,6 +174,13 @@ class ServerConfig:
     db: str = ""
     insecure_open: bool = False
     shutdown_timeout: float = 3.0
+    idle_timeout: float = 60.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    allow_hosts: tuple[str, ...] = ()
+    legacy_signatures: str = "auto"
+    rate: float = 50.0      # requests/s per authenticated agent
+    burst: float = 200.0
     settings: BusSettings = field(default_factory=BusSettings)
 
 
@@ -120,29 +194,53 @@ def open_store(db: str) -> Store:
     return SQLiteStore(db)
 
 
+def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    if not config.tls_cert and not config.tls_key:
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from None
+    return context
+
+
 async def serve(config: ServerConfig,
                 on_listening: Callable[[str], None] | None = None) -> None:
-    if not is_loopback(config.host) and not config.insecure_open:
-        raise ConfigError(
-            f"refusing to listen on {config.host} without authentication: anyone who can "
-            "reach it could read and send as any agent. Bind to 127.0.0.1, or pass "
-            "--insecure-open if the network itself is trusted.")
+    tls = _tls_context(config)
     store = open_store(config.db)
     await store.open()
-    bus = Bus(store=store, settings=config.settings)
-    runner = web.AppRunner(make_app(bus), access_log=None, handle_signals=False,
-                           shutdown_timeout=config.shutdown_timeout, keepalive_timeout=75)
-    await runner.setup()
+    try:
+        loopback = is_loopback(config.host)
+        if not loopback and not config.insecure_open and not await store.auth_enabled():
+            raise ConfigError(
+                f"refusing to listen on {config.host} without authentication: anyone who can "
+                "reach it could read and send as any agent. Create tokens first (agent-bus "
+                "token create NAME), bind to 127.0.0.1, or pass --insecure-open if the network "
+                "itself is trusted.")
+        bus = Bus(store=store, settings=config.settings,
+                  access=Access(store, config.legacy_signatures))
+        guard = RequestGuard(loopback, config.allow_hosts, RateLimiter(config.rate, config.burst))
+        runner = web.AppRunner(make_app(bus, guard), access_log=None, handle_signals=False,
+                               shutdown_timeout=config.shutdown_timeout,
+                               keepalive_timeout=config.idle_timeout)
+        await runner.setup()
+    except BaseException:
+        await store.close()
+        raise
     # Signals first: a SIGTERM that lands right after "listening" must stop us cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
+        site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True,
+                           ssl_context=tls)
         await site.start()
         if on_listening is not None:
-            on_listening(_bound_address(runner, config))
+            on_listening(_bound_address(runner, config, tls is not None))
         await stop.wait()
         log.info("stopping: answering parked long-polls, finishing sends in flight")
         bus.hub.close()
@@ -151,13 +249,14 @@ async def serve(config: ServerConfig,
         await store.close()
 
 
-def _bound_address(runner: web.AppRunner, config: ServerConfig) -> str:
+def _bound_address(runner: web.AppRunner, config: ServerConfig, tls: bool) -> str:
+    scheme = "https" if tls else "http"
     for sockname in runner.addresses:
         host, port = sockname[:2]
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{port}"
-    return f"http://{config.host}:{config.port}"
+        return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{config.host}:{config.port}"
 
 
 def run(config: ServerConfig) -> int:

@@ -10,9 +10,18 @@ from __future__ import annotations
 import abc
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .model import NewMessage, SendResult, StoredMessage
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: int
+    agent: str
+    channels: tuple[str, ...] | None   # None: every channel
+    admin: bool
+
 
 CommitListener = Callable[[Sequence[StoredMessage]], None]
 
@@ -67,6 +76,43 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def pending_counts(self) -> dict[str, dict[str, int]]:
         """{channel: {recipient: count}} of addressed messages the recipient has not acknowledged."""
+
+    # identity: tokens (only hashes are stored) and registered public keys
+
+    @abc.abstractmethod
+    async def auth_enabled(self) -> bool:
+        """True once any unrevoked token exists: from then on every caller needs one."""
+
+    @abc.abstractmethod
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None: ...
+
+    @abc.abstractmethod
+    async def create_token(self, token_hash: str, agent: str, channels: tuple[str, ...] | None,
+                           admin: bool) -> None: ...
+
+    @abc.abstractmethod
+    async def revoke_tokens(self, agent: str | None = None, token_id: int | None = None) -> int:
+        """Revoke one token by id, or all of an agent's; returns how many were revoked."""
+
+    @abc.abstractmethod
+    async def list_tokens(self) -> list[dict]: ...
+
+    @abc.abstractmethod
+    async def public_key(self, name: str) -> tuple[str, str] | None:
+        """(public key PEM, role) of a registered agent or operator."""
+
+    @abc.abstractmethod
+    async def first_operator_key(self) -> str | None: ...
+
+    @abc.abstractmethod
+    async def register_agent(self, name: str, identity: str, public_key: str, role: str,
+                             registered_by: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def get_flag(self, name: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def set_flag(self, name: str, value: str) -> None: ...
 
 
 class StoreError(Exception):

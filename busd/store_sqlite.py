@@ -17,13 +17,14 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import errors
 from .errors import BusError
 from .model import NewMessage, SendResult, StoredMessage, encode_meta
-from .store import CommitClock, Store, StoreError
+from .store import CommitClock, Store, StoreError, TokenRecord
 
 log = logging.getLogger("busd.store")
 
@@ -68,6 +69,19 @@ MIGRATIONS: tuple[str, ...] = (
         registered_by TEXT,
         created_at    REAL NOT NULL
     );
+    """,
+    # 2: per-agent bearer tokens; only a hash of each token is kept.
+    """
+    CREATE TABLE tokens (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        hash       TEXT    NOT NULL UNIQUE,
+        agent      TEXT    NOT NULL,
+        channels   TEXT,
+        admin      INTEGER NOT NULL DEFAULT 0,
+        created_at REAL    NOT NULL,
+        revoked_at REAL
+    );
+    CREATE INDEX tokens_by_agent ON tokens (agent);
     """,
 )
 
@@ -119,6 +133,29 @@ SQL_PENDING = (
     "WHERE m.to_name <> '*' AND m.ts > MAX(COALESCE(a.ts, 0), COALESCE(w.ts, 0)) "
     "GROUP BY m.channel, m.to_name")
 
+SQL_TOKEN_BY_HASH = ("SELECT id, agent, channels, admin FROM tokens "
+                     "WHERE hash = ? AND revoked_at IS NULL")
+SQL_ANY_TOKEN = "SELECT EXISTS (SELECT 1 FROM tokens WHERE revoked_at IS NULL)"
+SQL_CREATE_TOKEN = ("INSERT INTO tokens (hash, agent, channels, admin, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)")
+SQL_REVOKE_AGENT_TOKENS = ("UPDATE tokens SET revoked_at = ? "
+                           "WHERE agent = ? AND revoked_at IS NULL")
+SQL_REVOKE_TOKEN = "UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+SQL_COUNT_AGENT_TOKENS = "SELECT COUNT(*) FROM tokens WHERE agent = ? AND revoked_at IS NULL"
+SQL_COUNT_TOKEN = "SELECT COUNT(*) FROM tokens WHERE id = ? AND revoked_at IS NULL"
+SQL_LIST_TOKENS = ("SELECT id, agent, channels, admin, created_at, revoked_at FROM tokens "
+                   "ORDER BY id")
+SQL_PUBLIC_KEY = "SELECT public_key, role FROM agents WHERE name = ?"
+SQL_FIRST_OPERATOR = ("SELECT public_key FROM agents WHERE role = 'operator' "
+                      "ORDER BY created_at, name LIMIT 1")
+SQL_REGISTER = ("INSERT INTO agents (name, identity, public_key, role, registered_by, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+                "identity = excluded.identity, public_key = excluded.public_key, "
+                "role = excluded.role, registered_by = excluded.registered_by")
+SQL_GET_FLAG = "SELECT value FROM meta WHERE key = ?"
+SQL_SET_FLAG = ("INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+
 SQL_CHANNELS = ("SELECT channel, COUNT(*), MAX(ts) FROM messages "
                 "GROUP BY channel ORDER BY MAX(ts) DESC")
 SQL_AGENTS = ("SELECT name, identity, role, registered_by, created_at FROM agents "
@@ -152,8 +189,11 @@ class SQLiteStore(Store):
     threads from contending for the GIL.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, exclusive: bool = True):
         self.path = path
+        # A server takes the database for itself; admin commands (tokens, keys)
+        # open it beside a running server.
+        self.exclusive = exclusive
         self._clock = CommitClock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -173,7 +213,7 @@ class SQLiteStore(Store):
         self._loop = asyncio.get_running_loop()
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        self._lock_file = self._take_lock()
+        self._lock_file = self._take_lock() if self.exclusive else None
         if not os.path.exists(self.path):
             # Created 0600 before SQLite opens it: messages are private.
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -410,3 +450,61 @@ class SQLiteStore(Store):
         for channel, recipient, count in self._reader.execute(SQL_PENDING).fetchall():
             out.setdefault(channel, {})[recipient] = count
         return out
+
+    # -- identity: tokens and keys ----------------------------------------
+
+    async def _write(self, sql: str, params: tuple) -> None:
+        future = self._loop.create_future()
+        self._join(sql, params, None, future)
+        await future
+
+    async def auth_enabled(self) -> bool:
+        return bool(self._reader.execute(SQL_ANY_TOKEN).fetchone()[0])
+
+    async def token_by_hash(self, token_hash: str) -> TokenRecord | None:
+        row = self._reader.execute(SQL_TOKEN_BY_HASH, (token_hash,)).fetchone()
+        if row is None:
+            return None
+        channels = tuple(json.loads(row[2])) if row[2] else None
+        return TokenRecord(id=row[0], agent=row[1], channels=channels, admin=bool(row[3]))
+
+    async def create_token(self, token_hash: str, agent: str, channels: tuple[str, ...] | None,
+                           admin: bool) -> None:
+        await self._write(SQL_CREATE_TOKEN, (
+            token_hash, agent, json.dumps(list(channels)) if channels else None,
+            int(admin), time.time()))
+
+    async def revoke_tokens(self, agent: str | None = None, token_id: int | None = None) -> int:
+        if token_id is not None:
+            count_sql, update_sql, target = SQL_COUNT_TOKEN, SQL_REVOKE_TOKEN, token_id
+        else:
+            count_sql, update_sql, target = SQL_COUNT_AGENT_TOKENS, SQL_REVOKE_AGENT_TOKENS, agent
+        count = self._reader.execute(count_sql, (target,)).fetchone()[0]
+        if count:
+            await self._write(update_sql, (time.time(), target))
+        return count
+
+    async def list_tokens(self) -> list[dict]:
+        return [{"id": r[0], "agent": r[1], "channels": json.loads(r[2]) if r[2] else None,
+                 "admin": bool(r[3]), "created_at": r[4], "revoked_at": r[5]}
+                for r in self._reader.execute(SQL_LIST_TOKENS).fetchall()]
+
+    async def public_key(self, name: str) -> tuple[str, str] | None:
+        row = self._reader.execute(SQL_PUBLIC_KEY, (name,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    async def first_operator_key(self) -> str | None:
+        row = self._reader.execute(SQL_FIRST_OPERATOR).fetchone()
+        return row[0] if row else None
+
+    async def register_agent(self, name: str, identity: str, public_key: str, role: str,
+                             registered_by: str | None) -> None:
+        await self._write(SQL_REGISTER, (name, identity, public_key, role, registered_by,
+                                         time.time()))
+
+    async def get_flag(self, name: str) -> str | None:
+        row = self._reader.execute(SQL_GET_FLAG, (name,)).fetchone()
+        return row[0] if row else None
+
+    async def set_flag(self, name: str, value: str) -> None:
+        await self._write(SQL_SET_FLAG, (name, value))

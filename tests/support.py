@@ -30,7 +30,7 @@ def agent_bus_cmd(*args: str) -> list[str]:
 class BusServer:
     """`agent-bus serve` as a child process on loopback, with a real SQLite file."""
 
-    LISTENING = re.compile(r"listening on (http://\S+)")
+    LISTENING = re.compile(r"listening on (https?://\S+)")
 
     def __init__(self, db: str | Path, *extra_args: str, port: int = 0):
         self.db = str(db)

@@ -14,16 +14,27 @@ def run_cli(*args, stdin: bytes = b"", env: dict | None = None, timeout: float =
                           env=repo_env(**(env or {})), timeout=timeout)
 
 
+def _commands(parser, prefix="agent-bus"):
+    """Every leaf command with its parser: ("agent-bus token create", parser), ..."""
+    for action in parser._actions:  # noqa: SLF001
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield from _commands(sub, f"{prefix} {name}")
+            return
+    yield prefix, parser
+
+
 def test_every_command_is_documented_in_the_readme():
     readme = (REPO / "README.md").read_text()
-    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
-    for name, sub in commands.items():
-        assert f"`agent-bus {name}" in readme, f"agent-bus {name} is not in README.md"
-        for action in sub._actions:  # noqa: SLF001
+    for command, parser in _commands(build_parser()):
+        if command == "agent-bus":
+            continue
+        assert f"`{command}" in readme, f"{command} is not in README.md"
+        for action in parser._actions:  # noqa: SLF001
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
-                    assert re.search(rf"agent-bus {name}\b[^\n]*{re.escape(flag)}", readme), \
-                        f"agent-bus {name} {flag} is not in README.md"
+                    assert re.search(rf"`{re.escape(command)}\b[^\n]*{re.escape(flag)}", readme), \
+                        f"{command} {flag} is not in README.md"
 
 
 def test_send_prints_the_ack_and_recv_prints_monitor_blocks(server, names, tmp_path):

@@ -189,13 +189,13 @@ def _complete(response: bytes) -> bool:
 
 
 @pytest.mark.parametrize("request_bytes, names", [
-    (b"POST /send HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}", b"Content-Length"),
-    (b"POST /send HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", b"Content-Length"),
-    (b"POST /send HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", b"8190"),
-    (b"BREW /send HTTP/1.1\r\nHost: x\r\n\r\n", b"method"),
+    (b"POST /send HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n{}", b"Content-Length"),
+    (b"POST /send HTTP/1.1\r\nHost: localhost\r\nContent-Length: -5\r\n\r\n", b"Content-Length"),
+    (b"POST /send HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", b"8190"),
+    (b"BREW /send HTTP/1.1\r\nHost: localhost\r\n\r\n", b"method"),
     (b"garbage\r\n\r\n", b"method"),
-    (b"POST /send HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"empty"),
-    (b"POST /send HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    (b"POST /send HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", b"empty"),
+    (b"POST /send HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
      b"5\r\n{\"a\":\r\n0\r\n\r\n", b"not valid JSON"),
 ])
 def test_requests_that_are_not_valid_http_get_a_4xx_naming_the_fault(server, request_bytes, names):
@@ -208,7 +208,7 @@ def test_requests_that_are_not_valid_http_get_a_4xx_naming_the_fault(server, req
 def test_a_content_length_larger_than_the_body_gets_408_not_a_hang(tmp_path):
     with BusServer(tmp_path / "bus.db", "--body-timeout", "1") as bus:
         response, elapsed = _raw_exchange(
-            bus.url, b"POST /send HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{}", timeout=10)
+            bus.url, b"POST /send HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{}", timeout=10)
         assert response.startswith(b"HTTP/1.1 408"), response[:200]
         assert b"Content-Length larger than the body" in response
         assert elapsed < 5

@@ -11,8 +11,8 @@ from aiohttp import web
 
 from .. import errors
 from ..errors import BusError
-from ..identity import OpenAccess, Principal
-from ..model import Limits, StoredMessage
+from ..identity import Access, Principal
+from ..model import Limits, NewMessage, SendResult, StoredMessage
 from ..store import Store
 from ..waiters import WaiterHub
 
@@ -33,8 +33,8 @@ class BusSettings:
 class Bus:
     store: Store
     settings: BusSettings
+    access: Access
     hub: WaiterHub = field(default_factory=WaiterHub)
-    access: OpenAccess = field(default_factory=OpenAccess)
 
 
 BUS = web.AppKey("bus", Bus)
@@ -56,6 +56,7 @@ def reply(payload: object, status: int = 200) -> web.Response:
 
 def error_reply(exc: BusError) -> web.Response:
     response = reply(exc.as_json(), status=exc.http_status)
+    response.headers.update(exc.headers)
     if exc.close_connection:
         # The rest of this connection's bytes can no longer be trusted as requests.
         response.force_close()
@@ -147,6 +148,27 @@ def query_batch(request: web.Request, name: str = "max") -> int:
         raise BusError(errors.BAD_PARAM,
                        f"{name} must be a whole number from 1 to {settings.max_batch}, got {text[:40]!r}")
     return value
+
+
+def check_signature(value: object) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or len(value) > 200 or not value.isascii():
+        raise BusError(errors.BAD_SIGNATURE_FORMAT, "expected base64 text")
+    return value
+
+
+async def accept_send(request: web.Request, message: NewMessage, signed_at: object,
+                      legacy: bool) -> SendResult:
+    """The one way a send is stored: who may send it, its signature, then a durable commit."""
+    bus = bus_of(request)
+    bus.access.check_send_as(principal_of(request), message.sender, message.channel)
+    message = await bus.access.verify_send(message, signed_at, legacy)
+    result = await bus.store.append(message)
+    if result.duplicate and message.signature and signed_at is not None:
+        first = result.message
+        raise BusError(errors.REPLAY, fields={"id": first.id, "ts": first.ts})
+    return result
 
 
 Fetch = Callable[[], Awaitable[list[StoredMessage]]]

@@ -7,21 +7,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .. import __version__, errors
+from .. import __version__, errors, signing
 from ..errors import BusError
 from ..model import NewMessage, check_body, check_channel, check_key, check_meta, check_name
-from .common import bus_of, long_poll, principal_of, query_bool, query_value, reply
+from .common import (accept_send, bus_of, check_signature, long_poll, principal_of, query_bool,
+                     query_value, reply)
 
 FIELDS = ("channel", "sender", "content")
 READ_BATCH = 1000
-
-
-def _signature(value: object) -> str | None:
-    if value in (None, ""):
-        return None
-    if not isinstance(value, str) or len(value) > 200 or not value.isascii():
-        raise BusError(errors.BAD_SIGNATURE_FORMAT, "expected base64 text")
-    return value
 
 
 async def send(request: web.Request, body: dict) -> web.Response:
@@ -37,11 +30,23 @@ async def send(request: web.Request, body: dict) -> web.Response:
         body=check_body(body["content"], "content", limits.max_msg_bytes, allow_empty=False),
         meta=check_meta(body.get("meta"), limits.max_meta_bytes),
         key=check_key(body.get("key")),
-        signature=_signature(body.get("signature")),
+        signature=check_signature(body.get("signature")),
     )
-    bus.access.check_send_as(principal_of(request), message.sender)
-    result = await bus.store.append(message)
+    result = await accept_send(request, message, body.get("signed_at"), legacy=True)
     return reply({"ok": True, "id": result.message.id})
+
+
+async def register(request: web.Request, body: dict) -> web.Response:
+    """Register an agent's public key, authorised by an operator's signature.
+
+    Unlike the older el-ipc server, the operator's private key never travels:
+    a request carrying one is refused (see Access.verify_registration).
+    """
+    bus = bus_of(request)
+    name, identity, public_key, operator = await bus.access.verify_registration(body)
+    check_name(name, "name")
+    await bus.store.register_agent(name, identity, public_key, "agent", operator)
+    return reply({"ok": True, "message": f"Agent '{name}' registered by operator '{operator}'"})
 
 
 def _channel_and_agent(request: web.Request) -> tuple[str, str]:
@@ -56,7 +61,7 @@ async def messages(request: web.Request) -> web.Response:
     bus = bus_of(request)
     channel, agent = _channel_and_agent(request)
     wait = query_bool(request, "wait", False)
-    bus.access.check_read_as(principal_of(request), agent)
+    bus.access.check_read_as(principal_of(request), agent, channel)
 
     async def fetch():
         return await bus.store.read_unread(agent, channel, READ_BATCH)
@@ -73,7 +78,13 @@ async def channels(request: web.Request) -> web.Response:
 
 async def agents(request: web.Request) -> web.Response:
     bus = bus_of(request)
-    return reply(await bus.store.registered_agents())
+    listing = await bus.store.registered_agents()
+    principal = principal_of(request)
+    if not principal.admin:
+        # Details (identities, who registered whom) are for admins once auth is on.
+        bus.access.require_token(principal)
+        listing = [{"name": a["name"], "role": a["role"]} for a in listing]
+    return reply(listing)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -81,9 +92,10 @@ async def health(request: web.Request) -> web.Response:
     pending = 0
     if query_value(request, "channel") or query_value(request, "agent"):
         channel, agent = _channel_and_agent(request)
-        bus.access.check_read_as(principal_of(request), agent)
+        bus.access.check_read_as(principal_of(request), agent, channel)
         pending = await bus.store.count_unread(agent, channel)
-    return reply({"status": "ok", "pending": pending, "secure_mode": bus.access.secure})
+    return reply({"status": "ok", "pending": pending,
+                  "secure_mode": await bus.access.secure_mode()})
 
 
 async def agent_card(request: web.Request) -> web.Response:
@@ -97,7 +109,7 @@ async def agent_card(request: web.Request) -> web.Response:
         "version": __version__,
         "capabilities": {"streaming": False, "pushNotifications": False,
                          "longPolling": True, "stateTransitionHistory": False},
-        "authentication": {"schemes": ["bearer"] if bus.access.secure else ["none"]},
+        "authentication": {"schemes": ["bearer"] if await bus.store.auth_enabled() else ["none"]},
         "defaultInputModes": ["text/plain", "application/json"],
         "defaultOutputModes": ["application/json"],
         "skills": [
@@ -111,4 +123,7 @@ async def agent_card(request: web.Request) -> web.Response:
              "tags": ["messaging", "long-poll"]},
         ],
     }
+    operator_key = await bus.store.first_operator_key()
+    if operator_key is not None:
+        card["did"] = signing.did_key(operator_key)
     return reply(card)

@@ -7,8 +7,8 @@ from .. import errors
 from ..errors import BusError
 from ..model import (NewMessage, check_body, check_channel, check_key, check_meta,
                      check_name, check_recipient)
-from .common import (bus_of, long_poll, principal_of, query_batch, query_bool, query_float,
-                     query_value, reply)
+from .common import (accept_send, bus_of, check_signature, long_poll, principal_of, query_batch,
+                     query_bool, query_float, query_value, reply)
 
 FIELDS = ("from", "to", "msg")
 
@@ -26,9 +26,9 @@ async def send(request: web.Request, body: dict) -> web.Response:
         body=check_body(body["msg"], "msg", limits.max_msg_bytes, allow_empty=True),
         meta=check_meta(body.get("meta"), limits.max_meta_bytes),
         key=check_key(body.get("key")),
+        signature=check_signature(body.get("signature")),
     )
-    bus.access.check_send_as(principal_of(request), message.sender)
-    result = await bus.store.append(message)
+    result = await accept_send(request, message, body.get("signed_at"), legacy=False)
     stored = result.message
     payload = {"ok": True, "ts": stored.ts, "channel": stored.channel, "id": stored.id}
     if result.duplicate:
@@ -46,7 +46,7 @@ async def recv(request: web.Request) -> web.Response:
     since = query_float(request, "since", 0.0)
     block = query_bool(request, "block", False)
     limit = query_batch(request)
-    bus.access.check_read_as(principal_of(request), to)
+    bus.access.check_read_as(principal_of(request), to, channel)
 
     async def fetch():
         return await bus.store.recv(to, channel, since, limit)

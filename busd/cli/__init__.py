@@ -10,6 +10,7 @@ from typing import Mapping, NoReturn
 
 from .. import __version__
 from ..client import DEFAULT_UA, BusClient, BusClientError
+from ..signing import SigningError, read_private_file
 
 # Exit codes, shared with the bin/ shell mirrors (README, "Exit codes").
 EXIT_OK = 0
@@ -31,12 +32,17 @@ class Env:
     name: str
     channel: str
     token: str
+    key_path: str       # AGENT_BUS_KEY: the agent's Ed25519 private key; sends get signed
     user_agent: str
     ca: str
     state_dir: str      # ${XDG_STATE_HOME:-~/.local/state}/agent-bus: the default DB lives here
     cursor_dir: str     # AGENT_BUS_STATE_DIR, else <state_dir>/cursors
     no_cursor: bool
     listen_dir: str     # AGENT_BUS_LISTEN_DIR, else <state_dir>/listen: `listen`'s logs
+    spool_root: str     # AGENT_BUS_SPOOL, else <state_dir>: the agents' spool folders
+    notify_socket: str  # NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: set by systemd
+    watchdog_usec: str
+    watchdog_pid: str
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "Env":
@@ -47,6 +53,7 @@ class Env:
             name=environ.get("AGENT_NAME", ""),
             channel=environ.get("AGENT_BUS_CHANNEL") or "default",
             token=environ.get("AGENT_BUS_TOKEN", ""),
+            key_path=environ.get("AGENT_BUS_KEY", ""),
             user_agent=environ.get("AGENT_BUS_UA") or DEFAULT_UA,
             ca=environ.get("AGENT_BUS_CA", ""),
             state_dir=os.path.join(state_home, "agent-bus"),
@@ -55,14 +62,24 @@ class Env:
             no_cursor=environ.get("AGENT_BUS_NO_CURSOR", "") not in ("", "0"),
             listen_dir=environ.get("AGENT_BUS_LISTEN_DIR") or os.path.join(
                 state_home, "agent-bus", "listen"),
+            spool_root=environ.get("AGENT_BUS_SPOOL") or os.path.join(state_home, "agent-bus"),
+            notify_socket=environ.get("NOTIFY_SOCKET", ""),
+            watchdog_usec=environ.get("WATCHDOG_USEC", ""),
+            watchdog_pid=environ.get("WATCHDOG_PID", ""),
         )
 
     def client(self) -> BusClient:
         if not self.url:
             raise CommandError("AGENT_BUS_URL is not set; export it, for example "
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
+        signing_key = None
+        if self.key_path:
+            try:
+                signing_key = read_private_file(self.key_path)
+            except SigningError as exc:
+                raise CommandError(f"AGENT_BUS_KEY: {exc}", EXIT_USAGE) from None
         return BusClient(self.url, token=self.token or None, user_agent=self.user_agent,
-                         ca=self.ca or None)
+                         ca=self.ca or None, signing_key=signing_key)
 
     def agent_name(self, given: str | None = None) -> str:
         name = given or self.name
@@ -76,14 +93,14 @@ def exit_code_for(exc: BusClientError) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import directory, listen, messaging, serve
+    from . import agent, directory, listen, messaging, security, serve
 
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, messaging, listen, directory):
+    for module in (serve, messaging, listen, directory, agent, security):
         module.register(commands)
     return parser
 

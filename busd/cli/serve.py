@@ -5,6 +5,7 @@ import argparse
 import os
 
 from ..api.common import BusSettings
+from ..identity import LEGACY_SIGNATURES
 from ..model import Limits
 from ..server import ServerConfig, run
 
@@ -24,6 +25,21 @@ def register(commands: argparse._SubParsersAction) -> None:
                              "${XDG_STATE_HOME:-~/.local/state}/agent-bus/bus.db)")
     parser.add_argument("--insecure-open", action="store_true",
                         help="allow a non-loopback address with no authentication")
+    parser.add_argument("--tls-cert", default=None, help="serve https with this certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also accept this Host/Origin name (repeatable); a loopback-bound "
+                             "bus otherwise accepts only loopback names")
+    parser.add_argument("--legacy-signatures", choices=LEGACY_SIGNATURES, default="auto",
+                        help="el-ipc-format signatures (replayable): auto = accepted until a "
+                             "natively signed send is seen (default), on, off")
+    parser.add_argument("--rate", type=float, default=50.0, metavar="PER_SECOND",
+                        help="requests per second per authenticated agent (default 50; 0: no limit)")
+    parser.add_argument("--burst", type=float, default=200.0,
+                        help="requests an agent may make at once above the rate (default 200)")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="close a connection idle this long, before or between requests "
+                             "(default 60)")
     parser.add_argument("--hold", type=float, default=25.0, metavar="SECONDS",
                         help="how long a long-poll is held when nothing arrives (default 25, "
                              "at most 30)")
@@ -47,6 +63,14 @@ def _serve(args: argparse.Namespace, env) -> int:
     db = args.db or os.path.join(env.state_dir, "bus.db")
     settings = BusSettings(hold_seconds=args.hold, body_timeout=args.body_timeout,
                            limits=Limits(max_msg_bytes=args.max_msg_bytes))
+    if args.idle_timeout <= 0:
+        die("--idle-timeout must be more than 0 seconds")
+    if args.rate < 0 or args.burst < 1:
+        die("--rate must be 0 or more and --burst at least 1")
     config = ServerConfig(host=args.host, port=args.port, db=db,
-                          insecure_open=args.insecure_open, settings=settings)
+                          insecure_open=args.insecure_open, settings=settings,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key,
+                          allow_hosts=tuple(args.allow_host),
+                          legacy_signatures=args.legacy_signatures, rate=args.rate,
+                          burst=args.burst, idle_timeout=args.idle_timeout)
     return run(config)

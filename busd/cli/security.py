@@ -1,0 +1,194 @@
+"""Credentials: `agent-bus token`, `keygen`, `operator seed`, `register`.
+
+`token` and `operator seed` are the bus operator's commands: they work on the
+server's database file directly (beside a running server, which sees the change
+at once). `keygen` only writes files. `register` signs on this machine and sends
+only the signature.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from .. import signing
+from ..identity import hash_token, new_token
+from ..model import check_channel, check_name
+from ..errors import BusError
+from ..store_sqlite import SQLiteStore
+from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    token = commands.add_parser(
+        "token", help="create, list or revoke bearer tokens (on the server's database)",
+        description="Manage per-agent bearer tokens. Once any token exists, every request "
+                    "needs one. The database keeps only a hash: a token is shown once.")
+    actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a token for NAME and print it once")
+    create.add_argument("name", help="the agent the token is bound to")
+    create.add_argument("--channels", default=None,
+                        help="comma-separated channels it may use (default: every channel)")
+    create.add_argument("--admin", action="store_true",
+                        help="may also read /inbox, /channels and agent details")
+    create.add_argument("--db", default=None, help="the server's database (default: the "
+                                                   "server's default path)")
+    create.set_defaults(func=_token_create)
+    revoke = actions.add_parser("revoke", help="revoke NAME's tokens (or one, with --id)")
+    revoke.add_argument("name", nargs="?", default=None, help="revoke every token of this agent")
+    revoke.add_argument("--id", type=int, default=None, help="revoke only the token with this id")
+    revoke.add_argument("--db", default=None, help="the server's database")
+    revoke.set_defaults(func=_token_revoke)
+    listing = actions.add_parser("list", help="list tokens (never their secret)")
+    listing.add_argument("--db", default=None, help="the server's database")
+    listing.set_defaults(func=_token_list)
+
+    keygen = commands.add_parser(
+        "keygen", help="make an Ed25519 keypair: PREFIX.key (0600) and PREFIX.pub",
+        description="Make an Ed25519 keypair as PEM files (PKCS8 private, SubjectPublicKeyInfo "
+                    "public), interchangeable with the el-ipc tool's.")
+    keygen.add_argument("--out", required=True, metavar="PREFIX", help="write PREFIX.key and PREFIX.pub")
+    keygen.set_defaults(func=_keygen)
+
+    operator = commands.add_parser(
+        "operator", help="seed an operator key (turns on secure mode)",
+        description="Operators authorise agents' keys. The first one turns on secure mode: "
+                    "from then on every send must be signed.")
+    op_actions = operator.add_subparsers(dest="action", metavar="ACTION", required=True)
+    seed = op_actions.add_parser("seed", help="make operator NAME's keypair; store the public key")
+    seed.add_argument("name", help="the operator's name")
+    seed.add_argument("--out", default=None, metavar="PREFIX",
+                      help="write PREFIX.key and PREFIX.pub instead of printing the private key")
+    seed.add_argument("--db", default=None, help="the server's database")
+    seed.set_defaults(func=_operator_seed)
+
+    reg = commands.add_parser(
+        "register", help="register agent NAME's public key, signed by an operator",
+        description="Sign NAME's registration with the operator's private key here, and send "
+                    "the bus only the signature.")
+    reg.add_argument("name", help="the agent to register")
+    reg.add_argument("--pubkey", required=True, help="the agent's public key file (PEM)")
+    reg.add_argument("--as", dest="operator", required=True, help="the operator's name")
+    reg.add_argument("--key", required=True, help="the operator's private key file")
+    reg.add_argument("--identity", default="", help="a secondary identifier (UUID, description)")
+    reg.set_defaults(func=_register)
+
+
+def _db(args: argparse.Namespace, env: Env) -> str:
+    path = args.db or os.path.join(env.state_dir, "bus.db")
+    if not os.path.exists(path):
+        raise CommandError(f"no bus database at {path}; start the server once (agent-bus serve) "
+                           "or pass --db", EXIT_USAGE)
+    return path
+
+
+def _with_store(path: str, work):
+    async def run():
+        store = SQLiteStore(path, exclusive=False)
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+    try:
+        return asyncio.run(run())
+    except BusError as exc:
+        raise CommandError(f"{path}: {exc.message}", EXIT_REFUSED) from None
+
+
+def _valid(check, value, what: str) -> str:
+    try:
+        return check(value, what)
+    except BusError as exc:
+        raise CommandError(exc.message, EXIT_USAGE) from None
+
+
+def _token_create(args: argparse.Namespace, env: Env) -> int:
+    name = _valid(check_name, args.name, "name")
+    channels = None
+    if args.channels:
+        channels = tuple(_valid(check_channel, c.strip(), "channel")
+                         for c in args.channels.split(",") if c.strip())
+    token = new_token()
+    _with_store(_db(args, env), lambda store: store.create_token(
+        hash_token(token), name, channels, args.admin))
+    print(token)
+    print(f"agent-bus token: created for {name}; it is shown only now. Give it to the agent "
+          f"as AGENT_BUS_TOKEN.", file=sys.stderr)
+    return EXIT_OK
+
+
+def _token_revoke(args: argparse.Namespace, env: Env) -> int:
+    if (args.name is None) == (args.id is None):
+        raise CommandError("name an agent, or give --id (not both)", EXIT_USAGE)
+    count = _with_store(_db(args, env), lambda store: store.revoke_tokens(args.name, args.id))
+    if not count:
+        raise CommandError("no active token matched; nothing revoked", EXIT_REFUSED)
+    print(f"revoked {count} token{'s' if count != 1 else ''}")
+    return EXIT_OK
+
+
+def _token_list(args: argparse.Namespace, env: Env) -> int:
+    for row in _with_store(_db(args, env), lambda store: store.list_tokens()):
+        print(json.dumps(row))
+    return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace, env: Env) -> int:
+    try:
+        key_path, pub_path = signing.write_keypair(args.out)
+    except signing.SigningError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    print(f"private key: {key_path} (0600, keep it here)\npublic key:  {pub_path}")
+    return EXIT_OK
+
+
+def _operator_seed(args: argparse.Namespace, env: Env) -> int:
+    name = _valid(check_name, args.name, "name")
+    path = _db(args, env)
+
+    async def seed(store):
+        if await store.public_key(name) is not None:
+            raise CommandError(f"{name} already exists on this bus", EXIT_REFUSED)
+        if args.out:
+            key_path, pub_path = signing.write_keypair(args.out)
+            with open(pub_path, encoding="ascii") as handle:
+                public = handle.read()
+            private = None
+        else:
+            private, public = signing.generate()
+        await store.register_agent(name, "", public, "operator", None)
+        return private
+
+    try:
+        private = _with_store(path, seed)
+    except signing.SigningError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    print(f"agent-bus operator: {name} seeded; secure mode is on (every send must be signed).",
+          file=sys.stderr)
+    if private is not None:
+        print("agent-bus operator: save the private key below; it is not stored anywhere.",
+              file=sys.stderr)
+        sys.stdout.write(private)
+    return EXIT_OK
+
+
+def _register(args: argparse.Namespace, env: Env) -> int:
+    try:
+        with open(args.pubkey, encoding="ascii") as handle:
+            public = handle.read().strip() + "\n"
+        signing.load_public(public, args.pubkey)
+        operator_key = signing.read_private_file(args.key)
+    except (OSError, UnicodeDecodeError, signing.SigningError) as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    signed_at = int(time.time() * 1000)
+    signature = signing.sign(operator_key, signing.register_payload(
+        args.name, args.identity, public, signed_at))
+    reply = env.client().request("POST", "/register", body={
+        "name": args.name, "public_key": public, "identity": args.identity,
+        "operator": args.operator, "signature": signature, "signed_at": signed_at})
+    print(json.dumps(reply))
+    return EXIT_OK

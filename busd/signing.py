@@ -1,0 +1,157 @@
+"""Ed25519 keys and the exact bytes each kind of signature covers.
+
+Keys are PEM files interchangeable with the older el-ipc tool's: private keys
+PKCS8, public keys SubjectPublicKeyInfo. Private keys never leave this module's
+caller's machine: only signatures travel.
+
+Three signed payloads:
+  el-ipc (legacy)  channel \\n sender \\n content   -- no time, no nonce: replayable
+  native send      covers channel, from, to, signed_at, key and the body's sha256
+  registration     an operator's approval of one agent's public key, with signed_at
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import tempfile
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+NATIVE_TAG = "agent-bus-send-v1"
+REGISTER_TAG = "agent-bus-register-v1"
+MAX_SKEW_MS = 5 * 60 * 1000     # a signature older or newer than this is refused
+
+
+class SigningError(ValueError):
+    """A key file or signature that cannot be used; the message says why."""
+
+
+def generate() -> tuple[str, str]:
+    """A new keypair as (private PEM, public PEM)."""
+    private = Ed25519PrivateKey.generate()
+    return private_pem(private), public_pem(private.public_key())
+
+
+def private_pem(key: Ed25519PrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode("ascii")
+
+
+def public_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM,
+                            serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+
+def load_private(pem: str | bytes, where: str = "the key") -> Ed25519PrivateKey:
+    data = pem.encode("ascii") if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SigningError(f"{where} is not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningError(f"{where} is not an Ed25519 key")
+    return key
+
+
+def load_public(pem: str | bytes, where: str = "the public key") -> Ed25519PublicKey:
+    data = pem.encode("ascii") if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise SigningError(f"{where} is not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SigningError(f"{where} is not an Ed25519 key")
+    return key
+
+
+def read_private_file(path: str) -> Ed25519PrivateKey:
+    try:
+        with open(path, "rb") as handle:
+            return load_private(handle.read(), path)
+    except OSError as exc:
+        raise SigningError(f"cannot read the private key {path}: {exc.strerror}") from None
+
+
+def write_keypair(prefix: str) -> tuple[str, str]:
+    """PREFIX.key (0600) and PREFIX.pub, each written atomically; returns their paths."""
+    private, public = generate()
+    key_path, pub_path = f"{prefix}.key", f"{prefix}.pub"
+    for path in (key_path, pub_path):
+        if os.path.exists(path):
+            raise SigningError(f"{path} already exists; move it away or choose another --out")
+    _write_atomically(key_path, private, 0o600)
+    _write_atomically(pub_path, public, 0o644)
+    return key_path, pub_path
+
+
+def _write_atomically(path: str, text: str, mode: int) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".key.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sign(key: Ed25519PrivateKey, payload: bytes) -> str:
+    return base64.b64encode(key.sign(payload)).decode("ascii")
+
+
+def verify(public_key_pem: str, payload: bytes, signature_b64: str) -> bool:
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+        load_public(public_key_pem).verify(signature, payload)
+        return True
+    except (InvalidSignature, binascii.Error, ValueError):
+        return False
+
+
+def elipc_payload(channel: str, sender: str, content: str) -> bytes:
+    return f"{channel}\n{sender}\n{content}".encode("utf-8")
+
+
+def native_payload(channel: str, sender: str, to: str, signed_at_ms: int, key: str,
+                   body: str) -> bytes:
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    return "\n".join([NATIVE_TAG, channel, sender, to, str(signed_at_ms), key, digest]).encode("utf-8")
+
+
+def register_payload(name: str, identity: str, public_key: str, signed_at_ms: int) -> bytes:
+    return "\n".join([REGISTER_TAG, name, identity, public_key.strip(),
+                      str(signed_at_ms)]).encode("utf-8")
+
+
+def looks_like_private_key(value: object) -> bool:
+    return isinstance(value, str) and "PRIVATE KEY" in value and "-----BEGIN" in value
+
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _base58btc(data: bytes) -> str:
+    # Twelve lines are simpler than a dependency for the one encoding did:key needs.
+    number = int.from_bytes(data, "big")
+    out = ""
+    while number:
+        number, digit = divmod(number, 58)
+        out = _B58[digit] + out
+    leading_zeros = len(data) - len(data.lstrip(b"\0"))
+    return "1" * leading_zeros + out
+
+
+def did_key(public_key_pem: str) -> str:
+    """did:key for an Ed25519 key: multicodec 0xed 0x01, then base58btc with a 'z'."""
+    raw = load_public(public_key_pem).public_bytes(serialization.Encoding.Raw,
+                                                   serialization.PublicFormat.Raw)
+    return "did:key:z" + _base58btc(b"\xed\x01" + raw)
