@@ -51,9 +51,10 @@ def full_line(message: dict) -> str:
 
 def summary_line(message: dict) -> str:
     """`ts<TAB>from<TAB>the first 120 characters`, newlines shown as " | " and tabs and
-    carriage returns as spaces, so that every message is one line of three columns."""
-    shown = str(message.get("msg", ""))[:SUMMARY_CHARS]
-    shown = shown.replace("\n", " | ").replace("\r", " ").replace("\t", " ")
+    carriage returns as spaces, so that every message is one line of three columns.
+    (The 120 are counted after that, as `agent-bus inbox` counts its preview.)"""
+    shown = str(message.get("msg", ""))
+    shown = shown.replace("\n", " | ").replace("\r", " ").replace("\t", " ")[:SUMMARY_CHARS]
     return f"{format_ts(message.get('ts', 0))}\t{message.get('from')}\t{shown}\n"
 
 

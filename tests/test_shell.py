@@ -289,7 +289,7 @@ def test_listen_writes_the_same_files_as_python(server, names, tmp_path):
     assert summary == "".join(summary_line(m) for m in messages)
     for line in summary.split("\n")[:-1]:
         ts, sender, shown = line.split("\t")
-        assert sender == a and "\n" not in shown and len(shown) <= 120 + 2 * shown.count(" | ")
+        assert sender == a and "\n" not in shown and len(shown) <= 120
     assert "multi | line |  | with a blank line and |   indentation" in summary
     assert_canonical_cursor(tmp_path / "sh" / f"{b}@default.cursor")
     assert_canonical_cursor(tmp_path / "py" / f"{b}@default.cursor")
@@ -601,3 +601,103 @@ def test_a_bearer_token_and_user_agent_are_sent(tmp_path):
         assert ok(run_script("bus-health", env=env)) == b'{"ok": true, "now": 1.5}\n'
     assert seen[-1]["Authorization"] == "Bearer s3cret"
     assert seen[-1]["User-Agent"] == "probe/1"
+
+
+# -- drop, inbox: the agent's spool (spool/README.md) ---------------------------
+
+DROP_NAME = r"drop-\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{8}"
+
+
+def test_drop_writes_the_same_file_as_python(names, tmp_path):
+    spark, dell = names("spark", "dell")
+    root = tmp_path / "spool"
+    env = repo_env(AGENT_BUS_SPOOL=str(root), AGENT_NAME=spark, AGENT_BUS_URL="")
+    printed_path = re.escape(str(root / spark / "outbox")) + "/" + DROP_NAME + "\n"
+    # The Python command is slow to start: it checks the trickiest bodies, and the
+    # documented rule (a header block naming the recipient, then the body) checks all.
+    tricky = ["multi\nline ✓ $(x) % \\ \"q\" 'q' `q`\n\nno trailing newline", "-n", "",
+              "---bus\nto: x\n---\nlooks like a header"]
+    for body, args in [(body, (dell,)) for body in tricky] + [(tricky[0], ("*", "--channel", "ops"))]:
+        shell = ok(run_script("bus-drop", *args, env=env, stdin=body.encode())).decode()
+        python = ok(run_cli("drop", *args, env=env, stdin=body.encode())).decode()
+        assert re.fullmatch(printed_path, shell) and re.fullmatch(printed_path, python), shell
+        assert Path(shell.strip()).read_bytes() == Path(python.strip()).read_bytes()
+    for body in [b for b in BODIES if "\x00" not in b]:
+        shell = ok(run_script("bus-drop", "--channel=ops", dell, env=env, stdin=body.encode()))
+        assert Path(shell.decode().strip()).read_bytes() == \
+            f"---bus\nto: {dell}\nchannel: ops\n---\n{body}".encode()
+    for folder in ("", "outbox", "claimed", "sent", "failed", "inbox"):
+        assert (root / spark / folder).stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in (root / spark / "outbox").iterdir()} == {0o600}
+    assert [p.name for p in (root / spark).iterdir() if p.name.startswith(".")] == []
+    # A relative spool root is printed absolute by both.
+    relative = repo_env(AGENT_BUS_SPOOL="rel/../spool2", AGENT_NAME=spark)
+    shell = subprocess.run([str(BIN / "bus-drop"), dell], input=b"x", env=relative, cwd=tmp_path,
+                           capture_output=True, check=True).stdout.decode()
+    python = subprocess.run(agent_bus_cmd("drop", dell), input=b"x", env=relative, cwd=tmp_path,
+                            capture_output=True, check=True).stdout.decode()
+    assert Path(shell).parent == Path(python).parent == tmp_path / "spool2" / spark / "outbox"
+
+
+def test_drop_refuses_what_python_refuses(tmp_path):
+    env = repo_env(AGENT_BUS_SPOOL=str(tmp_path / "spool"), AGENT_NAME="spark")
+    cases = [(("dell",), b"a\x00b", "NUL"), (("dell",), b"\xff\xfe", "not UTF-8"),
+             (("bad name",), b"x", "invalid recipient"), (("dell", "--channel", "*"), b"x", "channel"),
+             (("dell", "--from", ".."), b"x", "invalid agent name"), ((), b"x", "TO is required")]
+    for args, stdin, text in cases:
+        shell = run_script("bus-drop", *args, env=env, stdin=stdin)
+        python = run_cli("drop", *args, env=env, stdin=stdin)
+        assert (shell.returncode, python.returncode) == (2, 2), (args, shell.stderr, python.stderr)
+        assert text in shell.stderr.decode() and shell.stderr.count(b"\n") == 1
+    outbox = tmp_path / "spool" / "spark" / "outbox"
+    assert not outbox.exists() or list(outbox.iterdir()) == []
+
+
+def _run_daemon(name: str, env: dict, tmp_path: Path) -> Background:
+    return Background(agent_bus_cmd("agent", name), env, tmp_path, f"agent-{name}")
+
+
+def test_a_drop_by_bus_drop_is_sent_by_the_daemon(server, names, tmp_path):
+    spark, dell = names("spark", "dell")
+    env = env_for(server.url, tmp_path, AGENT_BUS_SPOOL=str(tmp_path / "spool"), AGENT_NAME=spark)
+    bodies = [b for b in BODIES if "\x00" not in b and b]
+    with _run_daemon(spark, env, tmp_path):
+        for body in bodies:
+            ok(run_script("bus-drop", dell, env=env, stdin=body.encode()))
+        sent = tmp_path / "spool" / spark / "sent"
+        wait_until(lambda: sent.exists() and len([p for p in sent.iterdir()
+                                                  if not p.name.startswith(".")]) >= len(bodies),
+                   timeout=30, what="every drop sent")
+    got = server.get(f"/recv?to={dell}&max=1000").json()["messages"]
+    assert sorted(m["msg"] for m in got) == sorted(bodies)
+
+
+def test_inbox_lists_and_reads_like_python(server, names, tmp_path):
+    spark, dell = names("spark", "dell")
+    env = env_for(server.url, tmp_path, AGENT_BUS_SPOOL=str(tmp_path / "spool"), AGENT_NAME=dell)
+    inbox = tmp_path / "spool" / dell / "inbox"
+    assert ok(run_script("bus-inbox", env=env)) == ok(run_cli("inbox", env=env)) == b""
+    with _run_daemon(dell, env, tmp_path):
+        for body in BODIES:
+            server.send(spark, dell, body, meta={"kind": "note", "n": 1.5} if body == "plain" else None)
+        wait_until(lambda: inbox.exists() and len(list(inbox.glob("*.msg"))) == len(BODIES),
+                   timeout=30, what="every message in the inbox")
+    listing = ok(run_script("bus-inbox", env=env))
+    assert listing == ok(run_cli("inbox", env=env))
+    assert listing.count(b"\n") == len(BODIES)
+    ids = [int(line.split(b"\t", 1)[0]) for line in listing.split(b"\n")[:-1]]
+    # Every body comes back byte for byte; the slow Python command checks the trickiest.
+    tricky = {BODIES.index(b) for b in ("plain", "nul \x00 inside", "two trailing newlines\n\n", "")}
+    for index, (message_id, body) in enumerate(zip(ids, BODIES)):
+        whole = ok(run_script("bus-inbox", "--read", str(message_id), env=env))
+        only_body = ok(run_script("bus-inbox", dell, "--read", str(message_id), "--body", env=env))
+        assert only_body == body.encode() and whole.endswith(b"\n\n" + only_body)
+        if index in tricky:
+            assert whole == ok(run_cli("inbox", "--read", str(message_id), env=env))
+            assert only_body == ok(run_cli("inbox", dell, "--read", str(message_id), "--body",
+                                           env=env))
+    for args, code in ((("--read", "999999"), 1), (("--body",), 2), (("--read", "x"), 2),
+                       (("bad name",), 2)):
+        shell, python = run_script("bus-inbox", *args, env=env), run_cli("inbox", *args, env=env)
+        assert (shell.returncode, python.returncode) == (code, code), (args, shell.stderr)
+        assert shell.stderr.count(b"\n") == 1

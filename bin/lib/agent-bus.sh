@@ -70,7 +70,7 @@ def py_json:
   w(null);
 def one_line($sep): split("\n") | join($sep) | split("\r") | join(" ") | split("\t") | join(" ");
 def monitor_block: "[\(.ts | floor | strftime("%H:%M:%S"))Z] from \(.from):\n\(.msg // "")\n---";
-def summary_line: "\(.ts | py_float)\t\(.from)\t\(.msg // "" | tostring | .[0:120] | one_line(" | "))";
+def summary_line: "\(.ts | py_float)\t\(.from)\t\(.msg // "" | tostring | one_line(" | ") | .[0:120])";
 def next_since($since): [$since, (.now | numbers), (.messages[]?.ts | numbers)] | max | py_float;
 def agents_table:
   def cell($field):
@@ -100,7 +100,7 @@ bus_cleanup() {
 # bus_start: check the tools, make the private work folder, clean up on any exit.
 bus_start() {
   local tool
-  for tool in curl jq; do
+  for tool in ${bus_tools:-curl jq}; do
     command -v "$tool" >/dev/null 2>&1 \
       || die "$EXIT_USAGE" "$tool is needed and not installed (Debian/Ubuntu: apt-get install $tool)"
   done
@@ -139,6 +139,18 @@ bus_wait_for() {
   wait "$bus_child_pid" || status=$?
   bus_child_pid=""
   return "$status"
+}
+
+bus_valid_name() {  # 1-64 characters of A-Z a-z 0-9 . _ -, not only dots (busd/model.py)
+  local LC_ALL=C
+  [[ $1 =~ ^[A-Za-z0-9._-]{1,64}$ && $1 =~ [^.] ]]
+}
+
+bus_header_value() {  # VALUE as the daemon reads it back from a header line, or fail
+  local value=$1
+  case "$value" in *$'\n'*) return 1 ;; esac
+  value=${value#"${value%%[![:space:]]*}"}
+  printf '%s' "${value%"${value##*[![:space:]]}"}"
 }
 
 bus_uri() {  # bus_uri VALUE: VALUE encoded for a URL query
