@@ -586,6 +586,40 @@ def test_shellcheck_is_clean_on_bin_and_install_sh():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_tokens_and_tls_with_a_real_server(tmp_path):
+    from tests.test_security import _certificate  # one private CA recipe for the suite
+
+    pem = _certificate(tmp_path)
+    with BusServer(tmp_path / "tls.db", "--tls-cert", str(pem["cert"]), "--tls-key",
+                   str(pem["key"]), "--hold", "2") as bus:
+        tokens = {}
+        for name in ("spark", "dell"):
+            made = run_cli("token", "create", name, "--db", bus.db, env=repo_env())
+            tokens[name] = ok(made).decode().strip()
+        spark = env_for(bus.url, tmp_path, AGENT_NAME="spark", AGENT_BUS_CA=str(pem["ca"]),
+                        AGENT_BUS_TOKEN=tokens["spark"])
+        dell = dict(spark, AGENT_NAME="dell", AGENT_BUS_TOKEN=tokens["dell"])
+        ok(run_script("bus-send", "dell", env=spark, stdin=b"over tls\n$(x) %"))
+        shell = ok(run_script("bus-recv", "--once", "--since", "0", "--no-cursor", env=dell))
+        assert shell == ok(run_cli("recv", "--once", "--since", "0", "--no-cursor", env=dell))
+        assert shell.endswith(b"] from spark:\nover tls\n$(x) %\n---\n")
+        # Reading another agent's mail, or sending with no token: refused, exit 1.
+        _assert_failure(run_script("bus-recv", "dell", "--once", env=spark), 1, "the bus answered 403")
+        no_token = dict(spark, AGENT_BUS_TOKEN="")
+        _assert_failure(run_script("bus-send", "dell", env=no_token, stdin=b"x"), 1,
+                        "the bus answered 401")
+        untrusted = dict(spark, AGENT_BUS_CA="")
+        _assert_failure(run_script("bus-send", "dell", env=untrusted, stdin=b"x"), 3,
+                        "point AGENT_BUS_CA at the CA certificate")
+        assert run_cli("send", "dell", env=untrusted, stdin=b"x").returncode == 3
+        _assert_failure(run_script("bus-health", env=dict(spark, AGENT_BUS_CA=str(tmp_path / "nope"))),
+                        2, "AGENT_BUS_CA")
+        # Signing needs Ed25519, which curl and jq cannot do: refused, not sent unsigned.
+        _assert_failure(run_script("bus-send", "dell", env=dict(spark, AGENT_BUS_KEY="/k"), stdin=b"x"),
+                        2, "cannot sign")
+        assert bus.stop() == 0
+
+
 def test_a_bearer_token_and_user_agent_are_sent(tmp_path):
     seen: list[dict] = []
 

@@ -111,6 +111,9 @@ bus_start() {
   trap 'exit "$bus_term_status"' TERM
   bus_work=$(mktemp -d "${TMPDIR:-/tmp}/agent-bus.XXXXXX") \
     || die "$EXIT_USAGE" "cannot make a temporary folder in ${TMPDIR:-/tmp}; set TMPDIR to a writable folder"
+  if [ -n "$bus_ca" ] && [ ! -r "$bus_ca" ]; then
+    die "$EXIT_USAGE" "AGENT_BUS_CA=$bus_ca cannot be read; point it at the PEM file of the CA that signed the bus's certificate"
+  fi
   if [ -n "$bus_token" ]; then
     case "$bus_token" in
       *[[:cntrl:]]*) die "$EXIT_USAGE" "AGENT_BUS_TOKEN holds a control character; set it to the token alone" ;;
@@ -172,11 +175,17 @@ bus_http() {
   bus_error=""
   bus_retry_after=""
   : >"$bus_work/reply-headers"
-  if ! bus_wait_for curl "${args[@]}" -- "$bus_url$path" >"$bus_work/http-code" 2>"$bus_work/curl-error"; then
+  local curl_status=0
+  bus_wait_for curl "${args[@]}" -- "$bus_url$path" >"$bus_work/http-code" 2>"$bus_work/curl-error" \
+    || curl_status=$?
+  if [ "$curl_status" -ne 0 ]; then
     local reason
     reason=$(bus_one_line <"$bus_work/curl-error")
     reason=${reason#curl: }
     if [[ $reason =~ ^\([0-9]+\)\ (.*)$ ]]; then reason=${BASH_REMATCH[1]}; fi
+    if [ "$curl_status" -eq 60 ]; then
+      reason="its TLS certificate is not trusted here; point AGENT_BUS_CA at the CA certificate that signed it ($reason)"
+    fi
     bus_error="cannot reach the bus at $bus_url: ${reason:-curl failed}"
     return "$EXIT_UNREACHABLE"
   fi
