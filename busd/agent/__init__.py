@@ -1,0 +1,8 @@
+"""The per-agent daemon: one folder is an agent's mailbox (spool/README.md).
+
+spool    the folder's layout, the drop rule, and the names of the files in it
+outbox   watches outbox/ and sends each dropped file exactly once
+inbox    long-polls the bus and files every message in inbox/ and inbox.log
+notify   tells systemd we are ready and alive (sd_notify), if it is listening
+daemon   wires those together: `agent-bus agent NAME`
+"""

@@ -1,0 +1,126 @@
+"""`agent-bus agent NAME`: the outbox and inbox loops of one agent, run together.
+
+Threads: watchdog's observer feeds the outbox sender thread; the receive thread
+long-polls; the calling thread supervises. It reports READY=1 once both loops
+run, WATCHDOG=1 only while both are alive, and on `stop` it lets the file in
+flight and the batch being filed finish. A parked long-poll is simply abandoned:
+nothing has been filed from it, and the cursor says where to pick up.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+from .. import model
+from ..client import BusClient
+from .inbox import InboxWriter, ReceiveLoop
+from .notify import Notifier
+from .outbox import OutboxSender, OutboxSettings, start_observer
+from .spool import AgentLock, SpoolLayout
+
+log = logging.getLogger("busd.agent")
+
+EXIT_OK = 0
+EXIT_LOOP_DIED = 1
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    name: str
+    spool_root: str
+    channel: str = model.DEFAULT_CHANNEL   # read from; '*' = every channel
+    max_msg_bytes: int = model.DEFAULT_MAX_MSG_BYTES
+    settle_seconds: float = 1.0
+    rescan_seconds: float = 30.0
+    senders: int = 8
+
+    @property
+    def send_channel(self) -> str:
+        """Where a drop that names no channel goes."""
+        return model.DEFAULT_CHANNEL if self.channel == model.ALL_CHANNELS else self.channel
+
+
+class AgentDaemon:
+    def __init__(self, config: AgentConfig, make_client: Callable[[], BusClient],
+                 notifier: Notifier | None = None, out: TextIO | None = None):
+        self.config = config
+        self.layout = SpoolLayout.for_agent(config.spool_root, config.name)
+        self.make_client = make_client
+        self.notifier = notifier or Notifier()
+        self.out = out
+        self.stop = threading.Event()
+
+    def run(self) -> int:
+        """Serve until `stop` is set (or a loop dies); the exit code."""
+        if hasattr(signal, "SIGIO") and threading.current_thread() is threading.main_thread():
+            # spool.is_being_written holds a read lease for an instant; a writer opening
+            # the file then makes the kernel send SIGIO, whose default is to end us.
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+        self.layout.create()
+        lock = AgentLock(self.layout)
+        lock.acquire()
+        work: queue.Queue = queue.Queue()
+        observer = None
+        receive_client = self.make_client()
+        writer = InboxWriter(self.layout, self.config.channel, self.out)
+        try:
+            writer.open()
+            outbox = OutboxSender(self.layout, self.make_client, OutboxSettings(
+                sender=self.config.name, channel=self.config.send_channel,
+                max_msg_bytes=self.config.max_msg_bytes,
+                settle_seconds=self.config.settle_seconds,
+                rescan_seconds=self.config.rescan_seconds,
+                senders=self.config.senders), work, self.stop)
+            receiver = ReceiveLoop(writer, receive_client, self.config.name,
+                                   self.config.channel, self.stop)
+            # Watch before the first scan, so a file dropped in between is not missed.
+            observer = start_observer(self.layout, work)
+            receive_thread = threading.Thread(target=receiver.run, name="agent-inbox", daemon=True)
+            outbox.start()
+            receive_thread.start()
+            while not outbox.started.wait(0.1) and not outbox.dead_threads():
+                pass
+            where = f"{self.layout.root} <-> {receive_client.url} (channel {self.config.channel})"
+            log.info("ready: %s", where)
+            self.notifier.ready(f"serving {where}")
+            code = self._supervise(lambda: outbox.dead_threads()
+                                   + ([] if receive_thread.is_alive() else [receive_thread.name]))
+            log.info("stopping: finishing the files in flight")
+            self.notifier.stopping()
+            observer.stop()
+            observer.join()
+            observer = None
+            outbox.join()
+            # Not released: the receive thread must not start another batch as we exit.
+            receiver.busy.acquire()
+            log.info("stopped")
+            return code
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join()
+            writer.close()
+            lock.release()
+            self.notifier.close()
+
+    def _supervise(self, dead_threads: Callable[[], list[str]]) -> int:
+        interval = self.notifier.watchdog_interval
+        tick = min(1.0, interval) if interval else 1.0
+        next_ping = time.monotonic()
+        while not self.stop.wait(tick):
+            dead = dead_threads()
+            if dead:
+                log.error("the %s thread stopped unexpectedly; exiting so the service manager "
+                          "restarts the daemon (nothing is lost: the spool is the state)",
+                          " and ".join(dead))
+                self.stop.set()
+                return EXIT_LOOP_DIED
+            if interval and time.monotonic() >= next_ping:
+                self.notifier.watchdog()
+                next_ping = time.monotonic() + interval
+        return EXIT_OK

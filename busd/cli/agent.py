@@ -1,0 +1,150 @@
+"""`agent-bus agent`, `agent-bus drop`, `agent-bus inbox`: an agent's spool folder."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+from .. import model
+from ..agent import spool
+from ..agent.daemon import AgentConfig, AgentDaemon
+from ..agent.inbox import list_inbox, parse_inbox_file
+from ..agent.notify import Notifier
+from ..agent.spool import AgentLocked, BadDrop, SpoolLayout
+from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+
+PREVIEW_CHARS = 120
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    agent = commands.add_parser(
+        "agent", help="run NAME's daemon: send the outbox, fill the inbox",
+        description="Turn NAME's spool folder ($AGENT_BUS_SPOOL/NAME, see spool/README.md) "
+                    "into its mailbox: every file dropped in outbox/ is sent exactly once, "
+                    "every message for NAME becomes a 0600 file in inbox/ and a block in "
+                    "inbox.log, also printed on stdout. Logs go to stderr. The first SIGTERM "
+                    "finishes the file in flight and exits 0.")
+    agent.add_argument("name", nargs="?", default=None, help="agent name (default $AGENT_NAME)")
+    agent.add_argument("--channel", default=None,
+                       help="channel to receive on, '*' for all, and to send on when a drop "
+                            "names none (default $AGENT_BUS_CHANNEL or 'default')")
+    agent.add_argument("--max-msg-bytes", type=int, default=model.DEFAULT_MAX_MSG_BYTES,
+                       help="a drop whose body is larger goes to failed/ (default 65536)")
+    agent.add_argument("--senders", type=int, default=8, metavar="N",
+                       help="files sent at once (default 8); 1 keeps strict drop order even "
+                            "within a burst, at a lower rate")
+    agent.set_defaults(func=_agent)
+
+    drop = commands.add_parser(
+        "drop", help="drop stdin into the outbox, for the daemon to send to TO",
+        description="Write standard input, byte for byte, into $AGENT_NAME's outbox as one "
+                    "file addressed to TO ('*' for everyone on the channel), atomically. "
+                    "Prints the file's path. The daemon (agent-bus agent) sends it; it need "
+                    "not be running yet.")
+    drop.add_argument("to", help="recipient name, or '*' for everyone on the channel")
+    drop.add_argument("--channel", default=None,
+                      help="channel (default: the daemon's channel)")
+    drop.add_argument("--from", dest="sender", default=None,
+                      help="whose outbox (default $AGENT_NAME)")
+    drop.set_defaults(func=_drop)
+
+    inbox = commands.add_parser(
+        "inbox", help="list NAME's inbox, or print one message",
+        description="List the messages in NAME's inbox/, oldest first, one line each: "
+                    "id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | '). "
+                    "With --read ID, print that message's file: headers, a blank line, "
+                    "the body.")
+    inbox.add_argument("name", nargs="?", default=None, help="agent name (default $AGENT_NAME)")
+    inbox.add_argument("--read", type=int, default=None, metavar="ID",
+                       help="print the message with this id")
+    inbox.add_argument("--body", action="store_true",
+                       help="with --read: print only the body, byte for byte")
+    inbox.set_defaults(func=_inbox)
+
+
+def _layout(env: Env, name: str) -> SpoolLayout:
+    try:
+        return SpoolLayout.for_agent(env.spool_root, name)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def _agent(args: argparse.Namespace, env: Env) -> int:
+    name = env.agent_name(args.name)
+    channel = args.channel or env.channel
+    if channel != model.ALL_CHANNELS and not model.is_valid_name(channel):
+        raise CommandError(f"invalid channel {channel!r}: use 1-64 characters of "
+                           "A-Z a-z 0-9 . _ -, or '*' for all", EXIT_USAGE)
+    if args.max_msg_bytes < 1:
+        raise CommandError("--max-msg-bytes must be at least 1", EXIT_USAGE)
+    if not 1 <= args.senders <= 64:
+        raise CommandError("--senders must be from 1 to 64", EXIT_USAGE)
+    env.client().close()  # fails early, with the usual message, if AGENT_BUS_URL is unset
+    _layout(env, name)
+    os.umask(0o077)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"agent-bus agent {name}: %(message)s")
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    config = AgentConfig(name=name, spool_root=env.spool_root, channel=channel,
+                         max_msg_bytes=args.max_msg_bytes, senders=args.senders)
+    daemon = AgentDaemon(config, env.client,
+                         Notifier(env.notify_socket, env.watchdog_usec, env.watchdog_pid),
+                         out=sys.stdout)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if daemon.stop.is_set():
+            # Asked twice: leave now. The spool is consistent at every instant.
+            os._exit(128 + signum)
+        daemon.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return daemon.run()
+    except AgentLocked as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def _drop(args: argparse.Namespace, env: Env) -> int:
+    name = env.agent_name(args.sender)
+    layout = _layout(env, name)
+    body = sys.stdin.buffer.read()
+    os.umask(0o077)
+    try:
+        # The size limit is the daemon's to apply (it may be raised there).
+        path = spool.drop(layout, args.to, body, args.channel, max_msg_bytes=sys.maxsize)
+    except BadDrop as exc:
+        raise CommandError(f"not dropped: {exc}", EXIT_USAGE) from None
+    print(path, flush=True)
+    return EXIT_OK
+
+
+def _inbox(args: argparse.Namespace, env: Env) -> int:
+    name = env.agent_name(args.name)
+    layout = _layout(env, name)
+    entries = list_inbox(layout)
+    if args.read is None:
+        if args.body:
+            raise CommandError("--body goes with --read ID", EXIT_USAGE)
+        out = sys.stdout
+        for entry in entries:
+            with open(entry.path, "rb") as handle:
+                _, body = parse_inbox_file(handle.read())
+            preview = body.decode("utf-8", "replace").replace("\n", " | ")[:PREVIEW_CHARS]
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
+            out.write(f"{entry.id}\t{when}\t{entry.sender}\t{preview}\n")
+        out.flush()
+        return EXIT_OK
+    found = [e for e in entries if e.id == args.read]
+    if not found:
+        raise CommandError(f"no message with id {args.read} in {layout.inbox}", EXIT_REFUSED)
+    with open(found[0].path, "rb") as handle:
+        data = handle.read()
+    if args.body:
+        data = parse_inbox_file(data)[1]
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
