@@ -43,6 +43,10 @@ class BusClient:
         self.timeout = timeout
         self.signing_key = signing_key
         self.session = requests.Session()
+        # Configuration arrives as values (DESIGN.md). Left on, requests re-reads proxy,
+        # CA and netrc settings from the environment on every request (about a tenth of
+        # a busy agent daemon's CPU), and a proxy variable can hijack a loopback bus.
+        self.session.trust_env = False
         self.session.headers["User-Agent"] = user_agent
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
