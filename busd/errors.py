@@ -88,7 +88,7 @@ FOREIGN_ORIGIN = ErrorKind(
     40308, 403, "cross-site requests from web pages are refused (Origin header)")
 
 # 404/405/408/413/429
-NOT_FOUND = ErrorKind(40401, 404, "no such route; the README lists every route this bus serves")
+NOT_FOUND = ErrorKind(40401, 404, "no such route; GET /openapi.json lists every route this bus serves")
 NO_SUCH_MESSAGE = ErrorKind(40402, 404, "no such message")
 METHOD_NOT_ALLOWED = ErrorKind(40501, 405, "method not allowed on this route")
 BODY_TIMEOUT = ErrorKind(

@@ -8,15 +8,18 @@ import math
 import signal
 import ssl
 import sys
+import time
 from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from typing import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from . import errors
-from .api import elipc, rapid
-from .api.common import BUS, PRINCIPAL, Bus, BusSettings, error_reply, read_json_object
+from . import __version__, errors, metrics
+from .api import elipc, openapi, rapid
+from .api.common import (BUS, ERROR_CODE, PRINCIPAL, Bus, BusSettings, error_reply,
+                         read_json_object, reply)
 from .errors import BusError
 from .identity import Access
 from .ratelimit import RateLimiter
@@ -37,6 +40,32 @@ _HTTP_TO_KIND = {
 async def _errors_and_identity(request: web.Request, handler):
     """Every failure becomes one JSON error from the table; every request gets a principal."""
     bus: Bus = request.app[BUS]
+    started = time.perf_counter()
+    try:
+        response = await _guarded(request, handler, bus)
+    except web.HTTPException as exc:
+        kind = _HTTP_TO_KIND.get(exc.status)
+        if kind is None:
+            raise
+        detail = f"{request.method} {request.path}" if exc.status in (404, 405) else None
+        response = error_reply(BusError(kind, detail))
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_reply(BusError(errors.INTERNAL))
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    bus.metrics.latency.labels(route).observe(time.perf_counter() - started)
+    if response.status >= 400:
+        code = response.get(ERROR_CODE, str(response.status * 100))
+        bus.metrics.errors.labels(code).inc()
+    return response
+
+
+async def _guarded(request: web.Request, handler, bus: Bus) -> web.StreamResponse:
     try:
         guard: RequestGuard = request.app[GUARD]
         guard.check_host_and_origin(request)
@@ -47,20 +76,6 @@ async def _errors_and_identity(request: web.Request, handler):
         return await handler(request)
     except BusError as exc:
         return error_reply(exc)
-    except web.HTTPException as exc:
-        kind = _HTTP_TO_KIND.get(exc.status)
-        if kind is None:
-            raise
-        detail = f"{request.method} {request.path}" if exc.status in (404, 405) else None
-        response = error_reply(BusError(kind, detail))
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_reply(BusError(errors.INTERNAL))
 
 
 class RequestGuard:
@@ -128,6 +143,17 @@ async def _send(request: web.Request) -> web.Response:
                    "send from, to and msg (rapid) or channel, sender and content (el-ipc)")
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    bus = request.app[BUS]
+    bus.access.check_admin(request[PRINCIPAL])
+    return web.Response(body=bus.metrics.exposition(),
+                        headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return reply(openapi.document(__version__))
+
+
 async def _register(request: web.Request) -> web.Response:
     return await elipc.register(request, await read_json_object(request))
 
@@ -137,7 +163,7 @@ def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
                           client_max_size=bus.settings.limits.max_request_bytes)
     app[BUS] = bus
     app[GUARD] = guard
-    bus.store.on_commit = bus.hub.publish
+    bus.store.on_commit = bus.committed
 
     async def answer_parked_polls(_app: web.Application) -> None:
         bus.hub.close()
@@ -154,6 +180,8 @@ def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
         web.get("/agents", elipc.agents),
         web.get("/health", elipc.health),
         web.get("/.well-known/agent-card.json", elipc.agent_card),
+        web.get("/metrics", _metrics),
+        web.get("/openapi.json", _openapi),
     ])
     return app
 
@@ -259,9 +287,19 @@ def _bound_address(runner: web.AppRunner, config: ServerConfig, tls: bool) -> st
     return f"{scheme}://{config.host}:{config.port}"
 
 
+class _ClientFaultFilter(logging.Filter):
+    """Drop aiohttp's tracebacks for requests that were not HTTP: they are answered
+    with a 400 and are the client's fault, not ours; anything else still logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError) or getattr(exc, "code", 500) >= 500
+
+
 def run(config: ServerConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="agent-bus: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_ClientFaultFilter())
 
     def listening(address: str) -> None:
         # Tests and scripts read this line to learn the port (with --port 0).

@@ -47,8 +47,8 @@ def public_pem(key: Ed25519PublicKey) -> str:
 
 
 def load_private(pem: str | bytes, where: str = "the key") -> Ed25519PrivateKey:
-    data = pem.encode("ascii") if isinstance(pem, str) else pem
     try:
+        data = pem.encode("ascii") if isinstance(pem, str) else pem
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise SigningError(f"{where} is not an unencrypted PEM private key: {exc}") from None
@@ -58,8 +58,8 @@ def load_private(pem: str | bytes, where: str = "the key") -> Ed25519PrivateKey:
 
 
 def load_public(pem: str | bytes, where: str = "the public key") -> Ed25519PublicKey:
-    data = pem.encode("ascii") if isinstance(pem, str) else pem
     try:
+        data = pem.encode("ascii") if isinstance(pem, str) else pem
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
         raise SigningError(f"{where} is not a PEM public key: {exc}") from None

@@ -56,7 +56,9 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bus")
     with BusServer(folder / "bus.db", "--hold", "2") as bus:
         yield bus
-        bus.stop()
+        assert bus.stop() == 0
+        # A 500 hides behind a JSON reply; the log tells: none may have happened.
+        assert not [line for line in bus.log if "Traceback" in line], "".join(bus.log)
 
 
 _counter = itertools.count()

@@ -12,6 +12,7 @@ from aiohttp import web
 from .. import errors
 from ..errors import BusError
 from ..identity import Access, Principal
+from ..metrics import BusMetrics
 from ..model import Limits, NewMessage, SendResult, StoredMessage
 from ..store import Store
 from ..waiters import WaiterHub
@@ -35,9 +36,21 @@ class Bus:
     settings: BusSettings
     access: Access
     hub: WaiterHub = field(default_factory=WaiterHub)
+    metrics: BusMetrics = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = BusMetrics(parked_waiters=lambda: len(self.hub))
+
+    def committed(self, messages) -> None:
+        """The store made these visible: wake their receivers, count them."""
+        self.hub.publish(messages)
+        self.metrics.committed(messages)
 
 
 BUS = web.AppKey("bus", Bus)
+# Error replies keep their table code on the response object, for the metrics.
+ERROR_CODE = "error_code"
 PRINCIPAL = "principal"
 
 
@@ -57,6 +70,7 @@ def reply(payload: object, status: int = 200) -> web.Response:
 def error_reply(exc: BusError) -> web.Response:
     response = reply(exc.as_json(), status=exc.http_status)
     response.headers.update(exc.headers)
+    response[ERROR_CODE] = str(exc.kind.code)
     if exc.close_connection:
         # The rest of this connection's bytes can no longer be trusted as requests.
         response.force_close()
@@ -162,6 +176,8 @@ async def accept_send(request: web.Request, message: NewMessage, signed_at: obje
                       legacy: bool) -> SendResult:
     """The one way a send is stored: who may send it, its signature, then a durable commit."""
     bus = bus_of(request)
+    if signed_at is not None and (not isinstance(signed_at, int) or isinstance(signed_at, bool)):
+        raise BusError(errors.WRONG_TYPE, "signed_at must be whole milliseconds since 1970")
     bus.access.check_send_as(principal_of(request), message.sender, message.channel)
     message = await bus.access.verify_send(message, signed_at, legacy)
     result = await bus.store.append(message)

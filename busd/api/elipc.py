@@ -67,6 +67,7 @@ async def messages(request: web.Request) -> web.Response:
         return await bus.store.read_unread(agent, channel, READ_BATCH)
 
     found, _ = await long_poll(bus, channel, agent, fetch, wait)
+    bus.metrics.handed_out(found)
     return reply([m.as_elipc() for m in found])
 
 

@@ -53,6 +53,7 @@ async def recv(request: web.Request) -> web.Response:
 
     messages, now = await long_poll(bus, channel, to, fetch, block)
     bus.store.acknowledge(to, channel, since)
+    bus.metrics.handed_out(messages)
     if len(messages) >= limit:
         # A cut batch: the client moves its cursor to `now`, so `now` must not pass
         # the last message returned, or the rest of the backlog is skipped.

@@ -1,0 +1,184 @@
+"""The OpenAPI 3.1 document of every route this bus serves (GET /openapi.json).
+
+A test compares it with the router, and schemathesis checks live replies against it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+NAME_PATTERN = r"^(?!\.+$)[A-Za-z0-9._-]{1,64}$"
+
+NAME = {"type": "string", "pattern": NAME_PATTERN}
+RECIPIENT = {"anyOf": [NAME, {"const": "*"}]}
+CHANNEL_OR_ALL = {"anyOf": [NAME, {"const": "*"}]}
+META = {"type": "object",
+        "additionalProperties": {"type": ["string", "number", "boolean", "null"]}}
+TIMESTAMP = {"type": "number"}
+KEY = {"type": "string", "pattern": r"^[\x21-\x7e]{1,200}$"}
+SIGNATURE = {"type": "string", "maxLength": 200, "description": "base64 Ed25519; see README Security"}
+
+
+def OPTIONAL(schema: dict) -> dict:  # noqa: N802 - reads as a type in the tables below
+    """A field that may also be null, which the bus treats as absent."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object", "required": ["error", "code"],
+        "properties": {"error": {"type": "string"}, "code": {"type": "integer"},
+                       "id": {"type": "integer"}, "ts": TIMESTAMP,
+                       "retry_after": {"type": "integer"}},
+    },
+    "RapidSend": {
+        "type": "object", "required": ["from", "to", "msg"],
+        "properties": {
+            "from": NAME, "to": RECIPIENT,
+            "msg": {"type": "string", "maxLength": 65536,
+                    "description": "at most 64 KiB of UTF-8"},
+            "channel": OPTIONAL(NAME), "key": OPTIONAL(KEY), "meta": OPTIONAL(META),
+            "signature": OPTIONAL(SIGNATURE),
+            "signed_at": OPTIONAL({"type": "integer", "description": "milliseconds since 1970"}),
+        },
+    },
+    "ElipcSend": {
+        "type": "object", "required": ["channel", "sender", "content"],
+        "properties": {"channel": NAME, "sender": NAME,
+                       "content": {"type": "string", "minLength": 1, "maxLength": 65536},
+                       "key": OPTIONAL(KEY), "meta": OPTIONAL(META),
+                       "signature": OPTIONAL(SIGNATURE),
+                       "signed_at": OPTIONAL({"type": "integer"})},
+    },
+    "RapidAck": {
+        "type": "object", "required": ["ok", "ts", "channel", "id"],
+        "properties": {"ok": {"const": True}, "ts": TIMESTAMP, "channel": NAME,
+                       "id": {"type": "integer"}, "duplicate": {"type": "boolean"}},
+    },
+    "ElipcAck": {
+        "type": "object", "required": ["ok", "id"],
+        "properties": {"ok": {"const": True}, "id": {"type": "integer"}},
+    },
+    "RapidMessage": {
+        "type": "object", "required": ["ts", "from", "msg", "id", "to", "channel"],
+        "properties": {"ts": TIMESTAMP, "from": NAME, "msg": {"type": "string"},
+                       "id": {"type": "integer"}, "to": RECIPIENT, "channel": NAME,
+                       "meta": META, "signed": {"type": "boolean"}},
+    },
+    "ElipcMessage": {
+        "type": "object", "required": ["id", "sender", "content", "timestamp"],
+        "properties": {"id": {"type": "integer"}, "sender": NAME, "content": {"type": "string"},
+                       "timestamp": TIMESTAMP, "signed": {"type": "boolean"}},
+    },
+}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict) -> dict:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _query(name: str, schema: dict, required: bool = False, description: str = "") -> dict:
+    return {"name": name, "in": "query", "required": required, "schema": schema,
+            "description": description}
+
+
+def _operation(summary: str, ok: dict, parameters: list | None = None,
+               body: dict | None = None) -> dict:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {"200": {"description": "success", **ok},
+                      "default": {"description": "an error from the table in busd/errors.py",
+                                  **_json(_ref("Error"))}},
+    }
+    if parameters:
+        operation["parameters"] = parameters
+    if body:
+        operation["requestBody"] = {"required": True, **_json(body)}
+    return operation
+
+
+BOOL_TEXT = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
+OBJECT = {"type": "object"}
+
+
+def document(version: str) -> dict:
+    paths = {
+        "/send": {"post": _operation(
+            "Send: an addressed message (rapid) or a channel broadcast (el-ipc)",
+            _json({"anyOf": [_ref("RapidAck"), _ref("ElipcAck")]}),
+            body={"oneOf": [_ref("RapidSend"), _ref("ElipcSend")]})},
+        "/recv": {"get": _operation(
+            "Receive messages for `to` with ts > since, oldest first; long-poll with block",
+            _json({"type": "object", "required": ["messages", "now"],
+                   "properties": {"messages": {"type": "array", "items": _ref("RapidMessage")},
+                                  "now": TIMESTAMP}}),
+            [_query("to", NAME, True), _query("since", {"type": "number"}),
+             _query("block", BOOL_TEXT), _query("channel", CHANNEL_OR_ALL),
+             _query("max", {"type": "integer", "minimum": 1, "maximum": 1000})])},
+        "/inbox": {"get": _operation(
+            "Pending counts per channel and recipient (admin)",
+            _json({"type": "object", "required": ["recipients", "now"],
+                   "properties": {"recipients": {"type": "object", "additionalProperties": {
+                       "type": "object", "additionalProperties": {"type": "integer"}}},
+                       "now": TIMESTAMP}}))},
+        "/healthz": {"get": _operation(
+            "Liveness and the server's cursor-safe now",
+            _json({"type": "object", "required": ["ok", "now"],
+                   "properties": {"ok": {"const": True}, "now": TIMESTAMP}}))},
+        "/messages": {"get": _operation(
+            "el-ipc: unread messages on a channel; moves the agent's watermark past them",
+            _json({"type": "array", "items": _ref("ElipcMessage")}),
+            [_query("channel", NAME, True), _query("agent", NAME, True),
+             _query("wait", BOOL_TEXT)])},
+        "/channels": {"get": _operation(
+            "el-ipc: channels with message counts, newest first (admin)",
+            _json({"type": "array", "items": {
+                "type": "object", "required": ["channel", "count", "last_message"],
+                "properties": {"channel": NAME, "count": {"type": "integer"},
+                               "last_message": TIMESTAMP}}}))},
+        "/agents": {"get": _operation(
+            "el-ipc: registered agents and operators (details for admins)",
+            _json({"type": "array", "items": {
+                "type": "object", "required": ["name", "role"],
+                "properties": {"name": NAME, "role": {"type": "string"},
+                               "identity": {"type": "string"},
+                               "registered_by": {"type": ["string", "null"]},
+                               "created_at": TIMESTAMP}}}))},
+        "/health": {"get": _operation(
+            "el-ipc: status, an agent's pending count on a channel, secure mode",
+            _json({"type": "object", "required": ["status", "pending", "secure_mode"],
+                   "properties": {"status": {"const": "ok"}, "pending": {"type": "integer"},
+                                  "secure_mode": {"type": "boolean"}}}),
+            [_query("channel", NAME), _query("agent", NAME)])},
+        "/register": {"post": _operation(
+            "Register an agent's public key, signed by an operator (never a private key)",
+            _json({"type": "object", "required": ["ok", "message"],
+                   "properties": {"ok": {"const": True}, "message": {"type": "string"}}}),
+            body={"type": "object",
+                  "required": ["name", "public_key", "operator", "signature", "signed_at"],
+                  "properties": {"name": NAME, "public_key": {"type": "string"},
+                                 "identity": {"type": "string"}, "operator": NAME,
+                                 "signature": {"type": "string"},
+                                 "signed_at": {"type": "integer"}}})},
+        "/.well-known/agent-card.json": {"get": _operation(
+            "A2A agent card; carries the first operator's did:key",
+            _json({"type": "object",
+                   "required": ["name", "description", "url", "version", "capabilities",
+                                "authentication", "skills"],
+                   "properties": {"did": {"type": "string", "pattern": "^did:key:z"}}}))},
+        "/metrics": {"get": _operation(
+            "Prometheus metrics (admin)",
+            {"content": {"text/plain": {"schema": {"type": "string"}}}})},
+        "/openapi.json": {"get": _operation("This document", _json(OBJECT))},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "agent-bus", "version": version,
+                 "description": "Both older agent-bus protocols (rapid, el-ipc) and native routes."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

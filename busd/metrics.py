@@ -1,0 +1,46 @@
+"""What the bus counts, in Prometheus form (prometheus-client), one registry per server."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class BusMetrics:
+    def __init__(self, parked_waiters: Callable[[], int]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.stored = Counter("agent_bus_messages_stored", "Messages committed to storage.",
+                              ["channel"], registry=self.registry)
+        self.delivered = Counter("agent_bus_messages_delivered",
+                                 "Messages handed to a receiver (rapid recv or el-ipc read).",
+                                 ["channel"], registry=self.registry)
+        self.parked = Gauge("agent_bus_parked_waiters", "Long-polls parked right now.",
+                            registry=self.registry)
+        self.parked.set_function(parked_waiters)
+        self.latency = Histogram(
+            "agent_bus_request_duration_seconds", "Time to answer a request (long-polls included).",
+            ["route"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                     10, 30))
+        self.commit_batch = Histogram(
+            "agent_bus_commit_batch_messages", "Messages made durable by one commit.",
+            registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+        self.errors = Counter("agent_bus_errors", "Error replies, by error code.", ["code"],
+                              registry=self.registry)
+
+    def committed(self, messages: Iterable) -> None:
+        count = 0
+        for message in messages:
+            self.stored.labels(message.channel).inc()
+            count += 1
+        self.commit_batch.observe(count)
+
+    def handed_out(self, messages: Iterable) -> None:
+        for message in messages:
+            self.delivered.labels(message.channel).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
