@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -214,21 +215,81 @@ class SQLiteStore(Store):
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, mode=0o700, exist_ok=True)
         self._lock_file = self._take_lock() if self.exclusive else None
-        if not os.path.exists(self.path):
-            # Created 0600 before SQLite opens it: messages are private.
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        writer_conn = self._connect()
-        self._migrate(writer_conn)
-        self._clock = CommitClock(self._load_clock(writer_conn))
-        self._next_id = (writer_conn.execute(SQL_MAX_ID).fetchone()[0] or 0) + 1
-        self._reader = self._connect()
-        self._reader.execute("PRAGMA query_only = ON")
+        writer_conn = None
+        try:
+            if not os.path.exists(self.path):
+                self._create(folder)
+            elif os.path.getsize(self.path) == 0:
+                # Checked before connecting: setting WAL mode would write a header into it.
+                raise sqlite3.DatabaseError("the file is empty")
+            writer_conn = self._connect()
+            self._check_usable(writer_conn)
+            self._migrate(writer_conn)
+            self._clock = CommitClock(self._load_clock(writer_conn))
+            self._next_id = (writer_conn.execute(SQL_MAX_ID).fetchone()[0] or 0) + 1
+            self._reader = self._connect()
+            self._reader.execute("PRAGMA query_only = ON")
+        except sqlite3.DatabaseError as exc:
+            self._abandon_open(writer_conn)
+            raise StoreError(
+                f"{self.path} is not a usable agent-bus database ({exc}); it may be corrupt or "
+                "truncated. Nothing was changed. Restore it from a backup, or move it away to "
+                "start a fresh bus.") from None
+        except BaseException:
+            self._abandon_open(writer_conn)
+            raise
         self._acknowledged = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer = threading.Thread(target=self._write_loop, args=(writer_conn,),
                                         name="busd-sqlite-writer", daemon=True)
         self._writer.start()
+
+    def _create(self, folder: str) -> None:
+        """A new database appears whole or not at all: made aside, then renamed in.
+
+        So a file at the path that is empty or half-written is never ours, and is
+        refused instead of being silently taken for a fresh bus.
+        """
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bus-new-", suffix=".db")  # 0600
+        os.close(fd)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                self._migrate(conn)
+            finally:
+                conn.close()
+            os.replace(tmp, self.path)
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+
+    def _check_usable(self, conn: sqlite3.Connection) -> None:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" not in tables:
+            raise sqlite3.DatabaseError("it has no agent-bus schema")
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems))
+
+    def _abandon_open(self, conn: sqlite3.Connection | None) -> None:
+        for handle in (conn, self._reader):
+            if handle is not None:
+                handle.close()
+        self._reader = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
 
     def _take_lock(self) -> int:
         # One server per database file: two would each keep their own clock and
@@ -251,9 +312,7 @@ class SQLiteStore(Store):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
+        self._release_lock()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
