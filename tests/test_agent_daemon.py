@@ -247,3 +247,60 @@ def test_a_new_recipient_folder_made_just_before_the_file_is_seen(pair):
                       and files_under(spark.layout.sent), what="five files in sent/")
     assert sorted(name.split("-", 2)[2] for name in sent) == \
         sorted(f"{dell.name}-{i}-note" for i in range(5))
+
+
+def test_a_file_held_open_when_the_daemon_starts_waits_for_its_close(server, names, tmp_path):
+    spark_name, dell_name = names("spark", "dell")
+    spark = AgentProcess(spark_name, tmp_path / "spool", server.url)
+    path = drop_in_place(spark.layout, dell_name, "open", b"")
+    with open(path, "wb") as handle:
+        handle.write(b"written before the daemon started, ")
+        handle.flush()
+        with spark:
+            drop_in_place(spark.layout, f"{dell_name}-other", "marker", b"marker")
+            wait_until(lambda: files_under(spark.layout.sent), what="the marker in sent/")
+            assert os.path.exists(path), "the daemon took a file that was still open"
+            handle.write(b"and after")
+    with spark, AgentProcess(dell_name, tmp_path / "spool", server.url) as dell:
+        wait_inbox(dell, 1)
+        assert [body for _, body in inbox_messages(dell.layout)] == \
+            [b"written before the daemon started, and after"]
+        assert spark.stop() == 0 and dell.stop() == 0
+
+
+def test_one_sender_keeps_the_drop_order_of_a_burst(server, names, tmp_path):
+    spark_name, dell_name = names("spark", "dell")
+    spool = tmp_path / "spool"
+    with AgentProcess(spark_name, spool, server.url, "--senders", "1") as spark, \
+            AgentProcess(dell_name, spool, server.url) as dell:
+        for i in range(30):
+            drop_in_place(spark.layout, dell_name, f"n{i:02d}", f"{i}".encode())
+        wait_inbox(dell, 30)
+        assert [body for _, body in inbox_messages(dell.layout)] == \
+            [f"{i}".encode() for i in range(30)]
+        assert spark.stop() == 0 and dell.stop() == 0
+
+
+def test_sigterm_while_the_bus_is_down_exits_0_and_keeps_the_claim(tmp_path, names):
+    name, = names("spark")
+    bus = BusServer(tmp_path / "bus.db", "--hold", "2").start()
+    url = bus.url
+    bus.stop()
+    with AgentProcess(name, tmp_path / "spool", url) as spark:
+        drop_in_place(spark.layout, "dell", "note", b"waits for the bus")
+        spark.wait_for_log(r"cannot send claimed/dell/.*-note yet")
+        started = time.monotonic()
+        assert spark.stop() == 0
+        assert time.monotonic() - started < 5
+    assert files_under(spark.layout.outbox) == []
+    [claimed] = files_under(spark.layout.claimed)
+    assert claimed.startswith("dell/") and claimed.endswith("-note")
+
+
+def test_the_daemon_exits_1_when_its_outbox_is_removed(server, names, tmp_path):
+    name, = names("spark")
+    with AgentProcess(name, tmp_path / "spool", server.url) as spark:
+        os.rmdir(spark.layout.outbox)
+        spark.wait_for_log(r"outbox was removed, and its watch with it; exiting")
+        assert spark.proc.wait(15) == 1
+        spark.kill()

@@ -290,3 +290,17 @@ def test_drop_with_channel_goes_to_that_channel(server, names, tmp_path):
         [(headers, received)] = inbox_messages(receiver.layout)
         assert headers["channel"] == channel and received == b"on ops"
         assert sender.stop() == 0 and receiver.stop() == 0
+
+
+def test_a_torn_cursor_file_means_starting_over_without_filing_twice(layout):
+    writer = fresh_writer(layout)
+    writer.write_batch([message(1), message(2)], now=None)
+    writer.close()
+    with open(layout.cursor, "wb") as handle:
+        handle.write(b'{"since": 17')
+    writer = fresh_writer(layout)
+    assert writer.since == 0.0
+    writer.write_batch([message(1), message(2), message(3)], now=None)
+    writer.close()
+    assert len(inbox_messages(layout)) == 3
+    assert log_text(layout) == expected_log(1, 2, 3)

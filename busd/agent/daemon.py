@@ -1,14 +1,16 @@
 """`agent-bus agent NAME`: the outbox and inbox loops of one agent, run together.
 
-Threads: watchdog's observer feeds the outbox sender thread; the receive thread
-long-polls; the calling thread supervises. It reports READY=1 once both loops
-run, WATCHDOG=1 only while both are alive, and on `stop` it lets the file in
-flight and the batch being filed finish. A parked long-poll is simply abandoned:
-nothing has been filed from it, and the cursor says where to pick up.
+Threads: watchdog's observer feeds the outbox's dispatcher, which hands claimed
+files to its sender threads; the receive thread long-polls; the calling thread
+supervises. It reports READY=1 once both loops run, WATCHDOG=1 only while every
+thread is alive, and on `stop` it lets the sends in flight and the batch being
+filed finish. A parked long-poll is simply abandoned: nothing has been filed from
+it, and the cursor says where to pick up.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -26,7 +28,7 @@ from .spool import AgentLock, SpoolLayout
 log = logging.getLogger("busd.agent")
 
 EXIT_OK = 0
-EXIT_LOOP_DIED = 1
+EXIT_TROUBLE = 1
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class AgentDaemon:
         self.stop = threading.Event()
 
     def run(self) -> int:
-        """Serve until `stop` is set (or a loop dies); the exit code."""
+        """Serve until `stop` is set (or something breaks); the exit code."""
         if hasattr(signal, "SIGIO") and threading.current_thread() is threading.main_thread():
             # spool.is_being_written holds a read lease for an instant; a writer opening
             # the file then makes the kernel send SIGIO, whose default is to end us.
@@ -64,23 +66,24 @@ class AgentDaemon:
         self.layout.create()
         lock = AgentLock(self.layout)
         lock.acquire()
-        work: queue.Queue = queue.Queue()
         observer = None
-        receive_client = self.make_client()
         writer = InboxWriter(self.layout, self.config.channel, self.out)
         try:
             writer.open()
+            work: queue.Queue = queue.Queue()
             outbox = OutboxSender(self.layout, self.make_client, OutboxSettings(
                 sender=self.config.name, channel=self.config.send_channel,
                 max_msg_bytes=self.config.max_msg_bytes,
                 settle_seconds=self.config.settle_seconds,
                 rescan_seconds=self.config.rescan_seconds,
                 senders=self.config.senders), work, self.stop)
+            receive_client = self.make_client()
             receiver = ReceiveLoop(writer, receive_client, self.config.name,
                                    self.config.channel, self.stop)
+            receive_thread = threading.Thread(target=receiver.run, name="agent-inbox",
+                                              daemon=True)
             # Watch before the first scan, so a file dropped in between is not missed.
             observer = start_observer(self.layout, work)
-            receive_thread = threading.Thread(target=receiver.run, name="agent-inbox", daemon=True)
             outbox.start()
             receive_thread.start()
             while not outbox.started.wait(0.1) and not outbox.dead_threads():
@@ -88,8 +91,9 @@ class AgentDaemon:
             where = f"{self.layout.root} <-> {receive_client.url} (channel {self.config.channel})"
             log.info("ready: %s", where)
             self.notifier.ready(f"serving {where}")
-            code = self._supervise(lambda: outbox.dead_threads()
-                                   + ([] if receive_thread.is_alive() else [receive_thread.name]))
+
+            code = self._supervise(lambda: self._trouble(outbox, receive_thread))
+
             log.info("stopping: finishing the files in flight")
             self.notifier.stopping()
             observer.stop()
@@ -97,6 +101,7 @@ class AgentDaemon:
             observer = None
             outbox.join()
             # Not released: the receive thread must not start another batch as we exit.
+            # A long-poll it has parked is abandoned; the cursor says where to resume.
             receiver.busy.acquire()
             log.info("stopped")
             return code
@@ -108,18 +113,27 @@ class AgentDaemon:
             lock.release()
             self.notifier.close()
 
-    def _supervise(self, dead_threads: Callable[[], list[str]]) -> int:
+    def _trouble(self, outbox: OutboxSender, receive_thread: threading.Thread) -> str | None:
+        """What makes this daemon unfit to go on, if anything."""
+        dead = outbox.dead_threads() + ([] if receive_thread.is_alive() else [receive_thread.name])
+        if dead:
+            return f"the {' and '.join(dead)} thread stopped unexpectedly"
+        if not os.path.isdir(self.layout.outbox):
+            return f"{self.layout.outbox} was removed, and its watch with it"
+        return None
+
+    def _supervise(self, trouble: Callable[[], str | None]) -> int:
+        """Wait for `stop`, pinging the watchdog while all is well; exit 1 if it is not."""
         interval = self.notifier.watchdog_interval
         tick = min(1.0, interval) if interval else 1.0
         next_ping = time.monotonic()
         while not self.stop.wait(tick):
-            dead = dead_threads()
-            if dead:
-                log.error("the %s thread stopped unexpectedly; exiting so the service manager "
-                          "restarts the daemon (nothing is lost: the spool is the state)",
-                          " and ".join(dead))
+            problem = trouble()
+            if problem:
+                log.error("%s; exiting so that the daemon is started again (nothing is lost: "
+                          "the spool is the state)", problem)
                 self.stop.set()
-                return EXIT_LOOP_DIED
+                return EXIT_TROUBLE
             if interval and time.monotonic() >= next_ping:
                 self.notifier.watchdog()
                 next_ping = time.monotonic() + interval

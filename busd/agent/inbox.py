@@ -169,8 +169,10 @@ def load_state(path: str) -> ReceiveState | None:
         return ReceiveState(since=float(data["since"]), channel=str(data["channel"]),
                             log_bytes=int(data["inbox_log_bytes"]))
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path}: not a cursor file; delete it to receive everything again "
-                         "(files already in inbox/ are not written twice)") from None
+        # Torn by a power cut, or edited: starting over is safe, nothing is filed twice.
+        log.warning("%s is not a cursor file (%r); receiving everything the bus holds again "
+                    "(messages already in inbox/ are not filed twice)", path, text[:60])
+        return None
 
 
 def save_state(path: str, state: ReceiveState) -> None:
@@ -189,7 +191,6 @@ class InboxWriter:
         self.channel = channel
         self.out = out
         self.since = 0.0
-        self.filed_count = 0
         self._ids: set[int] = set()
         self._unlogged: set[int] = set()   # filed, block not yet in inbox.log
         self._log_fd: int | None = None
@@ -262,7 +263,6 @@ class InboxWriter:
             filed += 1
         if filed:
             fsync_dir(self.layout.inbox)
-            self.filed_count += filed
 
         if self._log_moved_away():
             self._open_log()
@@ -357,7 +357,6 @@ class ReceiveLoop:
         self.backoff = backoff or Backoff(0.25, 5.0)
         # Held while a batch is being filed; shutdown takes it so no batch is cut short.
         self.busy = threading.Lock()
-        self.connected = threading.Event()
 
     def run(self) -> None:
         failing = False
@@ -378,7 +377,6 @@ class ReceiveLoop:
                 log.info("receiving again from %s", self.client.url)
             failing = False
             self.backoff.reset()
-            self.connected.set()
             messages = data.get("messages") or []
             with self.busy:
                 if self.stop.is_set() and not messages:

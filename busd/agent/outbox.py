@@ -207,7 +207,11 @@ class OutboxSender:
             client.close()
 
     def _complete_half_done_claims(self) -> None:
-        """Unlink outbox files that a crash left linked into claimed/ (or failed/) too."""
+        """Unlink outbox files that a crash left linked into claimed/ (or failed/) too,
+        and the temp file of a .error that was being written."""
+        for name in os.listdir(self.layout.failed):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(self.layout.failed, name))
         taken = set()
         for folder in (self.layout.claimed, self.layout.failed):
             for path in _walk(folder):
@@ -369,7 +373,7 @@ class OutboxSender:
         while True:
             try:
                 ack = client.send(self.settings.sender, drop.to, drop.body,
-                                       channel=drop.channel, key=key, meta=drop.meta)
+                                  channel=drop.channel, key=key, meta=drop.meta)
                 break
             except BusClientError as exc:
                 if exc.status in REFUSES_THE_MESSAGE:
@@ -406,24 +410,24 @@ class OutboxSender:
 
     def _fail(self, claimed: str, reason: str) -> None:
         name = os.path.basename(claimed)
-        self._write_error(name, claimed, reason)
+        folder = os.path.relpath(os.path.dirname(claimed), self.layout.claimed)
+        split = split_claimed_name(name)
+        original = split[1] if split else name
+        dropped_as = os.path.normpath(os.path.join("outbox", folder, original))
+        self._write_error(name, dropped_as, reason)
         os.rename(claimed, os.path.join(self.layout.failed, name))
         fsync_dir(self.layout.failed)
         log.warning("not sent, moved to failed/%s: %s", name, reason)
 
     def _fail_unclaimed(self, path: str, reason: str) -> None:
         name = claimed_name(new_token(), os.path.basename(path))
-        self._write_error(name, path, reason)
+        self._write_error(name, shown_path(self.layout, path), reason)
         if self._link_then_unlink(path, os.path.join(self.layout.failed, name)):
             log.warning("not sent, moved to failed/%s: %s", name, reason)
         else:
             os.unlink(os.path.join(self.layout.failed, name + ".error"))
 
-    def _write_error(self, name: str, source: str, reason: str) -> None:
-        split = split_claimed_name(os.path.basename(source))
-        dropped_as = shown_path(self.layout, source)
-        if split is not None and _is_under(source, self.layout.claimed):
-            dropped_as = "outbox" + dropped_as[len("claimed"):].replace(split[0] + "-", "", 1)
+    def _write_error(self, name: str, dropped_as: str, reason: str) -> None:
         text = (f"{reason}\n"
                 f"\n"
                 f"dropped as: {dropped_as}\n"

@@ -106,6 +106,10 @@ def _agent(args: argparse.Namespace, env: Env) -> int:
         return daemon.run()
     except AgentLocked as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
+    except OSError as exc:
+        # Before the loops run: the spool folder cannot be made or opened.
+        raise CommandError(f"cannot use the spool folder {daemon.layout.root}: {exc}",
+                           EXIT_USAGE) from None
 
 
 def _drop(args: argparse.Namespace, env: Env) -> int:
