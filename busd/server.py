@@ -5,6 +5,7 @@ import asyncio
 import ipaddress
 import logging
 import math
+import resource
 import signal
 import ssl
 import sys
@@ -296,9 +297,21 @@ class _ClientFaultFilter(logging.Filter):
         return not isinstance(exc, HttpProcessingError) or getattr(exc, "code", 500) >= 500
 
 
+def _raise_open_file_limit() -> None:
+    """Every parked long-poll holds a socket: take all the descriptors we are allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+
+
 def run(config: ServerConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="agent-bus: %(message)s")
+    _raise_open_file_limit()
     logging.getLogger("aiohttp.server").addFilter(_ClientFaultFilter())
 
     def listening(address: str) -> None:
