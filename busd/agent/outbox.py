@@ -433,4 +433,6 @@ class OutboxSender:
                 f"dropped as: {dropped_as}\n"
                 f"failed at:  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
                 f"To send it after all, fix it and move it back into outbox/<to>/.\n")
-        write_atomically(os.path.join(self.layout.failed, name + ".error"), text.encode())
+        # A file name need not be UTF-8; its bytes are shown escaped.
+        write_atomically(os.path.join(self.layout.failed, name + ".error"),
+                         text.encode("utf-8", "backslashreplace"))

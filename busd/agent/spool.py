@@ -414,6 +414,12 @@ def drop(layout: SpoolLayout, to: str, body: bytes, channel: str | None,
     the daemon sees one finished file. It always carries a header block, which keeps
     a body that itself starts with `---bus` byte-exact.
     """
+    if to != model.BROADCAST and not model.is_valid_name(to):
+        raise BadDrop(f"invalid recipient name {to!r}: names are 1-64 characters of "
+                      "A-Z a-z 0-9 . _ - and not only dots; '*' means everyone")
+    if channel is not None and not model.is_valid_name(channel):
+        raise BadDrop(f"invalid channel {channel!r}: channels are 1-64 characters of "
+                      "A-Z a-z 0-9 . _ - and not only dots")
     data = drop_bytes(to, body, channel)
     parse_drop(data, None, channel or model.DEFAULT_CHANNEL, max_msg_bytes)
     layout.create()

@@ -122,6 +122,9 @@ def _drop(args: argparse.Namespace, env: Env) -> int:
         path = spool.drop(layout, args.to, body, args.channel, max_msg_bytes=sys.maxsize)
     except BadDrop as exc:
         raise CommandError(f"not dropped: {exc}", EXIT_USAGE) from None
+    except OSError as exc:
+        raise CommandError(f"not dropped: cannot write into {layout.outbox}: {exc}",
+                           EXIT_USAGE) from None
     print(path, flush=True)
     return EXIT_OK
 
@@ -135,8 +138,11 @@ def _inbox(args: argparse.Namespace, env: Env) -> int:
             raise CommandError("--body goes with --read ID", EXIT_USAGE)
         out = sys.stdout
         for entry in entries:
-            with open(entry.path, "rb") as handle:
-                _, body = parse_inbox_file(handle.read())
+            try:
+                with open(entry.path, "rb") as handle:
+                    _, body = parse_inbox_file(handle.read())
+            except FileNotFoundError:
+                continue  # deleted while we listed
             preview = body.decode("utf-8", "replace").replace("\n", " | ")[:PREVIEW_CHARS]
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
             out.write(f"{entry.id}\t{when}\t{entry.sender}\t{preview}\n")
