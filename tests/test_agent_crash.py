@@ -40,7 +40,7 @@ def test_sender_killed_at_random_and_server_restarted_sends_each_of_500_drops_on
             dropper = drop_in_place if i % 2 else drop_atomically
             dropper(spark.layout, "dell", f"m{i:03d}", body_of(i))
             if i % 25 == 24:
-                time.sleep(rng.uniform(0.0, 0.15))
+                time.sleep(rng.uniform(0.05, 0.3))
         dropping.clear()
 
     kills = 0
