@@ -237,8 +237,14 @@ def test_a_cursor_written_by_either_tool_is_used_by_the_other(server, names, tmp
     assert_canonical_cursor(tmp_path / "cursors" / f"{b}@%2A.cursor")
     # A broken cursor is a configuration error with the same exit code on both sides.
     cursor.write_text("not a number\n")
-    broken = run_script("bus-recv", b, "--once", env=env)
-    assert broken.returncode == 2 and b"not a cursor" in broken.stderr
+    for broken in (run_script("bus-recv", b, "--once", env=env), run_cli("recv", b, "--once", env=env)):
+        _assert_failure(broken, 2, "not a cursor")
+    listen_cursor = tmp_path / "listen" / f"{b}@c1.cursor"
+    listen_cursor.parent.mkdir()
+    listen_cursor.write_text("12abc\n")
+    for broken in (run_script("bus-listen", b, "--once", env=env),
+                   run_cli("listen", b, "--once", env=env)):
+        _assert_failure(broken, 2, "not a cursor")
 
 
 def test_float_formatting_round_trips_exactly_like_python(tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 from .. import listener
 from ..client import BusClientError
-from . import EXIT_OK, Env
+from . import EXIT_OK, EXIT_USAGE, CommandError, Env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -55,8 +55,16 @@ def _listen(args: argparse.Namespace, env: Env) -> int:
     def report(exc: BusClientError, delay: float) -> None:
         print(f"agent-bus listen: {exc}; retrying in {delay:g}s", file=sys.stderr, flush=True)
 
-    listener.run(client, listener.ListenLog(paths), name, channel=channel, since=args.since,
-                 once=args.once, on_error=report)
+    log = listener.ListenLog(paths)
+    since = args.since
+    if since is None:
+        log.prepare()
+        try:
+            since = log.resume_point()
+        except ValueError as exc:  # a cursor file that holds no number
+            raise CommandError(str(exc), EXIT_USAGE) from None
+    listener.run(client, log, name, channel=channel, since=since, once=args.once,
+                 on_error=report)
     return EXIT_OK
 
 

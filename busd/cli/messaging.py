@@ -84,7 +84,10 @@ def _recv(args: argparse.Namespace, env: Env) -> int:
     if args.since is not None:
         since = args.since
     elif cursor is not None:
-        since = cursor.load(0.0)
+        try:
+            since = cursor.load(0.0)
+        except ValueError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
     else:
         since = float(client.healthz()["now"])
 
