@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from busd.client import monitor_block
 from busd.cli.directory import agents_table
