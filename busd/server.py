@@ -210,6 +210,9 @@ class ServerConfig:
     legacy_signatures: str = "auto"
     rate: float = 50.0      # requests/s per authenticated agent
     burst: float = 200.0
+    retain_max_age: float | None = None      # seconds; None keeps every message
+    retain_per_queue: int | None = None      # newest N per (channel, recipient)
+    retention_every: float = 60.0
     settings: BusSettings = field(default_factory=BusSettings)
 
 
@@ -270,12 +273,28 @@ async def serve(config: ServerConfig,
         await site.start()
         if on_listening is not None:
             on_listening(_bound_address(runner, config, tls is not None))
+        retention = None
+        if config.retain_max_age or config.retain_per_queue:
+            retention = asyncio.create_task(_enforce_retention(store, config))
         await stop.wait()
         log.info("stopping: answering parked long-polls, finishing sends in flight")
         bus.hub.close()
+        if retention is not None:
+            retention.cancel()
     finally:
         await runner.cleanup()
         await store.close()
+
+
+async def _enforce_retention(store: Store, config: ServerConfig) -> None:
+    while True:
+        try:
+            removed = await store.enforce_retention(config.retain_max_age, config.retain_per_queue)
+            if removed:
+                log.info("retention: removed %d read messages past the limits", removed)
+        except BusError as exc:
+            log.warning("retention skipped this round: %s", exc.message)
+        await asyncio.sleep(config.retention_every)
 
 
 def _bound_address(runner: web.AppRunner, config: ServerConfig, tls: bool) -> str:

@@ -77,6 +77,11 @@ class Store(abc.ABC):
     async def pending_counts(self) -> dict[str, dict[str, int]]:
         """{channel: {recipient: count}} of addressed messages the recipient has not acknowledged."""
 
+    @abc.abstractmethod
+    async def enforce_retention(self, max_age: float | None, per_queue: int | None) -> int:
+        """Delete messages older than max_age seconds or beyond the newest per_queue of
+        their (channel, recipient) queue -- only those already read. Returns how many."""
+
     # identity: tokens (only hashes are stored) and registered public keys
 
     @abc.abstractmethod

@@ -157,6 +157,35 @@ SQL_GET_FLAG = "SELECT value FROM meta WHERE key = ?"
 SQL_SET_FLAG = ("INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
 
+# Retention: messages past the age or beyond the per-queue cap, but only those every
+# known reader has already gone past; an unread message is never dropped.
+SQL_RETENTION_CANDIDATES = """
+WITH ranked AS (
+    SELECT id, ts, channel, from_name, to_name,
+           ROW_NUMBER() OVER (PARTITION BY channel, to_name ORDER BY id DESC) AS newer
+    FROM messages
+)
+SELECT r.id FROM ranked r
+WHERE (r.ts < :cutoff OR r.newer > :cap)
+  AND CASE WHEN r.to_name <> '*' THEN
+        r.ts <= MAX(
+            COALESCE((SELECT ts FROM acknowledged WHERE agent = r.to_name AND channel = r.channel), 0),
+            COALESCE((SELECT ts FROM acknowledged WHERE agent = r.to_name AND channel = '*'), 0))
+        AND r.id <= COALESCE(
+            (SELECT last_id FROM watermarks WHERE agent = r.to_name AND channel = r.channel),
+            r.id)
+      ELSE
+        EXISTS (SELECT 1 FROM acknowledged WHERE channel IN (r.channel, '*')
+                UNION ALL SELECT 1 FROM watermarks WHERE channel = r.channel)
+        AND NOT EXISTS (SELECT 1 FROM acknowledged a WHERE a.channel IN (r.channel, '*')
+                        AND a.agent <> r.from_name AND a.ts < r.ts)
+        AND NOT EXISTS (SELECT 1 FROM watermarks w WHERE w.channel = r.channel
+                        AND w.agent <> r.from_name AND w.last_id < r.id)
+      END
+LIMIT 5000
+"""
+SQL_DELETE_MESSAGE = "DELETE FROM messages WHERE id = ?"
+
 SQL_CHANNELS = ("SELECT channel, COUNT(*), MAX(ts) FROM messages "
                 "GROUP BY channel ORDER BY MAX(ts) DESC")
 SQL_AGENTS = ("SELECT name, identity, role, registered_by, created_at FROM agents "
@@ -509,6 +538,19 @@ class SQLiteStore(Store):
         for channel, recipient, count in self._reader.execute(SQL_PENDING).fetchall():
             out.setdefault(channel, {})[recipient] = count
         return out
+
+    async def enforce_retention(self, max_age: float | None, per_queue: int | None) -> int:
+        cutoff = time.time() - max_age if max_age else float("-inf")
+        cap = per_queue if per_queue else 2 ** 62
+        ids = [row[0] for row in self._reader.execute(
+            SQL_RETENTION_CANDIDATES, {"cutoff": cutoff, "cap": cap}).fetchall()]
+        if ids:
+            future = self._loop.create_future()
+            for message_id in ids[:-1]:
+                self._join(SQL_DELETE_MESSAGE, (message_id,))
+            self._join(SQL_DELETE_MESSAGE, (ids[-1],), None, future)  # same group: one commit
+            await future
+        return len(ids)
 
     # -- identity: tokens and keys ----------------------------------------
 

@@ -186,3 +186,22 @@ def test_kill_9_at_three_random_points_of_a_burst_loses_nothing_acknowledged(tmp
         stored = set(all_ids(bus))
         assert set(acked) <= stored, f"{len(set(acked) - stored)} acknowledged messages lost"
         assert bus.stop() == 0
+
+
+def test_retention_removes_only_messages_already_read(tmp_path):
+    with BusServer(tmp_path / "bus.db", "--retain-per-queue", "3", "--retention-every",
+                   "0.2") as bus:
+        acks = [bus.send("a", "reader", f"r{i}") for i in range(10)]
+        unread = [bus.send("a", "sleeper", f"s{i}") for i in range(10)]
+        # reader polls past its first 6 messages; sleeper never polls.
+        bus.get(f"/recv?to=reader&since={acks[5]['ts']!r}")
+
+        def reader_ids():
+            return [m["id"] for m in bus.get("/recv?to=reader&since=0&max=100").json()["messages"]]
+
+        # The newest 3 are kept regardless; of the older 7, the 6 read ones go.
+        wait_until(lambda: len(reader_ids()) == 4, timeout=10, what="retention to run")
+        assert reader_ids() == [a["id"] for a in acks[6:]]
+        sleeper = [m["id"] for m in bus.get("/recv?to=sleeper&since=0&max=100").json()["messages"]]
+        assert sleeper == [a["id"] for a in unread]  # unread: all kept, cap or not
+        assert bus.stop() == 0

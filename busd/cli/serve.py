@@ -47,6 +47,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="how long a request body may take to arrive (default 10)")
     parser.add_argument("--max-msg-bytes", type=int, default=Limits().max_msg_bytes,
                         help="largest message body in bytes (default 65536)")
+    parser.add_argument("--retain-days", type=float, default=0, metavar="DAYS",
+                        help="remove messages older than this once read (default 0: keep all)")
+    parser.add_argument("--retain-per-queue", type=int, default=0, metavar="N",
+                        help="keep at most the newest N per channel and recipient, removing "
+                             "only read ones (default 0: no cap)")
+    parser.add_argument("--retention-every", type=float, default=60.0, metavar="SECONDS",
+                        help="how often retention runs (default 60)")
     parser.set_defaults(func=_serve)
 
 
@@ -67,10 +74,15 @@ def _serve(args: argparse.Namespace, env) -> int:
         die("--idle-timeout must be more than 0 seconds")
     if args.rate < 0 or args.burst < 1:
         die("--rate must be 0 or more and --burst at least 1")
+    if args.retain_days < 0 or args.retain_per_queue < 0 or args.retention_every <= 0:
+        die("--retain-days and --retain-per-queue must be 0 or more, --retention-every above 0")
     config = ServerConfig(host=args.host, port=args.port, db=db,
                           insecure_open=args.insecure_open, settings=settings,
                           tls_cert=args.tls_cert, tls_key=args.tls_key,
                           allow_hosts=tuple(args.allow_host),
                           legacy_signatures=args.legacy_signatures, rate=args.rate,
-                          burst=args.burst, idle_timeout=args.idle_timeout)
+                          burst=args.burst, idle_timeout=args.idle_timeout,
+                          retain_max_age=args.retain_days * 86400 or None,
+                          retain_per_queue=args.retain_per_queue or None,
+                          retention_every=args.retention_every)
     return run(config)
