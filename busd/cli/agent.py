@@ -28,11 +28,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "inbox.log, also printed on stdout. Logs go to stderr. The first SIGTERM "
                     "finishes the file in flight and exits 0.")
     agent.add_argument("name", nargs="?", default=None, help="agent name (default $AGENT_NAME)")
-    agent.add_argument("--channel", default=None,
+    agent.add_argument("--channel", default=None, metavar="C",
                        help="channel to receive on, '*' for all, and to send on when a drop "
                             "names none (default $AGENT_BUS_CHANNEL or 'default')")
     agent.add_argument("--max-msg-bytes", type=int, default=model.DEFAULT_MAX_MSG_BYTES,
-                       help="a drop whose body is larger goes to failed/ (default 65536)")
+                       metavar="N", help="a drop whose body is larger goes to failed/ (default 65536)")
     agent.add_argument("--senders", type=int, default=8, metavar="N",
                        help="files sent at once (default 8); 1 keeps strict drop order even "
                             "within a burst, at a lower rate")
