@@ -9,7 +9,8 @@ import sys
 import threading
 
 from ..client import BusClientError, CursorFile, listen, monitor_block
-from . import EXIT_OK, EXIT_USAGE, CommandError, Env
+from ..secretguard import refusal
+from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -26,6 +27,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="idempotency key: sending the same key again stores nothing new")
     send.add_argument("--meta", default=None, metavar="JSON",
                       help="a flat JSON object of extra fields")
+    send.add_argument("--allow-secret", action="store_true",
+                      help="send even if the body looks like a key or credential")
     send.set_defaults(func=_send)
 
     recv = commands.add_parser(
@@ -63,6 +66,8 @@ def _send(args: argparse.Namespace, env: Env) -> int:
             raise CommandError(f"--meta is not JSON: {exc}", EXIT_USAGE) from None
     sender = env.agent_name(args.sender)
     body = _read_stdin_text()
+    if not args.allow_secret and (problem := refusal(body)):
+        raise CommandError(f"not sent: {problem}", EXIT_REFUSED)
     client = env.client()
     ack = client.send(sender, args.to, body, channel=args.channel or env.channel,
                       key=args.key, meta=meta)

@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..api.common import BusSettings
 from ..identity import LEGACY_SIGNATURES
 from ..model import Limits
-from ..server import ServerConfig, run
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -58,6 +56,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace, env) -> int:
+    # Imported here: every other command starts faster and smaller without aiohttp.
+    from ..agent.notify import Notifier
+from ..api.common import BusSettings
+    from ..server import ServerConfig, run
     from . import die
 
     if not 0 < args.hold <= 30:
@@ -85,4 +87,11 @@ def _serve(args: argparse.Namespace, env) -> int:
                           retain_max_age=args.retain_days * 86400 or None,
                           retain_per_queue=args.retain_per_queue or None,
                           retention_every=args.retention_every)
-    return run(config)
+    # Under systemd (Type=notify) READY=1 goes out once the socket is bound, so units
+    # ordered after the server start when it can answer; a no-op in a terminal.
+    notifier = Notifier(env.notify_socket)
+    try:
+        return run(config, on_ready=lambda address: notifier.ready(f"listening on {address}"),
+                   on_stopping=notifier.stopping)
+    finally:
+        notifier.close()

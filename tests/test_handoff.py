@@ -1,0 +1,146 @@
+"""Hash-and-path handoffs and the secret guard, end to end with real processes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import stat
+import subprocess
+import uuid
+
+import pytest
+
+from busd import handoff
+from tests.agent_support import AgentProcess, inbox_messages
+from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+
+
+def cli(*args, stdin: bytes = b"", **env):
+    return subprocess.run(agent_bus_cmd(*args), input=stdin, capture_output=True,
+                          env=repo_env(**env), timeout=60)
+
+
+@pytest.fixture
+def bus(tmp_path):
+    with BusServer(tmp_path / "bus.db") as server:
+        yield server
+        assert server.stop() == 0
+
+
+def test_handoff_sends_the_fingerprint_and_never_the_content(bus, tmp_path):
+    marker = f"MARKER-{uuid.uuid4()}"
+    hits = tmp_path / "hits.csv"
+    hits.write_text("".join(f"{marker},{i}\n" for i in range(8)))
+    hits.chmod(0o644)
+    sent = cli("handoff", "--to", "dell", str(hits), "--note", "T1 done",
+               AGENT_BUS_URL=bus.url, AGENT_NAME="spark")
+    assert sent.returncode == 0, sent.stderr
+    assert stat.S_IMODE(hits.stat().st_mode) == 0o600
+
+    [message] = bus.get("/recv?to=dell").json()["messages"]
+    digest = hashlib.sha256(hits.read_bytes()).hexdigest()
+    host = socket.gethostname()
+    assert message["msg"] == f"hits.csv: lines=8 sha256={digest} at {host}:{hits}\nT1 done"
+    meta = message["meta"]
+    assert meta["kind"] == "handoff" and meta["files"] == 1
+    assert (meta["sha256"], meta["path"], meta["host"], meta["bytes"], meta["lines"]) == \
+        (digest, str(hits), host, hits.stat().st_size, 8)
+    assert meta["mtime"] == pytest.approx(hits.stat().st_mtime)
+
+    # The marker is nowhere on the bus: not in the database, not in any message.
+    stored = b"".join(open(path, "rb").read() for path in
+                      (bus.db, bus.db + "-wal") if os.path.exists(path))
+    assert marker.encode() not in stored
+    assert marker not in json.dumps(bus.get("/recv?to=dell&channel=*").json())
+
+
+def test_several_files_in_one_handoff(bus, tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b.bin"
+    first.write_text("one\ntwo")
+    second.write_bytes(os.urandom(3000))
+    assert cli("handoff", "--to", "dell", str(first), str(second),
+               AGENT_BUS_URL=bus.url, AGENT_NAME="spark").returncode == 0
+    [message] = bus.get("/recv?to=dell").json()["messages"]
+    files = handoff.files_in(message["meta"])
+    assert [(f.path, f.lines) for f in files] == [(str(first), 2), (str(second), files[1].lines)]
+    assert handoff.verify_meta(message["meta"]) == "verified"
+    assert len(message["msg"].splitlines()) == 2
+
+
+def test_verify_a_file_against_a_hash(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"payload")
+    good = hashlib.sha256(b"payload").hexdigest()
+    assert cli("verify", str(path), good).returncode == 0
+    changed = cli("verify", str(path), hashlib.sha256(b"other").hexdigest())
+    assert changed.returncode == 1 and changed.stdout.startswith(b"mismatch")
+    gone = cli("verify", str(tmp_path / "missing"), good)
+    assert gone.returncode == 3 and gone.stdout.startswith(b"unreachable")
+
+
+def test_fetch_keeps_a_good_file_and_nothing_of_a_tampered_one(bus, tmp_path):
+    spool = tmp_path / "spool"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    results = shared / "results.txt"
+    results.write_text("42\n")
+    with AgentProcess("dell", spool, bus.url) as dell:
+        env = {"AGENT_BUS_URL": bus.url, "AGENT_NAME": "spark"}
+        assert cli("handoff", "--to", "dell", str(results), **env).returncode == 0
+        wait_until(lambda: inbox_messages(dell.layout), what="the handoff in dell's inbox")
+        [(headers, _)] = inbox_messages(dell.layout)
+        message_id = headers["id"]
+        dell_env = {"AGENT_BUS_SPOOL": str(spool), "AGENT_NAME": "dell"}
+
+        into = tmp_path / "into"
+        into.mkdir()
+        fetched = cli("fetch", str(message_id), "--to", str(into), **dell_env)
+        assert fetched.returncode == 0, fetched.stderr
+        assert (into / "results.txt").read_text() == "42\n"
+
+        results.write_text("43\n")  # tampered after the handoff
+        other = tmp_path / "other"
+        other.mkdir()
+        refused = cli("fetch", str(message_id), "--to", str(other), **dell_env)
+        assert refused.returncode != 0
+        assert b"nothing was kept" in refused.stderr
+        assert os.listdir(other) == []
+
+        results.unlink()
+        missing = cli("fetch", str(message_id), "--to", str(other), **dell_env)
+        assert missing.returncode == 3
+        assert f"scp {socket.gethostname()}:{results} {other}/".encode() in missing.stdout
+        assert dell.stop() == 0
+
+
+def test_send_refuses_a_private_key_and_points_to_handoff(bus):
+    pem = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ+...\n-----END PRIVATE KEY-----\n"
+    env = {"AGENT_BUS_URL": bus.url, "AGENT_NAME": "spark"}
+    refused = cli("send", "dell", stdin=pem, **env)
+    assert refused.returncode == 1
+    assert b"PEM private key" in refused.stderr and b"agent-bus handoff" in refused.stderr
+    assert bus.get("/recv?to=dell").json()["messages"] == []
+    allowed = cli("send", "dell", "--allow-secret", stdin=pem, **env)
+    assert allowed.returncode == 0
+    # A handoff's own sha256 line passes the guard.
+    line = f"hits.csv: lines=8 sha256={'ab' * 32} at spark:/x/hits.csv".encode()
+    assert cli("send", "dell", stdin=line, **env).returncode == 0
+
+
+def test_hashing_a_2gb_sparse_file_stays_under_64mb(tmp_path):
+    sparse = tmp_path / "sparse.bin"
+    with open(sparse, "wb") as handle:
+        handle.truncate(2 * 1024 ** 3)
+    not_its_hash = "ab" * 32
+    # A fresh parent whose only child is the verify command: its peak RSS is that child's.
+    measure = ("import resource, subprocess, sys; "
+               "code = subprocess.run(sys.argv[1:]).returncode; "
+               "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    result = subprocess.run([agent_bus_cmd()[0], "-c", measure,
+                             *agent_bus_cmd("verify", str(sparse), not_its_hash)],
+                            capture_output=True, text=True, env=repo_env(), timeout=120)
+    code, peak_kb = map(int, result.stdout.split()[-2:])
+    assert code == 1  # the whole file was hashed: a mismatch, not unreachable
+    assert peak_kb < 64 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
+    print(f"hashing a 2 GB sparse file: peak RSS {peak_kb / 1024:.1f} MB")
