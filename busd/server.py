@@ -240,7 +240,8 @@ def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
 
 
 async def serve(config: ServerConfig,
-                on_listening: Callable[[str], None] | None = None) -> None:
+                on_listening: Callable[[str], None] | None = None,
+                on_stopping: Callable[[], None] | None = None) -> None:
     tls = _tls_context(config)
     store = open_store(config.db)
     await store.open()
@@ -278,6 +279,8 @@ async def serve(config: ServerConfig,
             retention = asyncio.create_task(_enforce_retention(store, config))
         await stop.wait()
         log.info("stopping: answering parked long-polls, finishing sends in flight")
+        if on_stopping is not None:
+            on_stopping()
         bus.hub.close()
         if retention is not None:
             retention.cancel()
@@ -327,7 +330,10 @@ def _raise_open_file_limit() -> None:
             log.warning("could not raise the open-file limit from %d: %s", soft, exc)
 
 
-def run(config: ServerConfig) -> int:
+def run(config: ServerConfig, on_ready: Callable[[str], None] | None = None,
+        on_stopping: Callable[[], None] | None = None) -> int:
+    """Serve until SIGTERM or SIGINT; the exit code. `on_ready(address)` is called once
+    the socket is bound (the CLI tells systemd), `on_stopping()` when a stop begins."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="agent-bus: %(message)s")
     _raise_open_file_limit()
@@ -336,9 +342,11 @@ def run(config: ServerConfig) -> int:
     def listening(address: str) -> None:
         # Tests and scripts read this line to learn the port (with --port 0).
         print(f"agent-bus: listening on {address} (db {config.db})", file=sys.stderr, flush=True)
+        if on_ready is not None:
+            on_ready(address)
 
     try:
-        asyncio.run(serve(config, listening))
+        asyncio.run(serve(config, listening, on_stopping))
     except (ConfigError, StoreError) as exc:
         print(f"agent-bus serve: {exc}", file=sys.stderr)
         return 2

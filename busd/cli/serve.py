@@ -58,7 +58,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace, env) -> int:
     # Imported here: every other command starts faster and smaller without aiohttp.
     from ..agent.notify import Notifier
-from ..api.common import BusSettings
+    from ..api.common import BusSettings
     from ..server import ServerConfig, run
     from . import die
 
