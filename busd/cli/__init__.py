@@ -40,6 +40,7 @@ class Env:
     no_cursor: bool
     listen_dir: str     # AGENT_BUS_LISTEN_DIR, else <state_dir>/listen: `listen`'s logs
     spool_root: str     # AGENT_BUS_SPOOL, else <state_dir>: the agents' spool folders
+    config_dir: str     # ${XDG_CONFIG_HOME:-~/.config}/agent-bus: `init` writes NAME.env here
     notify_socket: str  # NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: set by systemd
     watchdog_usec: str
     watchdog_pid: str
@@ -63,6 +64,8 @@ class Env:
             listen_dir=environ.get("AGENT_BUS_LISTEN_DIR") or os.path.join(
                 state_home, "agent-bus", "listen"),
             spool_root=environ.get("AGENT_BUS_SPOOL") or os.path.join(state_home, "agent-bus"),
+            config_dir=os.path.join(environ.get("XDG_CONFIG_HOME") or os.path.join(
+                os.path.expanduser("~"), ".config"), "agent-bus"),
             notify_socket=environ.get("NOTIFY_SOCKET", ""),
             watchdog_usec=environ.get("WATCHDOG_USEC", ""),
             watchdog_pid=environ.get("WATCHDOG_PID", ""),
@@ -93,14 +96,14 @@ def exit_code_for(exc: BusClientError) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import agent, directory, handoff, listen, messaging, security, serve
+    from . import agent, directory, handoff, init, listen, messaging, security, serve
 
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, messaging, listen, directory, agent, security, handoff):
+    for module in (serve, messaging, listen, directory, agent, security, handoff, init):
         module.register(commands)
     return parser
 
