@@ -65,6 +65,7 @@ PRIVATE_KEY_IN_REQUEST = ErrorKind(
     40013, 400,
     "the request carries private key material; sign locally and send only the signature")
 BAD_SIGNATURE_FORMAT = ErrorKind(40014, 400, "the signature is malformed")
+SECRET_REFUSED = ErrorKind(40015, 400, "refused by the secret guard")
 
 # 401/403: who you are, and what you may do.
 UNAUTHENTICATED = ErrorKind(40101, 401, "authentication required")
@@ -103,7 +104,9 @@ RATE_LIMITED = ErrorKind(42901, 429, "too many requests; retry after the given d
 
 # 5xx: our side; the client may retry.
 STORAGE_UNAVAILABLE = ErrorKind(
-    50301, 503, "storage is unavailable (disk full or read-only?); nothing was stored, retry later")
+    50301, 503,
+    "storage is unavailable (disk full or read-only? database down?); nothing was stored, "
+    "retry later")
 SHUTTING_DOWN = ErrorKind(50302, 503, "the server is shutting down; retry shortly")
 INTERNAL = ErrorKind(50001, 500, "internal error; the server log has details")
 

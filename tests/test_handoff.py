@@ -144,3 +144,74 @@ def test_hashing_a_2gb_sparse_file_stays_under_64mb(tmp_path):
     assert code == 1  # the whole file was hashed: a mismatch, not unreachable
     assert peak_kb < 64 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
     print(f"hashing a 2 GB sparse file: peak RSS {peak_kb / 1024:.1f} MB")
+
+
+def _handoff_arrival(bus, tmp_path, change):
+    """spark hands off a file to dell while dell's daemon is down; `change` touches the
+    file before dell's daemon starts; returns dell's inbox headers and its log."""
+    spool, shared = tmp_path / "spool", tmp_path / "shared"
+    shared.mkdir()
+    hits = shared / "hits.csv"
+    hits.write_text("a,1\nb,2\n")
+    with AgentProcess("dell", spool, bus.url) as dell:
+        assert dell.stop() == 0
+        sent = cli("handoff", "--to", "dell", str(hits), AGENT_BUS_URL=bus.url, AGENT_NAME="spark")
+        assert sent.returncode == 0, sent.stderr
+        change(hits)
+        dell.start()
+        # The file is filed first, its block logged right after: wait for the block.
+        wait_until(lambda: os.path.exists(dell.layout.inbox_log)
+                   and open(dell.layout.inbox_log, encoding="utf-8").read().endswith("---\n"),
+                   what="the handoff's block in dell's inbox.log")
+        [(headers, _)] = inbox_messages(dell.layout)
+        log_text = open(dell.layout.inbox_log, encoding="utf-8").read()
+        assert dell.stop() == 0
+    return headers, log_text
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda path: None, "verified"),
+    (lambda path: path.write_text("a,1\nb,3\n"), "mismatch"),
+    (lambda path: path.unlink(), "unreachable"),
+])
+def test_the_receiving_daemon_checks_a_handoff_on_arrival(bus, tmp_path, change, expected):
+    headers, log_text = _handoff_arrival(bus, tmp_path, change)
+    assert headers["handoff"] == expected
+    assert log_text.endswith(f"\nhandoff: {expected}\n---\n")
+    assert log_text.count("handoff: ") == 1
+
+
+def test_a_dropped_secret_goes_to_failed_unless_allowed(bus, tmp_path):
+    from tests.agent_support import drop_atomically, files_under
+    spool = tmp_path / "spool"
+    pem = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ+...\n-----END PRIVATE KEY-----\n"
+    with AgentProcess("spark", spool, bus.url) as spark:
+        drop_atomically(spark.layout, "dell", "key.pem", pem)
+        wait_until(lambda: any(n.endswith(".error") for n in files_under(spark.layout.failed)),
+                   what="the refused drop in failed/")
+        [error] = [n for n in files_under(spark.layout.failed) if n.endswith(".error")]
+        reason = open(os.path.join(spark.layout.failed, error), encoding="utf-8").read()
+        assert "PEM private key" in reason and "agent-bus handoff" in reason
+        assert "allow-secret: yes" in reason
+        drop_atomically(spark.layout, None, "key-ok", b"---bus\nto: dell\nallow-secret: yes\n---\n"
+                        + pem)
+        wait_until(lambda: bus.get("/recv?to=dell").json()["messages"], what="the allowed drop")
+        [message] = bus.get("/recv?to=dell").json()["messages"]
+        assert message["msg"].encode() == pem
+        assert spark.stop() == 0
+
+
+def test_the_server_can_enforce_the_guard(tmp_path):
+    with BusServer(tmp_path / "bus.db", "--secret-guard") as guarded:
+        key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn...\n"
+        refused = guarded.post("/send", json={"from": "a", "to": "b", "msg": key})
+        assert refused.status_code == 400 and refused.json()["code"] == 40015
+        assert '"allow_secret": true' in refused.json()["error"]
+        elipc = guarded.post("/send", json={"channel": "c", "sender": "a", "content": key})
+        assert elipc.status_code == 400
+        allowed = guarded.post("/send", json={"from": "a", "to": "b", "msg": key,
+                                              "allow_secret": True})
+        assert allowed.status_code == 200
+        assert guarded.post("/send", json={"from": "a", "to": "b",
+                                           "msg": "plain words"}).status_code == 200
+        assert guarded.stop() == 0

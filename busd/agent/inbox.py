@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from .. import model
+from .. import handoff, model
 from ..client import Backoff, BusClient, BusClientError, monitor_block
 from .spool import FILE_MODE, SpoolLayout, fsync_dir, write_atomically, write_new_file
 
@@ -95,8 +95,25 @@ def format_inbox_file(message: dict) -> bytes:
             lines.append("meta: " + json.dumps(others, ensure_ascii=False))
     if message.get("signed"):
         lines.append("signed: true")
+    if message.get("handoff"):
+        lines.append(f"handoff: {message['handoff']}")
     head = "\n".join(lines) + "\n\n"
     return head.encode("utf-8") + str(message.get("msg", "")).encode("utf-8")
+
+
+def inbox_block(message: dict) -> str:
+    """The Monitor block, with the handoff check's result before the closing `---`."""
+    block = monitor_block(message)
+    if message.get("handoff"):
+        block = block[:-len("---\n")] + f"handoff: {message['handoff']}\n---\n"
+    return block
+
+
+def with_handoff_check(message: dict) -> dict:
+    """A handoff whose file is reachable here (a shared filesystem) is checked on arrival."""
+    if isinstance(message.get("meta"), dict) and message["meta"].get("kind") == "handoff":
+        return {**message, "handoff": handoff.verify_meta(message["meta"])}
+    return message
 
 
 def parse_inbox_file(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -193,6 +210,7 @@ class InboxWriter:
         self.since = 0.0
         self._ids: set[int] = set()
         self._unlogged: set[int] = set()   # filed, block not yet in inbox.log
+        self._handoff_results: dict[int, str | None] = {}  # filed this batch: its check
         self._log_fd: int | None = None
         self._log_ino = 0
         self._saved: ReceiveState | None = None
@@ -256,6 +274,8 @@ class InboxWriter:
                 continue
             name = inbox_file_name(message)
             temp = os.path.join(self.layout.inbox, f".{name}.tmp")
+            message = with_handoff_check(message)
+            self._handoff_results[message_id] = message.get("handoff")
             write_new_file(temp, format_inbox_file(message))
             os.rename(temp, os.path.join(self.layout.inbox, name))
             self._ids.add(message_id)
@@ -271,7 +291,7 @@ class InboxWriter:
         confirmed = recovered = 0
         for message in fresh:
             message_id = int(message["id"])
-            block = monitor_block(message).encode("utf-8")
+            block = inbox_block(self._as_filed(message)).encode("utf-8")
             if self._recovering:
                 if self._confirm(block):
                     confirmed += 1
@@ -308,6 +328,20 @@ class InboxWriter:
         if state != self._saved:
             save_state(self.layout.cursor, state)
             self._saved = state
+
+    def _as_filed(self, message: dict) -> dict:
+        """The message with its handoff result as its inbox file records it, so a block
+        written again after a crash is byte for byte the one written before."""
+        message_id = int(message["id"])
+        if message_id not in self._handoff_results:
+            try:
+                with open(os.path.join(self.layout.inbox, inbox_file_name(message)), "rb") as f:
+                    headers, _ = parse_inbox_file(f.read())
+                self._handoff_results[message_id] = headers.get("handoff")
+            except (OSError, ValueError):
+                self._handoff_results[message_id] = None
+        result = self._handoff_results.pop(message_id)
+        return {**message, "handoff": result} if result else message
 
     def _confirm(self, block: bytes) -> bool:
         """Is `block` next in the crashed run's end of the log? Cut a torn remainder if not."""

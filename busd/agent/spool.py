@@ -15,7 +15,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from .. import model
+from .. import model, secretguard
 from ..errors import BusError
 
 FOLDER_MODE = 0o700
@@ -26,7 +26,7 @@ MAX_HEADER_BYTES = 8 * 1024
 
 HEADER_OPEN = b"---bus\n"
 HEADER_CLOSE = b"---"
-HEADERS = ("to", "channel", "key")
+HEADERS = ("to", "channel", "key", "allow-secret")
 META_PREFIX = "meta."
 
 # Longest file name most filesystems take (bytes).
@@ -284,6 +284,12 @@ def parse_drop(data: bytes, folder: str | None, default_channel: str,
     except BusError as exc:
         raise BadDrop(f"invalid key {key!r}: {exc.message}") from None
 
+    allow_secret = headers.get("allow-secret", "no").lower()
+    if allow_secret not in ("yes", "no"):
+        raise _malformed(f"`allow-secret:` is {allow_secret!r}; write yes or no")
+    if allow_secret == "no" and (problem := secretguard.refusal(body_text)):
+        raise BadDrop(f"{problem.replace('--allow-secret', 'the header `allow-secret: yes`')}")
+
     meta = {name[len(META_PREFIX):]: value for name, value in headers.items()
             if name.startswith(META_PREFIX)} or None
     try:
@@ -332,7 +338,8 @@ def _split_header_block(data: bytes) -> tuple[dict[str, str], bytes]:
 
 def _malformed(detail: str) -> BadDrop:
     return BadDrop(f"malformed header block: {detail}. A header block is the line `---bus`, "
-                   "then `name: value` lines (to, channel, key, meta.<field>), then the line "
+                   "then `name: value` lines (to, channel, key, allow-secret, meta.<field>), "
+                   "then the line "
                    "`---`; see spool/README.md")
 
 

@@ -5,15 +5,15 @@ import asyncio
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 from aiohttp import web
 
-from .. import errors
+from .. import errors, secretguard
 from ..errors import BusError
 from ..identity import Access, Principal
 from ..metrics import BusMetrics
-from ..model import Limits, NewMessage, SendResult, StoredMessage
+from ..model import Limits, NewMessage, SendResult
 from ..store import Store
 from ..waiters import WaiterHub
 
@@ -24,6 +24,7 @@ class BusSettings:
     default_batch: int = 100            # rapid's default `max`
     max_batch: int = 1000               # largest `max` a client may ask for
     body_timeout: float = 10.0          # a body must arrive within this
+    secret_guard: bool = False          # refuse bodies that look like keys or credentials
     limits: Limits = field(default_factory=Limits)
     card_name: str = "agent-bus"
     card_description: str = "A message bus for agents: addressed messages and channel broadcasts."
@@ -167,15 +168,21 @@ def query_batch(request: web.Request, name: str = "max") -> int:
 def check_signature(value: object) -> str | None:
     if value in (None, ""):
         return None
-    if not isinstance(value, str) or len(value) > 200 or not value.isascii():
+    # Printable: a control character is never base64, and PostgreSQL text refuses NUL.
+    if (not isinstance(value, str) or len(value) > 200 or not value.isascii()
+            or not value.isprintable()):
         raise BusError(errors.BAD_SIGNATURE_FORMAT, "expected base64 text")
     return value
 
 
 async def accept_send(request: web.Request, message: NewMessage, signed_at: object,
-                      legacy: bool) -> SendResult:
+                      legacy: bool, allow_secret: object = False) -> SendResult:
     """The one way a send is stored: who may send it, its signature, then a durable commit."""
     bus = bus_of(request)
+    if bus.settings.secret_guard and allow_secret is not True:
+        if problem := secretguard.refusal(message.body):
+            raise BusError(errors.SECRET_REFUSED,
+                           problem.replace("--allow-secret", '"allow_secret": true'))
     if signed_at is not None and (not isinstance(signed_at, int) or isinstance(signed_at, bool)):
         raise BusError(errors.WRONG_TYPE, "signed_at must be whole milliseconds since 1970")
     bus.access.check_send_as(principal_of(request), message.sender, message.channel)
@@ -187,30 +194,27 @@ async def accept_send(request: web.Request, message: NewMessage, signed_at: obje
     return result
 
 
-Fetch = Callable[[], Awaitable[list[StoredMessage]]]
+Found = TypeVar("Found")
 
 
-async def long_poll(bus: Bus, channel: str, name: str, fetch: Fetch,
-                    block: bool) -> tuple[list[StoredMessage], float]:
+async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Awaitable[Found]],
+                    block: bool, has_messages: Callable[[Found], bool]) -> Found:
     """Fetch; if nothing and `block`, park until a matching commit or the hold ends.
 
-    Returns the messages and a `now` sampled before the fetch that found them,
-    so the cursor rule holds: nothing visible later is at or below that `now`.
+    Returns what the last fetch found (a rapid fetch carries its own safe `now`).
     """
     if not block or bus.hub.closed:
-        now = bus.store.now()
-        return await fetch(), now
+        return await fetch()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + bus.settings.hold_seconds
     while True:
         # Park before looking, so a commit between the look and the park still wakes us.
         waiter = bus.hub.register(channel, name)
         try:
-            now = bus.store.now()
-            messages = await fetch()
+            found = await fetch()
             remaining = deadline - loop.time()
-            if messages or remaining <= 0 or bus.hub.closed:
-                return messages, now
+            if has_messages(found) or remaining <= 0 or bus.hub.closed:
+                return found
             await waiter.wait(remaining)
         finally:
             bus.hub.unregister(waiter)

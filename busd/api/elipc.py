@@ -32,7 +32,8 @@ async def send(request: web.Request, body: dict) -> web.Response:
         key=check_key(body.get("key")),
         signature=check_signature(body.get("signature")),
     )
-    result = await accept_send(request, message, body.get("signed_at"), legacy=True)
+    result = await accept_send(request, message, body.get("signed_at"), legacy=True,
+                               allow_secret=body.get("allow_secret"))
     return reply({"ok": True, "id": result.message.id})
 
 
@@ -66,7 +67,7 @@ async def messages(request: web.Request) -> web.Response:
     async def fetch():
         return await bus.store.read_unread(agent, channel, READ_BATCH)
 
-    found, _ = await long_poll(bus, channel, agent, fetch, wait)
+    found = await long_poll(bus, channel, agent, fetch, wait, has_messages=bool)
     bus.metrics.handed_out(found)
     return reply([m.as_elipc() for m in found])
 

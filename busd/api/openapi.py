@@ -39,6 +39,7 @@ SCHEMAS: dict[str, Any] = {
             "channel": OPTIONAL(NAME), "key": OPTIONAL(KEY), "meta": OPTIONAL(META),
             "signature": OPTIONAL(SIGNATURE),
             "signed_at": OPTIONAL({"type": "integer", "description": "milliseconds since 1970"}),
+            "allow_secret": OPTIONAL({"type": "boolean"}),
         },
     },
     "ElipcSend": {
@@ -47,7 +48,8 @@ SCHEMAS: dict[str, Any] = {
                        "content": {"type": "string", "minLength": 1, "maxLength": 65536},
                        "key": OPTIONAL(KEY), "meta": OPTIONAL(META),
                        "signature": OPTIONAL(SIGNATURE),
-                       "signed_at": OPTIONAL({"type": "integer"})},
+                       "signed_at": OPTIONAL({"type": "integer"}),
+                       "allow_secret": OPTIONAL({"type": "boolean"})},
     },
     "RapidAck": {
         "type": "object", "required": ["ok", "ts", "channel", "id"],

@@ -28,7 +28,8 @@ async def send(request: web.Request, body: dict) -> web.Response:
         key=check_key(body.get("key")),
         signature=check_signature(body.get("signature")),
     )
-    result = await accept_send(request, message, body.get("signed_at"), legacy=False)
+    result = await accept_send(request, message, body.get("signed_at"), legacy=False,
+                               allow_secret=body.get("allow_secret"))
     stored = result.message
     payload = {"ok": True, "ts": stored.ts, "channel": stored.channel, "id": stored.id}
     if result.duplicate:
@@ -51,7 +52,9 @@ async def recv(request: web.Request) -> web.Response:
     async def fetch():
         return await bus.store.recv(to, channel, since, limit)
 
-    messages, now = await long_poll(bus, channel, to, fetch, block)
+    received = await long_poll(bus, channel, to, fetch, block,
+                               has_messages=lambda batch: bool(batch.messages))
+    messages, now = received.messages, received.now
     bus.store.acknowledge(to, channel, since)
     bus.metrics.handed_out(messages)
     if len(messages) >= limit:
@@ -64,9 +67,9 @@ async def recv(request: web.Request) -> web.Response:
 async def inbox(request: web.Request) -> web.Response:
     bus = bus_of(request)
     bus.access.check_admin(principal_of(request))
-    now = bus.store.now()
+    now = await bus.store.now()
     return reply({"recipients": await bus.store.pending_counts(), "now": now})
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return reply({"ok": True, "now": bus_of(request).store.now()})
+    return reply({"ok": True, "now": await bus_of(request).store.now()})

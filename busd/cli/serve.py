@@ -1,26 +1,31 @@
-"""`agent-bus serve`: run the bus server."""
+"""`agent-bus serve`: run the bus server. `agent-bus migrate`: bring its database's
+schema up to date without serving."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 
 from ..identity import LEGACY_SIGNATURES
 from ..model import Limits
 
 
+DB_HELP = ("a SQLite database path, or a postgresql://USER@HOST:PORT/DATABASE URL that several "
+           "servers may share (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus/bus.db)")
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "serve", help="run the bus server",
         description="Run the bus server: the rapid and el-ipc protocols on one port, "
-                    "stored durably in SQLite.")
+                    "stored durably in SQLite, or in PostgreSQL shared by any number of "
+                    "servers (--db postgresql://...).")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other address "
                              "needs authentication or --insecure-open)")
     parser.add_argument("--port", type=int, default=9876,
                         help="port to listen on (default 9876; 0 picks a free one)")
-    parser.add_argument("--db", default=None,
-                        help="SQLite database path (default "
-                             "${XDG_STATE_HOME:-~/.local/state}/agent-bus/bus.db)")
+    parser.add_argument("--db", default=None, help=DB_HELP)
     parser.add_argument("--insecure-open", action="store_true",
                         help="allow a non-loopback address with no authentication")
     parser.add_argument("--tls-cert", default=None, help="serve https with this certificate (PEM)")
@@ -45,6 +50,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="how long a request body may take to arrive (default 10)")
     parser.add_argument("--max-msg-bytes", type=int, default=Limits().max_msg_bytes,
                         help="largest message body in bytes (default 65536)")
+    parser.add_argument("--secret-guard", action="store_true",
+                        help="refuse message bodies that look like keys or credentials "
+                             "(a send may still pass \"allow_secret\": true)")
     parser.add_argument("--retain-days", type=float, default=0, metavar="DAYS",
                         help="remove messages older than this once read (default 0: keep all)")
     parser.add_argument("--retain-per-queue", type=int, default=0, metavar="N",
@@ -53,6 +61,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--retention-every", type=float, default=60.0, metavar="SECONDS",
                         help="how often retention runs (default 60)")
     parser.set_defaults(func=_serve)
+
+    migrate = commands.add_parser(
+        "migrate", help="create or upgrade the database schema, then exit",
+        description="Apply the schema migrations the database lacks (serve also does this "
+                    "as it starts). Run it before starting several servers on a new "
+                    "PostgreSQL database, or to upgrade one without serving.")
+    migrate.add_argument("--db", default=None, help=DB_HELP)
+    migrate.set_defaults(func=_migrate)
 
 
 def _serve(args: argparse.Namespace, env) -> int:
@@ -71,6 +87,7 @@ def _serve(args: argparse.Namespace, env) -> int:
     os.umask(0o077)
     db = args.db or os.path.join(env.state_dir, "bus.db")
     settings = BusSettings(hold_seconds=args.hold, body_timeout=args.body_timeout,
+                           secret_guard=args.secret_guard,
                            limits=Limits(max_msg_bytes=args.max_msg_bytes))
     if args.idle_timeout <= 0:
         die("--idle-timeout must be more than 0 seconds")
@@ -95,3 +112,28 @@ def _serve(args: argparse.Namespace, env) -> int:
                    on_stopping=notifier.stopping)
     finally:
         notifier.close()
+
+
+def _migrate(args: argparse.Namespace, env) -> int:
+    from ..server import open_store
+    from ..store import StoreError, shown_database
+    from . import EXIT_OK, die
+
+    os.umask(0o077)
+    db = args.db or os.path.join(env.state_dir, "bus.db")
+
+    async def apply() -> tuple[int, int]:
+        store = open_store(db, exclusive=False)
+        await store.open()  # opening applies what is missing
+        await store.close()
+        return store.migrated
+
+    try:
+        before, after = asyncio.run(apply())
+    except StoreError as exc:
+        die(str(exc))
+    if before == after:
+        print(f"{shown_database(db)}: schema version {after}, already up to date")
+    else:
+        print(f"{shown_database(db)}: schema version {before} -> {after}")
+    return EXIT_OK
