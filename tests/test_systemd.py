@@ -271,8 +271,10 @@ def bus_host(tmp_path_factory):
                 f"[Service]\nStandardOutput=append:{host.logs}/%n.log\n"
                 f"StandardError=append:{host.logs}/%n.log\n")
         (config / "server.env").write_text(f"AGENT_BUS_SERVE_ARGS=--port {host.port}\n")
+        # Channel '*' (all channels) is quoted in the settings file: systemd must read
+        # it back as it is.
         installed = install(host.home, venv, "--agent", "spark", "--agent", "dell",
-                            manager=manager, AGENT_BUS_URL=host.url)
+                            manager=manager, AGENT_BUS_URL=host.url, AGENT_BUS_CHANNEL="*")
         assert "loaded" in installed.stdout, installed.stdout
         # spark signs its sends and names the bus by host name: the hardened unit must
         # allow both (cryptography under MemoryDenyWriteExecute, getaddrinfo).
@@ -303,6 +305,8 @@ def test_enable_now_starts_the_server_and_agents_and_a_drop_is_delivered(bus_hos
     # Type=notify: each told systemd what it serves.
     status = manager.show("agent-bus-server", "StatusText")["StatusText"]
     assert status == f"listening on {bus_host.url}"
+    status = manager.show("agent-bus@dell", "StatusText")["StatusText"]
+    assert status == (f"serving {bus_host.spool}/dell <-> {bus_host.url} (channel *)")
     assert (bus_host.spool / "bus.db").exists()
 
     bus_host.drop("spark", "dell", "t1", "T1 verify done\n")
@@ -343,30 +347,46 @@ def test_a_killed_daemon_is_restarted_and_a_file_dropped_meanwhile_goes_once(bus
 def test_a_frozen_daemon_is_restarted_by_the_watchdog(bus_host):
     manager = bus_host.manager
     # A short watchdog for this test only, as a user would override it; the longer
-    # RestartSec leaves time to see why it was restarted before it is.
-    dropin = bus_host.units / "agent-bus@spark.service.d"
+    # RestartSec leaves time to see why it was restarted before it is. (dell, not spark:
+    # each start counts against StartLimitBurst.)
+    dropin = bus_host.units / "agent-bus@dell.service.d"
     dropin.mkdir(exist_ok=True)
     (dropin / "test-watchdog.conf").write_text("[Service]\nWatchdogSec=4\nRestartSec=5\n")
     manager.systemctl("daemon-reload")
-    manager.systemctl("restart", "agent-bus@spark")
-    assert manager.show("agent-bus@spark", "WatchdogUSec")["WatchdogUSec"] == "4s"
-    restarts = int(manager.show("agent-bus@spark", "NRestarts")["NRestarts"])
-    pid = bus_host.main_pid("agent-bus@spark")
+    manager.systemctl("restart", "agent-bus@dell")
+    assert manager.show("agent-bus@dell", "WatchdogUSec")["WatchdogUSec"] == "4s"
+    restarts = int(manager.show("agent-bus@dell", "NRestarts")["NRestarts"])
+    pid = bus_host.main_pid("agent-bus@dell")
 
     os.kill(pid, signal.SIGSTOP)  # alive, but silent: no more WATCHDOG=1
     frozen_at = time.monotonic()
-    manager.wait_for("agent-bus@spark", Result="watchdog", SubState="auto-restart",
+    manager.wait_for("agent-bus@dell", Result="watchdog", SubState="auto-restart",
                      timeout=15)
     assert time.monotonic() - frozen_at >= 2  # not before the daemon went quiet
-    manager.wait_for("agent-bus@spark", ActiveState="active", SubState="running", timeout=20)
-    assert bus_host.main_pid("agent-bus@spark") != pid
-    assert int(manager.show("agent-bus@spark", "NRestarts")["NRestarts"]) == restarts + 1
+    manager.wait_for("agent-bus@dell", ActiveState="active", SubState="running", timeout=20)
+    assert bus_host.main_pid("agent-bus@dell") != pid
+    assert int(manager.show("agent-bus@dell", "NRestarts")["NRestarts"]) == restarts + 1
     # Killed with the watchdog's SIGABRT, Python printed where every thread was.
-    assert "Fatal Python error: Aborted" in bus_host.log("agent-bus@spark.service")
+    assert "Fatal Python error: Aborted" in bus_host.log("agent-bus@dell.service")
 
     # And the restarted daemon works.
-    bus_host.drop("spark", "dell", "after-watchdog", "spark is back\n")
-    bus_host.wait_for_inbox("dell", "spark is back")
+    bus_host.drop("dell", "spark", "after-watchdog", "dell is back\n")
+    bus_host.wait_for_inbox("spark", "dell is back")
+
+
+@needs_systemd
+@needs_root
+def test_running_again_restarts_the_running_units_on_the_new_program(bus_host):
+    manager = bus_host.manager
+    units = ("agent-bus-server.service", "agent-bus@dell.service", "agent-bus@spark.service")
+    before = {unit: bus_host.main_pid(unit) for unit in units}
+    again = install(bus_host.home, bus_host.venv, manager=manager)
+    assert f"restarted on the new version: {' '.join(units)}" in again.stdout
+    for unit in units:
+        manager.wait_for(unit, ActiveState="active", SubState="running", timeout=20)
+        assert bus_host.main_pid(unit) != before[unit], unit
+    bus_host.drop("spark", "dell", "after-upgrade", "upgraded\n")
+    bus_host.wait_for_inbox("dell", "upgraded")
 
 
 @needs_systemd
@@ -403,5 +423,5 @@ def test_uninstall_stops_and_removes_the_units_and_keeps_the_data(bus_host):
                 if p.name in USER_UNITS or p.is_symlink()]
     assert (bus_host.home / ".config" / "agent-bus" / "spark.env").exists()
     assert (bus_host.spool / "bus.db").exists()
-    assert "spark is back" in bus_host.inbox_log("dell")
+    assert "upgraded" in bus_host.inbox_log("dell")
     assert (venv / "bin" / "agent-bus").exists()
