@@ -24,7 +24,7 @@ from .api.common import (BUS, ERROR_CODE, PRINCIPAL, Bus, BusSettings, error_rep
 from .errors import BusError
 from .identity import Access
 from .ratelimit import RateLimiter
-from .store import Store, StoreError
+from .store import Store, StoreError, shown_database
 from .store_sqlite import SQLiteStore
 
 log = logging.getLogger("busd.server")
@@ -165,6 +165,8 @@ def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
     app[BUS] = bus
     app[GUARD] = guard
     bus.store.on_commit = bus.committed
+    bus.store.on_remote_commit = bus.hub.publish
+    bus.store.on_commits_missed = bus.hub.wake_all
 
     async def answer_parked_polls(_app: web.Application) -> None:
         bus.hub.close()
@@ -220,10 +222,22 @@ class ConfigError(Exception):
     """The server cannot start as configured; the message says what to change."""
 
 
-def open_store(db: str) -> Store:
-    if db.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("PostgreSQL storage is not available in this version; use a SQLite path")
-    return SQLiteStore(db)
+def is_postgres(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(db: str, exclusive: bool = True) -> Store:
+    """The one place a --db value becomes a store: a PostgreSQL URL or a SQLite path.
+
+    `exclusive`: the store of a serving server (it takes a SQLite file for itself,
+    and listens for the commits of other servers sharing a PostgreSQL database);
+    False for admin commands working beside a running server.
+    """
+    if is_postgres(db):
+        # Imported only here: a SQLite bus never loads psycopg.
+        from .store_pg import PostgresStore
+        return PostgresStore(db, listen=exclusive)
+    return SQLiteStore(db, exclusive=exclusive)
 
 
 def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
@@ -341,7 +355,8 @@ def run(config: ServerConfig, on_ready: Callable[[str], None] | None = None,
 
     def listening(address: str) -> None:
         # Tests and scripts read this line to learn the port (with --port 0).
-        print(f"agent-bus: listening on {address} (db {config.db})", file=sys.stderr, flush=True)
+        print(f"agent-bus: listening on {address} (db {shown_database(config.db)})",
+              file=sys.stderr, flush=True)
         if on_ready is not None:
             on_ready(address)
 

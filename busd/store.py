@@ -2,8 +2,10 @@
 
 A store knows no HTTP. It assigns each message its id and ts at commit, keeps
 idempotency keys, el-ipc watermarks and recipients' acknowledged cursors, and
-calls `on_commit` (on the event loop thread) with the messages each commit made
-visible, so the server can wake parked long-polls.
+tells the server (on the event loop thread) what became visible, so it can wake
+parked long-polls: `on_commit` with the messages this server committed,
+`on_remote_commit` with what another server sharing the database committed, and
+`on_commits_missed` when such news may have been lost (every waiter re-checks).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
+from urllib.parse import urlsplit
 
 from .model import NewMessage, SendResult, StoredMessage
 
@@ -23,11 +26,30 @@ class TokenRecord:
     admin: bool
 
 
+@dataclass(frozen=True)
+class CommitNotice:
+    """What another server's commit made visible: enough to know whom to wake."""
+    channel: str
+    to: str
+
+
+@dataclass(frozen=True)
+class Received:
+    """A recv batch and the cursor value that goes with it."""
+    messages: list[StoredMessage]
+    now: float   # every message that becomes visible later has a larger ts
+
+
 CommitListener = Callable[[Sequence[StoredMessage]], None]
+RemoteCommitListener = Callable[[Sequence[CommitNotice]], None]
 
 
 class Store(abc.ABC):
     on_commit: CommitListener | None = None
+    on_remote_commit: RemoteCommitListener | None = None
+    on_commits_missed: Callable[[], None] | None = None
+    # Schema versions (before, after) of the last open(): what it migrated.
+    migrated: tuple[int, int] | None = None
 
     @abc.abstractmethod
     async def open(self) -> None: ...
@@ -37,7 +59,7 @@ class Store(abc.ABC):
         """Finish every write already accepted, then release the database."""
 
     @abc.abstractmethod
-    def now(self) -> float:
+    async def now(self) -> float:
         """A cursor value no later message can fall at or below.
 
         Every message that becomes visible after this call has a larger ts, so a
@@ -49,8 +71,9 @@ class Store(abc.ABC):
         """Store durably (returns after the commit); a repeated (from, key) returns the first."""
 
     @abc.abstractmethod
-    async def recv(self, to: str, channel: str, since: float, limit: int) -> list[StoredMessage]:
-        """Messages for `to` (addressed, or broadcast by someone else) with ts > since, oldest first.
+    async def recv(self, to: str, channel: str, since: float, limit: int) -> Received:
+        """Messages for `to` (addressed, or broadcast by someone else) with ts > since, oldest
+        first, and a `now` that is safe together with them.
 
         channel "*" reads every channel.
         """
@@ -118,6 +141,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_flag(self, name: str, value: str) -> None: ...
+
+
+def shown_database(db: str) -> str:
+    """A --db value as logs and errors may show it: a PostgreSQL URL loses its password."""
+    if not db.startswith(("postgresql://", "postgres://")):
+        return db
+    parts = urlsplit(db)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        netloc = userinfo.split(":", 1)[0] + ":***@" + hostinfo
+    query = "&".join("password=***" if item.lower().startswith("password=") else item
+                     for item in parts.query.split("&")) if parts.query else ""
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 class StoreError(Exception):

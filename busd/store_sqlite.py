@@ -25,7 +25,7 @@ from typing import Any
 from . import errors
 from .errors import BusError
 from .model import NewMessage, SendResult, StoredMessage, encode_meta
-from .store import CommitClock, Store, StoreError, TokenRecord
+from .store import CommitClock, Received, Store, StoreError, TokenRecord
 
 log = logging.getLogger("busd.store")
 
@@ -246,14 +246,15 @@ class SQLiteStore(Store):
         self._lock_file = self._take_lock() if self.exclusive else None
         writer_conn = None
         try:
+            created = None
             if not os.path.exists(self.path):
-                self._create(folder)
+                created = self._create(folder)
             elif os.path.getsize(self.path) == 0:
                 # Checked before connecting: setting WAL mode would write a header into it.
                 raise sqlite3.DatabaseError("the file is empty")
             writer_conn = self._connect()
             self._check_usable(writer_conn)
-            self._migrate(writer_conn)
+            self.migrated = created or self._migrate(writer_conn)
             self._clock = CommitClock(self._load_clock(writer_conn))
             self._next_id = (writer_conn.execute(SQL_MAX_ID).fetchone()[0] or 0) + 1
             self._reader = self._connect()
@@ -274,7 +275,7 @@ class SQLiteStore(Store):
                                         name="busd-sqlite-writer", daemon=True)
         self._writer.start()
 
-    def _create(self, folder: str) -> None:
+    def _create(self, folder: str) -> tuple[int, int]:
         """A new database appears whole or not at all: made aside, then renamed in.
 
         So a file at the path that is empty or half-written is never ours, and is
@@ -286,7 +287,7 @@ class SQLiteStore(Store):
             conn = sqlite3.connect(tmp, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
-                self._migrate(conn)
+                migrated = self._migrate(conn)
             finally:
                 conn.close()
             os.replace(tmp, self.path)
@@ -299,6 +300,7 @@ class SQLiteStore(Store):
             for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
                 if os.path.exists(leftover):
                     os.unlink(leftover)
+        return migrated
 
     def _check_usable(self, conn: sqlite3.Connection) -> None:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -351,7 +353,8 @@ class SQLiteStore(Store):
         return conn
 
     @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
+    def _migrate(conn: sqlite3.Connection) -> tuple[int, int]:
+        """Apply the migrations the database lacks; returns its versions before and after."""
         conn.execute(SQL_CREATE_VERSION_TABLE)
         row = conn.execute(SQL_GET_VERSION).fetchone()
         if row is None:
@@ -374,6 +377,7 @@ class SQLiteStore(Store):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+        return version, SCHEMA_VERSION
 
     @staticmethod
     def _load_clock(conn: sqlite3.Connection) -> float:
@@ -464,7 +468,7 @@ class SQLiteStore(Store):
 
     # -- the interface -----------------------------------------------------
 
-    def now(self) -> float:
+    async def now(self) -> float:
         return self._clock.now()
 
     async def append(self, message: NewMessage) -> SendResult:
@@ -493,12 +497,14 @@ class SQLiteStore(Store):
             group.by_key[(message.sender, message.key)] = stored
         return await future
 
-    async def recv(self, to: str, channel: str, since: float, limit: int) -> list[StoredMessage]:
+    async def recv(self, to: str, channel: str, since: float, limit: int) -> Received:
+        # Sampled before the read: a commit that lands in between is above it.
+        now = self._clock.now()
         if channel == "*":
             rows = self._reader.execute(SQL_RECV_ALL_CHANNELS, (to, since, to, limit))
         else:
             rows = self._reader.execute(SQL_RECV, (to, channel, since, to, limit))
-        return [_row_to_message(row) for row in rows.fetchall()]
+        return Received([_row_to_message(row) for row in rows.fetchall()], now)
 
     def acknowledge(self, agent: str, channel: str, since: float) -> None:
         key = (agent, channel)

@@ -1,7 +1,8 @@
 """Parked long-polls, woken the moment a matching message is committed.
 
 The hub knows nothing of SQL: a store (SQLite in-process, PostgreSQL through
-LISTEN/NOTIFY) tells it what was committed, and it wakes the waiters that care.
+LISTEN/NOTIFY) tells it what was committed, and it wakes the waiters that care;
+`publish` needs only each committed thing's `.channel` and `.to`.
 Everything here runs on the event loop thread.
 """
 from __future__ import annotations
@@ -82,12 +83,16 @@ class WaiterHub:
                     if group:
                         _wake(group)
 
-    def close(self) -> None:
-        """Answer every parked poll now (shutdown); later polls do not park."""
-        self.closed = True
+    def wake_all(self) -> None:
+        """Wake every parked poll to re-check: news of some commits may have been lost."""
         for names in self._by_channel.values():
             for group in names.values():
                 _wake(group)
+
+    def close(self) -> None:
+        """Answer every parked poll now (shutdown); later polls do not park."""
+        self.closed = True
+        self.wake_all()
 
 
 def _wake(group: set[Waiter]) -> None:

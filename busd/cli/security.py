@@ -1,9 +1,9 @@
 """Credentials: `agent-bus token`, `keygen`, `operator seed`, `register`.
 
 `token` and `operator seed` are the bus operator's commands: they work on the
-server's database file directly (beside a running server, which sees the change
-at once). `keygen` only writes files. `register` signs on this machine and sends
-only the signature.
+server's database directly, a SQLite file or a PostgreSQL URL (beside running
+servers, which see the change at once). `keygen` only writes files. `register`
+signs on this machine and sends only the signature.
 """
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from .. import signing
 from ..identity import hash_token, new_token
 from ..model import check_channel, check_name
 from ..errors import BusError
-from ..store_sqlite import SQLiteStore
+from ..store import StoreError, shown_database
 from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+
+
+DB_HELP = ("the server's database: a SQLite path or a postgresql:// URL (default: the "
+           "server's default SQLite path)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -34,16 +38,15 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="comma-separated channels it may use (default: every channel)")
     create.add_argument("--admin", action="store_true",
                         help="may also read /inbox, /channels and agent details")
-    create.add_argument("--db", default=None, help="the server's database (default: the "
-                                                   "server's default path)")
+    create.add_argument("--db", default=None, help=DB_HELP)
     create.set_defaults(func=_token_create)
     revoke = actions.add_parser("revoke", help="revoke NAME's tokens (or one, with --id)")
     revoke.add_argument("name", nargs="?", default=None, help="revoke every token of this agent")
     revoke.add_argument("--id", type=int, default=None, help="revoke only the token with this id")
-    revoke.add_argument("--db", default=None, help="the server's database")
+    revoke.add_argument("--db", default=None, help=DB_HELP)
     revoke.set_defaults(func=_token_revoke)
     listing = actions.add_parser("list", help="list tokens (never their secret)")
-    listing.add_argument("--db", default=None, help="the server's database")
+    listing.add_argument("--db", default=None, help=DB_HELP)
     listing.set_defaults(func=_token_list)
 
     keygen = commands.add_parser(
@@ -62,7 +65,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     seed.add_argument("name", help="the operator's name")
     seed.add_argument("--out", default=None, metavar="PREFIX",
                       help="write PREFIX.key and PREFIX.pub instead of printing the private key")
-    seed.add_argument("--db", default=None, help="the server's database")
+    seed.add_argument("--db", default=None, help=DB_HELP)
     seed.set_defaults(func=_operator_seed)
 
     reg = commands.add_parser(
@@ -79,15 +82,18 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _db(args: argparse.Namespace, env: Env) -> str:
     path = args.db or os.path.join(env.state_dir, "bus.db")
-    if not os.path.exists(path):
+    if not path.startswith(("postgresql://", "postgres://")) and not os.path.exists(path):
         raise CommandError(f"no bus database at {path}; start the server once (agent-bus serve) "
                            "or pass --db", EXIT_USAGE)
     return path
 
 
-def _with_store(path: str, work):
+def _with_store(db: str, work):
+    # Imported here: only these commands need the server's store factory.
+    from ..server import open_store
+
     async def run():
-        store = SQLiteStore(path, exclusive=False)
+        store = open_store(db, exclusive=False)
         await store.open()
         try:
             return await work(store)
@@ -95,8 +101,10 @@ def _with_store(path: str, work):
             await store.close()
     try:
         return asyncio.run(run())
+    except StoreError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
     except BusError as exc:
-        raise CommandError(f"{path}: {exc.message}", EXIT_REFUSED) from None
+        raise CommandError(f"{shown_database(db)}: {exc.message}", EXIT_REFUSED) from None
 
 
 def _valid(check, value, what: str) -> str:
