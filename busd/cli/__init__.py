@@ -96,14 +96,14 @@ def exit_code_for(exc: BusClientError) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import agent, directory, handoff, init, listen, messaging, security, serve
+    from . import agent, directory, handoff, init, listen, mcp, messaging, security, serve
 
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, messaging, listen, directory, agent, security, handoff, init):
+    for module in (serve, messaging, listen, directory, agent, security, handoff, init, mcp):
         module.register(commands)
     return parser
 

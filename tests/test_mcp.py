@@ -1,0 +1,148 @@
+"""`agent-bus mcp NAME` driven by the MCP SDK's own client over stdio."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from tests.agent_support import AgentProcess, inbox_files, inbox_messages
+from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+
+TOOLS = {"send", "inbox", "read", "wait", "handoff", "verify", "agents"}
+
+
+@asynccontextmanager
+async def mcp_session(name: str, bus_url: str, spool):
+    env = {key: value for key, value in repo_env().items()
+           if key in ("PATH", "PYTHONPATH", "HOME", "LANG")}
+    env.update(AGENT_BUS_URL=bus_url, AGENT_BUS_SPOOL=str(spool))
+    params = StdioServerParameters(command=sys.executable, args=["-m", "busd", "mcp", name],
+                                   env=env)
+    with open(os.devnull, "w") as quiet:
+        async with stdio_client(params, errlog=quiet) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
+
+
+def payload(result):
+    """A tool result's value: the structured content, or the JSON in its text."""
+    assert not result.is_error, result.content
+    if result.structured_content is not None:
+        value = result.structured_content
+        return value.get("result", value) if set(value) == {"result"} else value
+    return json.loads(result.content[0].text)
+
+
+def error_text(result) -> str:
+    assert result.is_error, result
+    return " ".join(getattr(part, "text", "") for part in result.content)
+
+
+def send_as(bus, sender, to, body):
+    done = subprocess.run(agent_bus_cmd("send", to), input=body.encode(), capture_output=True,
+                          env=repo_env(AGENT_BUS_URL=bus.url, AGENT_NAME=sender), timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def bus(tmp_path):
+    with BusServer(tmp_path / "bus.db") as server:
+        yield server
+        assert server.stop() == 0
+
+
+def test_tools_with_the_daemons_running(bus, tmp_path):
+    spool = tmp_path / "spool"
+    with AgentProcess("spark", spool, bus.url) as spark, AgentProcess("dell", spool, bus.url) as dell:
+        async def scenario():
+            async with mcp_session("spark", bus.url, spool) as session:
+                listed = await session.list_tools()
+                assert TOOLS <= {tool.name for tool in listed.tools}
+                assert all(tool.description and tool.input_schema for tool in listed.tools)
+
+                ack = payload(await session.call_tool("send", {"to": "dell", "body": "from mcp"}))
+                assert ack["ok"] is True
+                wait_until(lambda: inbox_files(dell.layout), what="dell's copy")
+
+                # wait: dell answers while spark's assistant is blocked in `wait`.
+                waiting = asyncio.create_task(session.call_tool("wait", {"seconds": 20}))
+                await asyncio.sleep(0.5)
+                sent_at = time.monotonic()
+                await asyncio.to_thread(send_as, bus, "dell", "spark", "answer from dell")
+                got = payload(await waiting)
+                assert time.monotonic() - sent_at < 1.0
+                assert (got["from"], got["body"]) == ("dell", "answer from dell")
+
+                send_as(bus, "dell", "spark", "second")
+                wait_until(lambda: len(inbox_files(spark.layout)) == 2, what="spark's 2nd file")
+                unread = payload(await session.call_tool("inbox", {}))
+                assert [m["body"] for m in unread] == ["second"]
+                assert os.path.dirname(unread[0]["file"]) == spark.layout.inbox
+                assert payload(await session.call_tool("inbox", {})) == []
+                again = payload(await session.call_tool("read", {"id": unread[0]["id"]}))
+                assert again["body"] == "second"
+                return ack
+
+        ack = asyncio.run(scenario())
+        [(headers, body)] = inbox_messages(dell.layout)
+        assert (int(headers["id"]), body) == (ack["id"], b"from mcp")
+        # The daemon filed each message once; the tools made no copies.
+        assert len(inbox_files(spark.layout)) == 2
+        assert spark.stop() == 0 and dell.stop() == 0
+
+
+def test_tool_input_errors_are_tool_errors(bus, tmp_path):
+    pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ+...\n-----END PRIVATE KEY-----\n"
+
+    async def scenario():
+        async with mcp_session("spark", bus.url, tmp_path / "spool") as session:
+            refused = error_text(await session.call_tool("send", {"to": "dell", "body": pem}))
+            assert "handoff" in refused and "PEM private key" in refused
+            assert "invalid recipient" in error_text(
+                await session.call_tool("send", {"to": "bad name", "body": "x"}))
+            assert "body is empty" in error_text(
+                await session.call_tool("send", {"to": "dell", "body": ""}))
+            assert "no message 424242" in error_text(
+                await session.call_tool("read", {"id": 424242}))
+            assert "positive" in error_text(await session.call_tool("read", {"id": -3}))
+            assert "seconds" in error_text(await session.call_tool("wait", {"seconds": 0}))
+            assert "path and sha256" in error_text(await session.call_tool("verify", {}))
+            assert "not a regular file" in error_text(await session.call_tool(
+                "handoff", {"to": "dell", "paths": [str(tmp_path / "missing")]}))
+            # Still alive after all that.
+            assert payload(await session.call_tool("send", {"to": "dell", "body": "ok"}))["ok"]
+
+    asyncio.run(scenario())
+    assert [m["msg"] for m in bus.get("/recv?to=dell").json()["messages"]] == ["ok"]
+
+
+def test_without_a_daemon_the_tools_file_the_inbox_themselves(bus, tmp_path):
+    spool = tmp_path / "spool"
+    send_as(bus, "dell", "spark", "while no daemon ran")
+
+    async def scenario():
+        async with mcp_session("spark", bus.url, spool) as session:
+            unread = payload(await session.call_tool("inbox", {}))
+            assert [m["body"] for m in unread] == ["while no daemon ran"]
+            waiting = asyncio.create_task(session.call_tool("wait", {"seconds": 10}))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(send_as, bus, "dell", "spark", "live")
+            assert payload(await waiting)["body"] == "live"
+
+    asyncio.run(scenario())
+    # Filed in the daemon's layout: a daemon started now files nothing twice.
+    with AgentProcess("spark", spool, bus.url) as spark:
+        send_as(bus, "dell", "spark", "after")
+        wait_until(lambda: len(inbox_files(spark.layout)) == 3, what="the third file")
+        assert [b for _, b in inbox_messages(spark.layout)] == [
+            b"while no daemon ran", b"live", b"after"]
+        assert spark.stop() == 0
