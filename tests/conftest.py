@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import BusServer  # noqa: E402
+from busd.store import shown_database  # noqa: E402
+from tests.support import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
 
 
 def _child_pids() -> set[int]:
@@ -50,15 +51,53 @@ def no_leaks():
                          f"and child processes {sorted(children)}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One real bus server per test module; tests keep apart by unique names."""
-    folder = tmp_path_factory.mktemp("bus")
-    with BusServer(folder / "bus.db", "--hold", "2") as bus:
-        yield bus
-        assert bus.stop() == 0
-        # A 500 hides behind a JSON reply; the log tells: none may have happened.
-        assert not [line for line in bus.log if "Traceback" in line], "".join(bus.log)
+@pytest.fixture(scope="session")
+def postgres():
+    """The PostgreSQL on 127.0.0.1:5432. Unreachable: under CI the run fails, else
+    the PostgreSQL tests are skipped, saying why."""
+    try:
+        server = PostgresServer()
+        problem = server.reachable()
+    except ImportError as exc:
+        problem = f"psycopg is not installed ({exc})"
+    if problem is not None:
+        message = (f"PostgreSQL is not reachable at {shown_database(POSTGRES_URL)}: {problem}. "
+                   "Start it, or point AGENT_BUS_TEST_POSTGRES at one")
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: the PostgreSQL tests must run)", pytrace=False)
+        pytest.skip(message)
+    return server
+
+
+@pytest.fixture
+def postgres_db(postgres):
+    """A fresh PostgreSQL database for one test, dropped after it."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
+    """One real bus server per test module and store; tests keep apart by unique names.
+
+    Every module that uses it runs once on SQLite and once on a fresh PostgreSQL
+    database: the protocol is the same whichever store is behind it.
+    """
+    if request.param == "sqlite":
+        db, postgres = str(tmp_path_factory.mktemp("bus") / "bus.db"), None
+    else:
+        postgres = request.getfixturevalue("postgres")
+        db = postgres.create_database()
+    try:
+        with BusServer(db, "--hold", "2") as bus:
+            yield bus
+            assert bus.stop() == 0
+            # A 500 hides behind a JSON reply; the log tells: none may have happened.
+            assert not [line for line in bus.log if "Traceback" in line], "".join(bus.log)
+    finally:
+        if postgres is not None:
+            postgres.drop_database(db)
 
 
 _counter = itertools.count()

@@ -9,10 +9,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The PostgreSQL server the tests use (a maintenance database on it); each user of
+# it gets a database of its own, made fresh and dropped after.
+POSTGRES_URL = os.environ.get("AGENT_BUS_TEST_POSTGRES",
+                              "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def repo_env(**extra: str) -> dict[str, str]:
@@ -28,7 +34,8 @@ def agent_bus_cmd(*args: str) -> list[str]:
 
 
 class BusServer:
-    """`agent-bus serve` as a child process on loopback, with a real SQLite file."""
+    """`agent-bus serve` as a child process on loopback, on a real SQLite file or
+    PostgreSQL database (`db` is what --db gets)."""
 
     LISTENING = re.compile(r"listening on (https?://\S+)")
 
@@ -127,3 +134,42 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+class PostgresServer:
+    """The tests' PostgreSQL: hands out fresh databases with unique names, drops them."""
+
+    def __init__(self, url: str = POSTGRES_URL):
+        import psycopg  # only the PostgreSQL tests need it
+        self._psycopg = psycopg
+        self.url = url
+        self.prefix = f"agent_bus_test_{os.getpid()}_{int(time.time())}"
+        self._count = 0
+
+    def reachable(self) -> str | None:
+        """None if it answers, else why not."""
+        try:
+            with self._psycopg.connect(self.url, connect_timeout=3):
+                return None
+        except self._psycopg.Error as exc:
+            return str(exc).strip().splitlines()[0]
+
+    def _admin(self, sql: str) -> None:
+        with self._psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(sql)
+
+    def create_database(self) -> str:
+        """A new, empty database; returns its URL."""
+        self._count += 1
+        name = f"{self.prefix}_{self._count}"
+        self._admin(f'CREATE DATABASE "{name}"')
+        return urlsplit(self.url)._replace(path="/" + name).geturl()
+
+    def drop_database(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def run_sql(self, url: str, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []

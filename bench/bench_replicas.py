@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Benchmark bus servers sharing one PostgreSQL database.
+
+Makes a fresh database on the PostgreSQL server (dropped at the end), starts
+real `agent-bus serve --db postgresql://...` replicas on loopback, and measures:
+
+  throughput, 1 replica    durable sends/s, 8 keep-alive clients on one server
+  cross-replica latency    send through A -> a receiver parked on B gets it (p50/p99)
+  throughput, 2 replicas   durable sends/s, 8 clients: 4 on A, 4 on B
+  integrity                every acknowledged message arrives once, in order, for a
+                           receiver that alternates between the replicas
+
+    python bench/bench_replicas.py [--postgres URL] [--messages 500] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_server import KeepAliveClient, exactly_once_in_order, percentile  # noqa: E402
+from tests.support import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
+
+
+async def cross_replica_latency(sender_url: str, receiver_url: str,
+                                count: int) -> tuple[list[float], list[dict], list[dict]]:
+    """Send one message at a time through one replica to a receiver parked on the other."""
+    latencies, acks, received = [], [], []
+    async with KeepAliveClient(sender_url) as sender, KeepAliveClient(receiver_url) as receiver:
+        since = (await receiver.recv("lat", 0.0, block=False))["now"]
+        for i in range(count):
+            parked = asyncio.create_task(receiver.recv("lat", since, block=True))
+            await asyncio.sleep(0.005)  # let the poll reach the server and park
+            started = time.perf_counter()
+            acks.append(await sender.send("bench", "lat", f"latency {i}"))
+            body = await asyncio.wait_for(parked, 30)
+            latencies.append(time.perf_counter() - started)
+            received.extend(body["messages"])
+            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
+    return latencies, acks, received
+
+
+async def throughput(urls: list[str], clients: int, per_client: int,
+                     recipient: str) -> tuple[float, list[dict]]:
+    """`clients` keep-alive senders spread evenly over the replicas' urls."""
+    acks: list[dict] = []
+
+    async def one_client(number: int) -> None:
+        async with KeepAliveClient(urls[number % len(urls)]) as client:
+            for i in range(per_client):
+                acks.append(await client.send(f"tp{number}", recipient, f"{number}:{i}"))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client(n) for n in range(clients)))
+    return clients * per_client / (time.perf_counter() - started), acks
+
+
+async def drain_alternating(urls: list[str], recipient: str) -> list[dict]:
+    """The rapid cursor rule, asking each replica in turn, until nothing is left."""
+    got: list[dict] = []
+    since, turn, empty_in_a_row = 0.0, 0, 0
+    clients = [KeepAliveClient(url) for url in urls]
+    for client in clients:
+        await client.__aenter__()
+    try:
+        while empty_in_a_row < len(urls):
+            body = await clients[turn].recv(recipient, since, block=False)
+            got.extend(body["messages"])
+            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
+            empty_in_a_row = 0 if body["messages"] else empty_in_a_row + 1
+            turn = (turn + 1) % len(urls)
+    finally:
+        for client in clients:
+            await client.__aexit__(None, None, None)
+    return got
+
+
+async def throughput_rounds(urls: list[str], rounds: int, label: str,
+                            integrity: list) -> list[float]:
+    rates = []
+    for number in range(rounds):
+        recipient = f"tp-{label}-{number}"
+        rate, sent = await throughput(urls, 8, 750, recipient)
+        rates.append(rate)
+        integrity.append(exactly_once_in_order(sent, await drain_alternating(urls, recipient)))
+    return rates
+
+
+def show_rates(title: str, rates: list[float]) -> None:
+    shown = ", ".join(f"{r:,.0f}" for r in rates)
+    print(f"{title}: median {statistics.median(rates):,.0f} msg/s   (rounds: {shown})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--postgres", default=POSTGRES_URL,
+                        help="a PostgreSQL URL whose server may get a scratch database "
+                             f"(default {POSTGRES_URL})")
+    parser.add_argument("--messages", type=int, default=500, help="latency samples (>= 200)")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per setting")
+    args = parser.parse_args()
+    postgres = PostgresServer(args.postgres)
+    problem = postgres.reachable()
+    if problem is not None:
+        print(f"bench_replicas: PostgreSQL is not reachable: {problem}", file=sys.stderr)
+        return 2
+    db = postgres.create_database()
+    integrity: list = []
+    try:
+        with BusServer(db) as a:
+            one = asyncio.run(throughput_rounds([a.url], args.rounds, "one", integrity))
+            with BusServer(db) as b:
+                latencies, acks, received = asyncio.run(
+                    cross_replica_latency(a.url, b.url, max(200, args.messages)))
+                integrity.append(exactly_once_in_order(acks, received))
+                two = asyncio.run(throughput_rounds([a.url, b.url], args.rounds, "two",
+                                                    integrity))
+                b.stop()
+            a.stop()
+    finally:
+        postgres.drop_database(db)
+
+    p50, p99 = percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
+    print(f"cross-replica delivery latency (send via A -> receiver parked on B), "
+          f"{len(latencies)} messages:")
+    print(f"  p50 {p50:.2f} ms   p99 {p99:.2f} ms   (target: p50 <= 10 ms)")
+    show_rates("durable send throughput, 8 clients, 1 replica ", one)
+    show_rates("durable send throughput, 8 clients, 2 replicas", two)
+    lost, dup, reordered = (sum(i[k] for i in integrity) for k in range(3))
+    total = len(latencies) + 2 * args.rounds * 8 * 750
+    print(f"integrity: lost {lost}, duplicated {dup}, reordered {reordered} over {total} messages")
+    return 0 if (lost, dup, reordered) == (0, 0, 0) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
