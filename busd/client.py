@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import signing
+from . import receipts, signing
 from .errors import REPLAY
 
 DEFAULT_UA = "Mozilla/5.0"   # the older clients' default; WAFs in front of buses expect it
@@ -112,16 +112,43 @@ class BusClient:
             raise
 
     def recv(self, to: str, *, since: float = 0.0, block: bool = False,
-             channel: str = "default", max_batch: int | None = None) -> dict:
+             channel: str = "default", max_batch: int | None = None,
+             filed: bool = False) -> dict:
+        """`filed`: since is a cursor saved only after the inbox files up to it are
+        durable -- the receipt that turns messages `filed` for their senders."""
         params: dict[str, Any] = {"to": to, "since": repr(float(since)),
                                   "block": "true" if block else "false", "channel": channel}
         if max_batch is not None:
             params["max"] = max_batch
+        if filed:
+            params["filed"] = "true"
         return self.request("GET", "/recv", params=params,
                             timeout=RECV_TIMEOUT if block else None)
 
     def healthz(self) -> dict:
         return self.request("GET", "/healthz")
+
+    def status(self, ids: list[int]) -> list[dict]:
+        return self.request("GET", "/status", params=[("id", i) for i in ids])["messages"]
+
+    def undelivered(self, older: float) -> list[dict]:
+        return self.request("GET", "/undelivered", params={"older": older})["messages"]
+
+    def wait_for_state(self, message_id: int, target: str, timeout: float,
+                       stop: threading.Event | None = None) -> str | None:
+        """Follow a message until every recipient reached `target` (delivered or filed);
+        its state then, or None if the timeout passed first."""
+        stop = stop or threading.Event()
+        deadline = time.monotonic() + timeout
+        pause = 0.05
+        while True:
+            [state] = self.status([message_id])
+            if state["state"] != "unknown" and receipts.reached(state["state"], target):
+                return state["state"]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or stop.wait(min(pause, remaining)):
+                return None
+            pause = min(pause * 2, 1.0)
 
     def inbox(self) -> dict:
         return self.request("GET", "/inbox")

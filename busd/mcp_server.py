@@ -96,7 +96,7 @@ class AgentTools:
                 try:
                     data = self._client.recv(self.name, since=writer.since,
                                              block=wait_seconds > 0, channel=self.channel,
-                                             max_batch=1000)
+                                             max_batch=1000, filed=True)
                     writer.write_batch(data.get("messages") or [], data.get("now"))
                 finally:
                     writer.close()

@@ -184,6 +184,8 @@ def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
         web.get("/health", elipc.health),
         web.get("/.well-known/agent-card.json", elipc.agent_card),
         web.get("/metrics", _metrics),
+        web.get("/status", rapid.status),
+        web.get("/undelivered", rapid.undelivered),
         web.get("/openapi.json", _openapi),
     ])
     return app
@@ -270,9 +272,12 @@ async def serve(config: ServerConfig,
         bus = Bus(store=store, settings=config.settings,
                   access=Access(store, config.legacy_signatures))
         guard = RequestGuard(loopback, config.allow_hosts, RateLimiter(config.rate, config.burst))
+        # handler_cancellation: a client that hangs up ends its parked long-poll at
+        # once, so presence knows it left (sends in flight still commit).
         runner = web.AppRunner(make_app(bus, guard), access_log=None, handle_signals=False,
                                shutdown_timeout=config.shutdown_timeout,
-                               keepalive_timeout=config.idle_timeout)
+                               keepalive_timeout=config.idle_timeout,
+                               handler_cancellation=True)
         await runner.setup()
     except BaseException:
         await store.close()

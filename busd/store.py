@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
 from .model import NewMessage, SendResult, StoredMessage
+from .receipts import ReceiptRow, WatermarkRow
 
 @dataclass(frozen=True)
 class TokenRecord:
@@ -79,8 +80,31 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def acknowledge(self, agent: str, channel: str, since: float) -> None:
-        """The recipient asked for ts > since: everything up to since has reached it."""
+    def acknowledge(self, agent: str, channel: str, since: float, delivered: float = 0.0,
+                    filed: bool = False) -> None:
+        """A reader's poll: it has everything up to `since`, was just handed messages up to
+        `delivered`, and (`filed`) its inbox files up to `since` are durable. Fire-and-forget."""
+
+    @abc.abstractmethod
+    def note_contact(self, agent: str) -> None:
+        """`agent` talked to the bus just now (fire-and-forget, coalesced)."""
+
+    @abc.abstractmethod
+    async def last_contacts(self) -> dict[str, float]:
+        """Every agent ever seen, and when it last talked to the bus."""
+
+    @abc.abstractmethod
+    async def messages_by_id(self, ids: list[int]) -> list[StoredMessage]: ...
+
+    @abc.abstractmethod
+    async def receipts(self, channels: set[str]) -> tuple[list[ReceiptRow], list[WatermarkRow]]:
+        """The readers' receipt rows on these channels (and "*"), and their el-ipc watermarks."""
+
+    @abc.abstractmethod
+    async def undelivered(self, queued_before: float, limit: int = 1000) -> list[dict]:
+        """Addressed messages not yet fetched and stored before `queued_before`, plus any
+        addressed to a name that has never talked to the bus: [{id, ts, from, to, channel,
+        reason}], oldest first."""
 
     @abc.abstractmethod
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
@@ -98,7 +122,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def pending_counts(self) -> dict[str, dict[str, int]]:
-        """{channel: {recipient: count}} of addressed messages the recipient has not acknowledged."""
+        """{channel: {recipient: count}} of addressed messages the recipient has not fetched."""
 
     @abc.abstractmethod
     async def enforce_retention(self, max_age: float | None, per_queue: int | None) -> int:
@@ -155,6 +179,33 @@ def shown_database(db: str) -> str:
     query = "&".join("password=***" if item.lower().startswith("password=") else item
                      for item in parts.query.split("&")) if parts.query else ""
     return parts._replace(netloc=netloc, query=query).geturl()
+
+
+# Last contact is written at most this often per agent: presence needs no finer grain.
+CONTACT_EVERY = 5.0
+
+
+def with_pending_receipts(rows: list[ReceiptRow], pending: dict, wanted: set[str]
+                          ) -> list[ReceiptRow]:
+    """Receipt rows from the database, raised by what this server acknowledged and has not
+    committed yet (fire-and-forget writes ride the next group): status must not lag."""
+    merged = {(r.agent, r.channel): r for r in rows}
+    for (agent, channel), (_since, delivered, filed) in pending.items():
+        if channel not in wanted:
+            continue
+        row = merged.get((agent, channel))
+        merged[(agent, channel)] = ReceiptRow(
+            agent, channel, max(delivered, row.delivered if row else 0.0),
+            max(filed, row.filed if row else 0.0))
+    return list(merged.values())
+
+
+def undelivered_entry(message_id: int, ts: float, sender: str, to: str, channel: str,
+                      never_seen: object) -> dict:
+    reason = (f"nobody named {to} has ever talked to this bus" if never_seen
+              else f"queued for {time.time() - ts:.0f} s; {to} has not fetched it")
+    return {"id": message_id, "ts": ts, "from": sender, "to": to, "channel": channel,
+            "reason": reason}
 
 
 class StoreError(Exception):

@@ -42,7 +42,9 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 from . import errors
 from .errors import BusError
 from .model import NewMessage, SendResult, StoredMessage, encode_meta
-from .store import CommitNotice, Received, Store, StoreError, TokenRecord, shown_database
+from .receipts import ReceiptRow, WatermarkRow
+from .store import (CONTACT_EVERY, CommitNotice, Received, Store, StoreError, TokenRecord,
+                    shown_database, undelivered_entry, with_pending_receipts)
 
 log = logging.getLogger("busd.store")
 
@@ -131,6 +133,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX tokens_by_agent ON tokens (agent);
     """,
+    # 3: delivery receipts (what each reader fetched and filed) and last contact.
+    """
+    ALTER TABLE acknowledged ADD COLUMN delivered_ts DOUBLE PRECISION NOT NULL DEFAULT 0;
+    ALTER TABLE acknowledged ADD COLUMN filed_ts DOUBLE PRECISION NOT NULL DEFAULT 0;
+    UPDATE acknowledged SET delivered_ts = ts;
+    CREATE TABLE presence (
+        agent     TEXT PRIMARY KEY,
+        last_seen DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -200,16 +212,36 @@ SQL_SET_WATERMARK = ("INSERT INTO watermarks (agent, channel, last_id) VALUES (%
 
 # One statement for a group's acknowledgements, in key order: two replicas
 # writing the same rows take their locks in the same order, so never deadlock.
-SQL_ACKNOWLEDGE = ("INSERT INTO acknowledged (agent, channel, ts) "
-                   "SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[]) "
-                   "ON CONFLICT (agent, channel) DO UPDATE SET ts = "
-                   "GREATEST(acknowledged.ts, excluded.ts)")
-SQL_PENDING = (
-    "SELECT m.channel, m.to_name, COUNT(*) FROM messages m "
-    "LEFT JOIN acknowledged a ON a.agent = m.to_name AND a.channel = m.channel "
-    "LEFT JOIN acknowledged w ON w.agent = m.to_name AND w.channel = '*' "
-    "WHERE m.to_name <> '*' AND m.ts > GREATEST(COALESCE(a.ts, 0), COALESCE(w.ts, 0)) "
-    "GROUP BY m.channel, m.to_name")
+SQL_ACKNOWLEDGE = (
+    "INSERT INTO acknowledged (agent, channel, ts, delivered_ts, filed_ts) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[], %s::float8[], %s::float8[]) "
+    "ON CONFLICT (agent, channel) DO UPDATE SET ts = GREATEST(acknowledged.ts, excluded.ts), "
+    "delivered_ts = GREATEST(acknowledged.delivered_ts, excluded.delivered_ts), "
+    "filed_ts = GREATEST(acknowledged.filed_ts, excluded.filed_ts)")
+SQL_NOTE_CONTACTS = ("INSERT INTO presence (agent, last_seen) "
+                     "SELECT * FROM unnest(%s::text[], %s::float8[]) "
+                     "ON CONFLICT (agent) DO UPDATE SET last_seen = "
+                     "GREATEST(presence.last_seen, excluded.last_seen)")
+# Not yet fetched by its recipient (on that channel, or by an all-channels reader).
+_NOT_FETCHED = (
+    "m.to_name <> '*' AND m.ts > GREATEST("
+    "COALESCE((SELECT delivered_ts FROM acknowledged WHERE agent = m.to_name "
+    "AND channel = m.channel), 0), "
+    "COALESCE((SELECT delivered_ts FROM acknowledged WHERE agent = m.to_name "
+    "AND channel = '*'), 0))")
+SQL_PENDING = (f"SELECT m.channel, m.to_name, COUNT(*) FROM messages m WHERE {_NOT_FETCHED} "
+               "GROUP BY m.channel, m.to_name")
+SQL_LAST_CONTACTS = "SELECT agent, last_seen FROM presence"
+SQL_MESSAGES_BY_ID = f"SELECT {_COLUMNS} FROM messages WHERE id = ANY(%s) ORDER BY id"
+SQL_RECEIPTS = ("SELECT agent, channel, delivered_ts, filed_ts FROM acknowledged "
+                "WHERE channel = ANY(%s)")
+SQL_WATERMARKS = "SELECT agent, channel, last_id FROM watermarks WHERE channel = ANY(%s)"
+_NEVER_SEEN = ("(m.to_name NOT IN (SELECT agent FROM presence) "
+               "AND m.to_name NOT IN (SELECT name FROM agents))")
+SQL_UNDELIVERED = (
+    f"SELECT m.id, m.ts, m.from_name, m.to_name, m.channel, {_NEVER_SEEN} "
+    f"FROM messages m WHERE {_NOT_FETCHED} AND (m.ts < %s OR {_NEVER_SEEN}) "
+    "ORDER BY m.id LIMIT %s")
 
 SQL_TOKEN_BY_HASH = ("SELECT id, agent, channels, admin FROM tokens "
                      "WHERE hash = %s AND revoked_at IS NULL")
@@ -309,11 +341,13 @@ class _Group:
     by_key: dict[tuple[str, str], _Send] = field(default_factory=dict)
     # Other statements in arrival order; each future gets its row count.
     statements: list[tuple[str, Any, asyncio.Future | None]] = field(default_factory=list)
-    acknowledged: dict[tuple[str, str], float] = field(default_factory=dict)
+    # (agent, channel) -> (acknowledged, delivered, filed) maxima, written in one statement.
+    acknowledged: dict[tuple[str, str], tuple[float, float, float]] = field(default_factory=dict)
+    contacts: dict[str, float] = field(default_factory=dict)
     changes_identity: bool = False   # tokens, keys or flags: cached answers go stale
 
     def __bool__(self) -> bool:
-        return bool(self.sends or self.statements or self.acknowledged)
+        return bool(self.sends or self.statements or self.acknowledged or self.contacts)
 
 
 class PostgresStore(Store):
@@ -339,7 +373,8 @@ class PostgresStore(Store):
         self._kick_scheduled = False
         self._idle = asyncio.Event()
         self._open = False
-        self._acknowledged: dict[tuple[str, str], float] = {}
+        self._acknowledged: dict[tuple[str, str], tuple[float, float, float]] = {}
+        self._contacts: dict[str, float] = {}
         self._hearing = False
         self._identity_cache: dict[tuple, Any] = {}
         self._identity_generation = 0
@@ -608,9 +643,15 @@ class PostgresStore(Store):
                 async with conn.pipeline():
                     if group.acknowledged:
                         keys = sorted(group.acknowledged)
+                        receipts = [group.acknowledged[k] for k in keys]
                         await conn.execute(SQL_ACKNOWLEDGE, (
                             [agent for agent, _ in keys], [channel for _, channel in keys],
-                            [group.acknowledged[k] for k in keys]))
+                            [r[0] for r in receipts], [r[1] for r in receipts],
+                            [r[2] for r in receipts]))
+                    if group.contacts:
+                        agents = sorted(group.contacts)
+                        await conn.execute(SQL_NOTE_CONTACTS, (
+                            agents, [group.contacts[a] for a in agents]))
                     statements = [await conn.execute(sql, params)
                                   for sql, params, _future in group.statements]
                     if group.sends:
@@ -782,15 +823,47 @@ class PostgresStore(Store):
         now = rows[0][0]
         return Received([_row_to_message(row[1:]) for row in rows if row[1] is not None], now)
 
-    def acknowledge(self, agent: str, channel: str, since: float) -> None:
+    def acknowledge(self, agent: str, channel: str, since: float, delivered: float = 0.0,
+                    filed: bool = False) -> None:
         key = (agent, channel)
-        if since <= self._acknowledged.get(key, 0.0) or not self._open:
+        receipt = (since, max(since, delivered), since if filed else 0.0)
+        known = self._acknowledged.get(key)
+        if not self._open:
             return
-        self._acknowledged[key] = since
-        # Fire-and-forget: acknowledgements only feed pending counts and retention,
-        # and ride along with the next group commit.
+        # A first poll is written even at since 0: it makes the agent a known reader.
+        if known is not None and all(n <= o for n, o in zip(receipt, known)):
+            return
+        self._acknowledged[key] = tuple(max(n, o) for n, o in zip(receipt, known or receipt))
+        # Fire-and-forget: receipts ride along with the next group commit.
         group = self._join()
-        group.acknowledged[key] = max(since, group.acknowledged.get(key, 0.0))
+        pending = group.acknowledged.get(key, (0.0, 0.0, 0.0))
+        group.acknowledged[key] = tuple(max(n, o) for n, o in zip(receipt, pending))
+
+    def note_contact(self, agent: str) -> None:
+        now = time.time()
+        if now - self._contacts.get(agent, 0.0) < CONTACT_EVERY or not self._open:
+            return
+        self._contacts[agent] = now
+        self._join().contacts[agent] = now
+
+    async def last_contacts(self) -> dict[str, float]:
+        stored = dict(await self._rows(SQL_LAST_CONTACTS))
+        return {**stored, **{a: t for a, t in self._contacts.items() if t > stored.get(a, 0)}}
+
+    async def messages_by_id(self, ids: list[int]) -> list[StoredMessage]:
+        if not ids:
+            return []
+        return [_row_to_message(r) for r in await self._rows(SQL_MESSAGES_BY_ID, (list(ids),))]
+
+    async def receipts(self, channels: set[str]) -> tuple[list[ReceiptRow], list[WatermarkRow]]:
+        wanted = sorted(channels | {"*"})
+        rows = [ReceiptRow(*r) for r in await self._rows(SQL_RECEIPTS, (wanted,))]
+        marks = [WatermarkRow(*r) for r in await self._rows(SQL_WATERMARKS, (wanted,))]
+        return with_pending_receipts(rows, self._acknowledged, set(wanted)), marks
+
+    async def undelivered(self, queued_before: float, limit: int = 1000) -> list[dict]:
+        rows = await self._rows(SQL_UNDELIVERED, (queued_before, limit))
+        return [undelivered_entry(*row) for row in rows]
 
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
         rows = await self._rows(SQL_UNREAD, {"agent": agent, "channel": channel, "limit": limit})

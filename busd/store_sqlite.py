@@ -25,7 +25,9 @@ from typing import Any
 from . import errors
 from .errors import BusError
 from .model import NewMessage, SendResult, StoredMessage, encode_meta
-from .store import CommitClock, Received, Store, StoreError, TokenRecord
+from .receipts import ReceiptRow, WatermarkRow
+from .store import (CONTACT_EVERY, CommitClock, Received, Store, StoreError, TokenRecord,
+                    undelivered_entry, with_pending_receipts)
 
 log = logging.getLogger("busd.store")
 
@@ -84,6 +86,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX tokens_by_agent ON tokens (agent);
     """,
+    # 3: delivery receipts (what each reader fetched and filed) and last contact.
+    """
+    ALTER TABLE acknowledged ADD COLUMN delivered_ts REAL NOT NULL DEFAULT 0;
+    ALTER TABLE acknowledged ADD COLUMN filed_ts REAL NOT NULL DEFAULT 0;
+    UPDATE acknowledged SET delivered_ts = ts;
+    CREATE TABLE presence (
+        agent     TEXT PRIMARY KEY,
+        last_seen REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -125,14 +137,36 @@ SQL_UNREAD = (f"SELECT {_COLUMNS} FROM messages "
 SQL_COUNT_UNREAD = ("SELECT COUNT(*) FROM messages "
                     "WHERE channel = ? AND id > ? AND to_name IN (?, '*')")
 
-SQL_ACKNOWLEDGE = ("INSERT INTO acknowledged (agent, channel, ts) VALUES (?, ?, ?) "
-                   "ON CONFLICT (agent, channel) DO UPDATE SET ts = MAX(ts, excluded.ts)")
-SQL_PENDING = (
-    "SELECT m.channel, m.to_name, COUNT(*) FROM messages m "
-    "LEFT JOIN acknowledged a ON a.agent = m.to_name AND a.channel = m.channel "
-    "LEFT JOIN acknowledged w ON w.agent = m.to_name AND w.channel = '*' "
-    "WHERE m.to_name <> '*' AND m.ts > MAX(COALESCE(a.ts, 0), COALESCE(w.ts, 0)) "
-    "GROUP BY m.channel, m.to_name")
+SQL_ACKNOWLEDGE = (
+    "INSERT INTO acknowledged (agent, channel, ts, delivered_ts, filed_ts) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (agent, channel) DO UPDATE SET ts = MAX(ts, excluded.ts), "
+    "delivered_ts = MAX(delivered_ts, excluded.delivered_ts), "
+    "filed_ts = MAX(filed_ts, excluded.filed_ts)")
+# Not yet fetched by its recipient (on that channel, or by an all-channels reader).
+_NOT_FETCHED = (
+    "m.to_name <> '*' AND m.ts > MAX("
+    "COALESCE((SELECT delivered_ts FROM acknowledged WHERE agent = m.to_name "
+    "AND channel = m.channel), 0), "
+    "COALESCE((SELECT delivered_ts FROM acknowledged WHERE agent = m.to_name "
+    "AND channel = '*'), 0))")
+SQL_PENDING = (f"SELECT m.channel, m.to_name, COUNT(*) FROM messages m WHERE {_NOT_FETCHED} "
+               "GROUP BY m.channel, m.to_name")
+SQL_NOTE_CONTACT = ("INSERT INTO presence (agent, last_seen) VALUES (?, ?) "
+                    "ON CONFLICT (agent) DO UPDATE SET last_seen = "
+                    "MAX(last_seen, excluded.last_seen)")
+SQL_LAST_CONTACTS = "SELECT agent, last_seen FROM presence"
+SQL_RECEIPTS = ("SELECT agent, channel, delivered_ts, filed_ts FROM acknowledged "
+                "WHERE channel IN ({marks})")
+SQL_WATERMARKS = "SELECT agent, channel, last_id FROM watermarks WHERE channel IN ({marks})"
+SQL_MESSAGES_BY_ID = f"SELECT {_COLUMNS} FROM messages WHERE id IN ({{marks}}) ORDER BY id"
+SQL_UNDELIVERED = (
+    f"SELECT m.id, m.ts, m.from_name, m.to_name, m.channel, "
+    "(m.to_name NOT IN (SELECT agent FROM presence) "
+    " AND m.to_name NOT IN (SELECT name FROM agents)) AS never_seen "
+    f"FROM messages m WHERE {_NOT_FETCHED} AND (m.ts < ? OR ("
+    "m.to_name NOT IN (SELECT agent FROM presence) "
+    "AND m.to_name NOT IN (SELECT name FROM agents))) "
+    "ORDER BY m.id LIMIT ?")
 
 SQL_TOKEN_BY_HASH = ("SELECT id, agent, channels, admin FROM tokens "
                      "WHERE hash = ? AND revoked_at IS NULL")
@@ -230,7 +264,8 @@ class SQLiteStore(Store):
         self._reader: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_file: int | None = None
-        self._acknowledged: dict[tuple[str, str], float] = {}
+        self._acknowledged: dict[tuple[str, str], tuple[float, float, float]] = {}
+        self._contacts: dict[str, float] = {}
         self._forming = _Group()
         self._in_flight: _Group | None = None
         self._kick_scheduled = False
@@ -269,6 +304,7 @@ class SQLiteStore(Store):
             self._abandon_open(writer_conn)
             raise
         self._acknowledged = {}
+        self._contacts = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._writer = threading.Thread(target=self._write_loop, args=(writer_conn,),
@@ -506,14 +542,51 @@ class SQLiteStore(Store):
             rows = self._reader.execute(SQL_RECV, (to, channel, since, to, limit))
         return Received([_row_to_message(row) for row in rows.fetchall()], now)
 
-    def acknowledge(self, agent: str, channel: str, since: float) -> None:
+    def acknowledge(self, agent: str, channel: str, since: float, delivered: float = 0.0,
+                    filed: bool = False) -> None:
         key = (agent, channel)
-        if since <= self._acknowledged.get(key, 0.0) or self._writer is None:
+        receipt = (since, max(since, delivered), since if filed else 0.0)
+        known = self._acknowledged.get(key)
+        if self._writer is None:
             return
-        self._acknowledged[key] = since
-        # Fire-and-forget: acknowledgements only feed pending counts, and ride
-        # along with the next group commit.
-        self._join(SQL_ACKNOWLEDGE, (agent, channel, since))
+        # A first poll is written even at since 0: it makes the agent a known reader.
+        if known is not None and all(n <= o for n, o in zip(receipt, known)):
+            return
+        self._acknowledged[key] = tuple(max(n, o) for n, o in zip(receipt, known or receipt))
+        # Fire-and-forget: receipts ride along with the next group commit.
+        self._join(SQL_ACKNOWLEDGE, (agent, channel, *receipt))
+
+    def note_contact(self, agent: str) -> None:
+        now = time.time()
+        if now - self._contacts.get(agent, 0.0) < CONTACT_EVERY or self._writer is None:
+            return
+        self._contacts[agent] = now
+        self._join(SQL_NOTE_CONTACT, (agent, now))
+
+    async def last_contacts(self) -> dict[str, float]:
+        stored = dict(self._reader.execute(SQL_LAST_CONTACTS).fetchall())
+        # What is still on its way to the disk counts too.
+        return {**stored, **{a: t for a, t in self._contacts.items() if t > stored.get(a, 0)}}
+
+    async def messages_by_id(self, ids: list[int]) -> list[StoredMessage]:
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        return [_row_to_message(r) for r in
+                self._reader.execute(SQL_MESSAGES_BY_ID.format(marks=marks), ids).fetchall()]
+
+    async def receipts(self, channels: set[str]) -> tuple[list[ReceiptRow], list[WatermarkRow]]:
+        wanted = sorted(channels | {"*"})
+        marks = ",".join("?" * len(wanted))
+        rows = [ReceiptRow(*r) for r in
+                self._reader.execute(SQL_RECEIPTS.format(marks=marks), wanted).fetchall()]
+        watermarks = [WatermarkRow(*r) for r in
+                      self._reader.execute(SQL_WATERMARKS.format(marks=marks), wanted).fetchall()]
+        return with_pending_receipts(rows, self._acknowledged, set(wanted)), watermarks
+
+    async def undelivered(self, queued_before: float, limit: int = 1000) -> list[dict]:
+        rows = self._reader.execute(SQL_UNDELIVERED, (queued_before, limit)).fetchall()
+        return [undelivered_entry(*row) for row in rows]
 
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
         row = self._reader.execute(SQL_GET_WATERMARK, (agent, channel)).fetchone()

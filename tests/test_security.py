@@ -79,7 +79,8 @@ def test_tokens_decide_who_sends_and_who_reads(authed):
         assert bus.get(route).status_code == 401
         assert bus.get(route, headers=bearer(tokens["admin"])).status_code == 200
     names_only = bus.get("/agents", headers=spark).json()
-    assert all(set(a) == {"name", "role"} for a in names_only)
+    assert names_only and all(set(a) == {"name", "role", "online", "last_seen"}
+                              for a in names_only)
 
     # Channel-limited token.
     ops = bearer(tokens["ops"])

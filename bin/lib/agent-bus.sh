@@ -74,16 +74,18 @@ def summary_line: "\(.ts | py_float)\t\(.from)\t\(.msg // "" | tostring | one_li
 def next_since($since): [$since, (.now | numbers), (.messages[]?.ts | numbers)] | max | py_float;
 def agents_table:
   def cell($field):
-    if . == null or . == "" then "-"
-    elif $field == "created_at" and type == "number" then floor | strftime("%Y-%m-%dT%H:%M:%SZ")
+    if . == null or . == "" or . == {} then "-"
+    elif $field == "online" then (if . then "yes" else "no" end)
+    elif $field == "last_seen" and type == "number" then floor | strftime("%Y-%m-%dT%H:%M:%SZ")
+    elif $field == "pending" then to_entries | map("\(.key):\(.value)") | join(",")
     else tostring | one_line(" ") end;
   def pad($width): . + ([range(length; $width)] | map(" ") | add // "");
-  ["name", "role", "registered_by", "created_at", "identity"] as $fields
-  | [["NAME", "ROLE", "REGISTERED BY", "CREATED", "IDENTITY"]]
+  ["name", "online", "last_seen", "pending", "role", "identity"] as $fields
+  | [["NAME", "ONLINE", "LAST SEEN", "PENDING", "ROLE", "IDENTITY"]]
     + map(. as $agent | $fields | map(. as $field | $agent[$field] | cell($field)))
   | . as $rows
-  | [range(0; 4) as $i | $rows | map(.[$i] | length) | max] as $widths
-  | $rows[] | [range(0; 4) as $i | .[$i] | pad($widths[$i])] + [.[4]] | join("  ");
+  | [range(0; 5) as $i | $rows | map(.[$i] | length) | max] as $widths
+  | $rows[] | [range(0; 5) as $i | .[$i] | pad($widths[$i])] + [.[5]] | join("  ");
 '
 
 bus_work=""

@@ -396,8 +396,9 @@ class ReceiveLoop:
         failing = False
         while not self.stop.is_set():
             try:
+                # filed=True: our since is saved only once the files are durable.
                 data = self.client.recv(self.name, since=self.writer.since, block=True,
-                                        channel=self.channel, max_batch=RECV_BATCH)
+                                        channel=self.channel, max_batch=RECV_BATCH, filed=True)
             except BusClientError as exc:
                 if self.stop.is_set():
                     return

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
@@ -13,6 +14,7 @@ from .. import errors, secretguard
 from ..errors import BusError
 from ..identity import Access, Principal
 from ..metrics import BusMetrics
+from ..receipts import Presence
 from ..model import Limits, NewMessage, SendResult
 from ..store import Store
 from ..waiters import WaiterHub
@@ -25,6 +27,7 @@ class BusSettings:
     max_batch: int = 1000               # largest `max` a client may ask for
     body_timeout: float = 10.0          # a body must arrive within this
     secret_guard: bool = False          # refuse bodies that look like keys or credentials
+    online_window: float = 60.0         # contact this recent counts as online
     limits: Limits = field(default_factory=Limits)
     card_name: str = "agent-bus"
     card_description: str = "A message bus for agents: addressed messages and channel broadcasts."
@@ -38,8 +41,11 @@ class Bus:
     access: Access
     hub: WaiterHub = field(default_factory=WaiterHub)
     metrics: BusMetrics = None  # type: ignore[assignment]
+    presence: Presence = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        if self.presence is None:
+            self.presence = Presence(self.settings.online_window)
         if self.metrics is None:
             self.metrics = BusMetrics(parked_waiters=lambda: len(self.hub))
 
@@ -187,6 +193,7 @@ async def accept_send(request: web.Request, message: NewMessage, signed_at: obje
         raise BusError(errors.WRONG_TYPE, "signed_at must be whole milliseconds since 1970")
     bus.access.check_send_as(principal_of(request), message.sender, message.channel)
     message = await bus.access.verify_send(message, signed_at, legacy)
+    bus.store.note_contact(message.sender)
     result = await bus.store.append(message)
     if result.duplicate and message.signature and signed_at is not None:
         first = result.message
@@ -207,14 +214,22 @@ async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Await
         return await fetch()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + bus.settings.hold_seconds
-    while True:
-        # Park before looking, so a commit between the look and the park still wakes us.
-        waiter = bus.hub.register(channel, name)
-        try:
-            found = await fetch()
-            remaining = deadline - loop.time()
-            if has_messages(found) or remaining <= 0 or bus.hub.closed:
-                return found
-            await waiter.wait(remaining)
-        finally:
-            bus.hub.unregister(waiter)
+    bus.presence.parked_now(name)
+    hung_up = False
+    try:
+        while True:
+            # Park before looking, so a commit between the look and the park still wakes us.
+            waiter = bus.hub.register(channel, name)
+            try:
+                found = await fetch()
+                remaining = deadline - loop.time()
+                if has_messages(found) or remaining <= 0 or bus.hub.closed:
+                    return found
+                await waiter.wait(remaining)
+            finally:
+                bus.hub.unregister(waiter)
+    except asyncio.CancelledError:
+        hung_up = True  # the client went away (the server cancels its handler)
+        raise
+    finally:
+        bus.presence.unparked(name, hung_up, time.time())

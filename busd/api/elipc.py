@@ -5,6 +5,8 @@ that channel get it too; a reader's watermark only ever moves forward.
 """
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from .. import __version__, errors, signing
@@ -63,6 +65,7 @@ async def messages(request: web.Request) -> web.Response:
     channel, agent = _channel_and_agent(request)
     wait = query_bool(request, "wait", False)
     bus.access.check_read_as(principal_of(request), agent, channel)
+    bus.store.note_contact(agent)
 
     async def fetch():
         return await bus.store.read_unread(agent, channel, READ_BATCH)
@@ -79,14 +82,32 @@ async def channels(request: web.Request) -> web.Response:
 
 
 async def agents(request: web.Request) -> web.Response:
+    """The roster: registered agents and every agent that has talked to the bus, with
+    whether it can receive right now (el-ipc's fields, and ours beside them)."""
     bus = bus_of(request)
-    listing = await bus.store.registered_agents()
     principal = principal_of(request)
     if not principal.admin:
-        # Details (identities, who registered whom) are for admins once auth is on.
         bus.access.require_token(principal)
-        listing = [{"name": a["name"], "role": a["role"]} for a in listing]
-    return reply(listing)
+    registered = {a["name"]: a for a in await bus.store.registered_agents()}
+    contacts = await bus.store.last_contacts()
+    pending = await bus.store.pending_counts() if principal.admin else {}
+    now = time.time()
+    roster = []
+    for name in sorted(set(registered) | set(contacts) | set(bus.presence.parked)):
+        seen = contacts.get(name)
+        online = bus.presence.online(name, seen, now)
+        if not principal.admin:
+            # Details (identities, who registered whom, queues) are for admins once auth is on.
+            roster.append({"name": name, "role": registered.get(name, {}).get("role", "agent"),
+                           "online": online, "last_seen": seen})
+            continue
+        entry = dict(registered.get(name) or {"name": name, "identity": "", "role": "agent",
+                                              "registered_by": None, "created_at": None})
+        entry.update(registered=name in registered, online=online, last_seen=seen,
+                     pending={channel: counts[name] for channel, counts in sorted(pending.items())
+                              if name in counts})
+        roster.append(entry)
+    return reply(roster)
 
 
 async def health(request: web.Request) -> web.Response:

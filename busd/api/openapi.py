@@ -119,7 +119,9 @@ def document(version: str) -> dict:
                                   "now": TIMESTAMP}}),
             [_query("to", NAME, True), _query("since", {"type": "number"}),
              _query("block", BOOL_TEXT), _query("channel", CHANNEL_OR_ALL),
-             _query("max", {"type": "integer", "minimum": 1, "maximum": 1000})])},
+             _query("max", {"type": "integer", "minimum": 1, "maximum": 1000}),
+             _query("filed", BOOL_TEXT,
+                    description="true from a daemon: since also says its files are durable")])},
         "/inbox": {"get": _operation(
             "Pending counts per channel and recipient (admin)",
             _json({"type": "object", "required": ["recipients", "now"],
@@ -142,13 +144,39 @@ def document(version: str) -> dict:
                 "properties": {"channel": NAME, "count": {"type": "integer"},
                                "last_message": TIMESTAMP}}}))},
         "/agents": {"get": _operation(
-            "el-ipc: registered agents and operators (details for admins)",
+            "The roster: registered agents and every agent seen, online or not "
+            "(identities and queues for admins)",
             _json({"type": "array", "items": {
-                "type": "object", "required": ["name", "role"],
+                "type": "object", "required": ["name", "role", "online", "last_seen"],
                 "properties": {"name": NAME, "role": {"type": "string"},
                                "identity": {"type": "string"},
                                "registered_by": {"type": ["string", "null"]},
-                               "created_at": TIMESTAMP}}}))},
+                               "created_at": {"type": ["number", "null"]},
+                               "registered": {"type": "boolean"},
+                               "online": {"type": "boolean"},
+                               "last_seen": {"type": ["number", "null"]},
+                               "pending": {"type": "object",
+                                           "additionalProperties": {"type": "integer"}}}}}))},
+        "/status": {"get": _operation(
+            "Receipt states of messages you sent: queued, delivered, filed (per recipient)",
+            _json({"type": "object", "required": ["messages"], "properties": {
+                "messages": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "state"],
+                    "properties": {"id": {"type": "integer"},
+                                   "state": {"enum": ["queued", "delivered", "filed",
+                                                      "unknown"]},
+                                   "recipients": {"type": "object", "additionalProperties": {
+                                       "enum": ["queued", "delivered", "filed"]}}}}}}}),
+            [{"name": "id", "in": "query", "required": True, "style": "form", "explode": True,
+              "schema": {"type": "array", "items": {"type": "integer"},
+                         "minItems": 1, "maxItems": 100}}])},
+        "/undelivered": {"get": _operation(
+            "Dead letters: messages nobody fetched for `older` seconds, or sent to a name "
+            "never seen (admin)",
+            _json({"type": "object", "required": ["messages"], "properties": {
+                "messages": {"type": "array", "items": {
+                    "type": "object", "required": ["id", "to", "reason"]}}}}),
+            [_query("older", {"type": "number", "minimum": 0})])},
         "/health": {"get": _operation(
             "el-ipc: status, an agent's pending count on a channel, secure mode",
             _json({"type": "object", "required": ["status", "pending", "secure_mode"],

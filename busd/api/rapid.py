@@ -1,9 +1,11 @@
 """The rapid protocol (PROTOCOLS.md §1): addressed messages and a since-cursor."""
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
-from .. import errors
+from .. import errors, receipts
 from ..errors import BusError
 from ..model import (NewMessage, check_body, check_channel, check_key, check_meta,
                      check_name, check_recipient)
@@ -47,7 +49,9 @@ async def recv(request: web.Request) -> web.Response:
     since = query_float(request, "since", 0.0)
     block = query_bool(request, "block", False)
     limit = query_batch(request)
+    filed = query_bool(request, "filed", False)
     bus.access.check_read_as(principal_of(request), to, channel)
+    bus.store.note_contact(to)
 
     async def fetch():
         return await bus.store.recv(to, channel, since, limit)
@@ -55,7 +59,9 @@ async def recv(request: web.Request) -> web.Response:
     received = await long_poll(bus, channel, to, fetch, block,
                                has_messages=lambda batch: bool(batch.messages))
     messages, now = received.messages, received.now
-    bus.store.acknowledge(to, channel, since)
+    # The poll is the receipt: since says what reached the reader (filed, from a
+    # daemon that saves its cursor only after its inbox files are durable).
+    bus.store.acknowledge(to, channel, since, messages[-1].ts if messages else since, filed)
     bus.metrics.handed_out(messages)
     if len(messages) >= limit:
         # A cut batch: the client moves its cursor to `now`, so `now` must not pass
@@ -73,3 +79,41 @@ async def inbox(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     return reply({"ok": True, "now": await bus_of(request).store.now()})
+
+
+MAX_STATUS_IDS = 100
+
+
+async def status(request: web.Request) -> web.Response:
+    """Receipt states of messages: queued, delivered, filed (per recipient for broadcasts)."""
+    bus = bus_of(request)
+    texts = request.rel_url.query.getall("id", [])
+    if not texts:
+        raise BusError(errors.MISSING_FIELD, "id (one or more message ids: ?id=4&id=5)")
+    if len(texts) > MAX_STATUS_IDS:
+        raise BusError(errors.BAD_PARAM, f"at most {MAX_STATUS_IDS} ids at once")
+    try:
+        ids = [int(text) for text in texts]
+    except ValueError:
+        raise BusError(errors.BAD_PARAM, "id must be a whole number") from None
+    principal = principal_of(request)
+    if not principal.admin:
+        bus.access.require_token(principal)
+    found = [m for m in await bus.store.messages_by_id(sorted(set(ids)))
+             # A sender may follow its own messages; admins follow everyone's.
+             if principal.admin or m.sender == principal.name]
+    rows, marks = await bus.store.receipts({m.channel for m in found})
+    states = {s["id"]: s for s in receipts.message_states(found, rows, marks)}
+    return reply({"messages": [states.get(i, {"id": i, "state": "unknown"}) for i in ids]})
+
+
+async def undelivered(request: web.Request) -> web.Response:
+    """Dead letters: addressed messages nobody fetched for a while, or sent to a name
+    that has never talked to the bus."""
+    bus = bus_of(request)
+    bus.access.check_admin(principal_of(request))
+    older = query_float(request, "older", 600.0)
+    if older < 0:
+        raise BusError(errors.BAD_PARAM, "older must be 0 or more seconds")
+    found = await bus.store.undelivered(time.time() - older)
+    return reply({"messages": found})

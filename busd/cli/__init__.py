@@ -17,6 +17,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1       # the bus refused the request (4xx), or a check failed
 EXIT_USAGE = 2         # wrong arguments or configuration
 EXIT_UNREACHABLE = 3   # the bus could not be reached or failed (network, 5xx)
+EXIT_TIMEOUT = 4       # send --wait: the message did not reach the state in time
 
 
 class CommandError(Exception):

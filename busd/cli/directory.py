@@ -7,15 +7,16 @@ import time
 
 from . import EXIT_OK, Env
 
-AGENT_COLUMNS = (("NAME", "name"), ("ROLE", "role"), ("REGISTERED BY", "registered_by"),
-                 ("CREATED", "created_at"), ("IDENTITY", "identity"))
+AGENT_COLUMNS = (("NAME", "name"), ("ONLINE", "online"), ("LAST SEEN", "last_seen"),
+                 ("PENDING", "pending"), ("ROLE", "role"), ("IDENTITY", "identity"))
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     agents = commands.add_parser(
-        "agents", help="list the registered agents",
-        description="Print the bus's registered agents (GET /agents) as a table: name, role, "
-                    "who registered it, when (UTC), and its identity. Empty cells show '-'.")
+        "agents", help="who is on the bus, and who can receive right now",
+        description="Print the bus's roster (GET /agents) as a table: name, online (a parked "
+                    "long-poll or contact within the last minute), last contact (UTC), messages "
+                    "waiting per channel (admins), role and identity. Empty cells show '-'.")
     agents.set_defaults(func=_agents)
 
     health = commands.add_parser(
@@ -36,10 +37,14 @@ def agents_table(agents: list) -> str:
 
 
 def _cell(value: object, field: str) -> str:
-    if value is None or value == "":
+    if value is None or value == "" or value == {}:
         return "-"
-    if field == "created_at" and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if field == "online":
+        return "yes" if value else "no"
+    if field == "last_seen" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    if field == "pending" and isinstance(value, dict):
+        return ",".join(f"{channel}:{count}" for channel, count in value.items())
     # One agent, one line: a free-text identity may hold line breaks or tabs.
     return str(value).replace("\n", " ").replace("\r", " ").replace("\t", " ")
 

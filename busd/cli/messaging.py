@@ -7,10 +7,11 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from ..client import BusClientError, CursorFile, listen, monitor_block
 from ..secretguard import refusal
-from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+from . import EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_USAGE, CommandError, Env
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -29,6 +30,30 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="a flat JSON object of extra fields")
     send.add_argument("--allow-secret", action="store_true",
                       help="send even if the body looks like a key or credential")
+    send.add_argument("--wait", choices=("delivered", "filed"), default=None,
+                      help="after the ack, wait until the recipient fetched (delivered) or "
+                           "filed it; exit 4 if --timeout passes first")
+    send.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="how long --wait waits (default 60)")
+
+    status = commands.add_parser(
+        "status", help="where your messages are: queued, delivered or filed",
+        description="Print each message's receipt state, one line per recipient: "
+                    "id<TAB>state<TAB>recipient. queued: stored; delivered: the recipient "
+                    "fetched it; filed: its daemon's inbox file is durable. A broadcast has a "
+                    "line per agent known to read its channel. You see your own messages "
+                    "(admins: all); others show as unknown.")
+    status.add_argument("ids", nargs="+", type=int, metavar="ID")
+    status.set_defaults(func=_status)
+
+    undelivered = commands.add_parser(
+        "undelivered", help="list dead letters: messages nobody fetched",
+        description="List addressed messages still not fetched after --older seconds, and any "
+                    "sent to a name that has never talked to the bus (admin once auth is on): "
+                    "id<TAB>time<TAB>from<TAB>to<TAB>channel<TAB>reason.")
+    undelivered.add_argument("--older", type=float, default=600.0, metavar="SECONDS",
+                             help="queued at least this long (default 600)")
+    undelivered.set_defaults(func=_undelivered)
     send.set_defaults(func=_send)
 
     recv = commands.add_parser(
@@ -72,6 +97,40 @@ def _send(args: argparse.Namespace, env: Env) -> int:
     ack = client.send(sender, args.to, body, channel=args.channel or env.channel,
                       key=args.key, meta=meta)
     print(json.dumps(ack), flush=True)
+    if args.wait is None:
+        return EXIT_OK
+    if client.wait_for_state(int(ack["id"]), args.wait, args.timeout) is None:
+        print(f"agent-bus send: message {ack['id']} was not {args.wait} within "
+              f"{args.timeout:g} s", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_OK
+
+
+def status_lines(states: list[dict]) -> str:
+    """One line per recipient: id, state, recipient; bin/bus-status prints the same."""
+    lines = []
+    for state in states:
+        recipients = state.get("recipients") or {}
+        if not recipients:
+            lines.append(f"{state['id']}\t{state['state']}\t{state.get('to', '-')}")
+        for name, value in recipients.items():
+            lines.append(f"{state['id']}\t{value}\t{name}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _status(args: argparse.Namespace, env: Env) -> int:
+    sys.stdout.write(status_lines(env.client().status(args.ids)))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _undelivered(args: argparse.Namespace, env: Env) -> int:
+    if args.older < 0:
+        raise CommandError("--older must be 0 or more seconds", EXIT_USAGE)
+    for entry in env.client().undelivered(args.older):
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["ts"]))
+        print(f"{entry['id']}\t{when}\t{entry['from']}\t{entry['to']}\t{entry['channel']}"
+              f"\t{entry['reason']}")
     return EXIT_OK
 
 

@@ -53,6 +53,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--secret-guard", action="store_true",
                         help="refuse message bodies that look like keys or credentials "
                              "(a send may still pass \"allow_secret\": true)")
+    parser.add_argument("--online-window", type=float, default=60.0, metavar="SECONDS",
+                        help="an agent counts as online this long after its last contact, "
+                             "unless it hung up (default 60)")
     parser.add_argument("--retain-days", type=float, default=0, metavar="DAYS",
                         help="remove messages older than this once read (default 0: keep all)")
     parser.add_argument("--retain-per-queue", type=int, default=0, metavar="N",
@@ -87,8 +90,10 @@ def _serve(args: argparse.Namespace, env) -> int:
     os.umask(0o077)
     db = args.db or os.path.join(env.state_dir, "bus.db")
     settings = BusSettings(hold_seconds=args.hold, body_timeout=args.body_timeout,
-                           secret_guard=args.secret_guard,
+                           secret_guard=args.secret_guard, online_window=args.online_window,
                            limits=Limits(max_msg_bytes=args.max_msg_bytes))
+    if args.online_window <= 0:
+        die("--online-window must be more than 0 seconds")
     if args.idle_timeout <= 0:
         die("--idle-timeout must be more than 0 seconds")
     if args.rate < 0 or args.burst < 1:
