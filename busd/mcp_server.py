@@ -24,6 +24,7 @@ from .model import is_valid_name
 from .secretguard import refusal
 
 MAX_WAIT_SECONDS = 600
+WAIT_STATES = ("queued", "delivered", "filed")
 SERVER_HOLD_SECONDS = 25
 READ_MARK = "mcp-read"
 
@@ -154,7 +155,8 @@ class AgentTools:
 
     # -- sending ----------------------------------------------------------------
 
-    def send(self, to: str, body: str, channel: str | None = None) -> dict:
+    def send(self, to: str, body: str, channel: str | None = None, wait_for: str = "queued",
+             timeout: float = 60) -> dict:
         if to != "*" and not is_valid_name(to):
             raise ToolInputError(f"invalid recipient {to!r}: a name of 1-64 characters of "
                                  "A-Z a-z 0-9 . _ - (not only dots), or '*' for everyone")
@@ -163,7 +165,20 @@ class AgentTools:
         if problem := refusal(body):
             raise ToolInputError(f"not sent: {problem}. Use the handoff tool for files "
                                  "holding secrets.")
-        return self._client.send(self.name, to, body, channel=channel or self.channel)
+        if wait_for not in WAIT_STATES:
+            raise ToolInputError(f"wait_for must be one of {', '.join(WAIT_STATES)}")
+        if not 0 < timeout <= MAX_WAIT_SECONDS:
+            raise ToolInputError(f"timeout must be more than 0 and at most {MAX_WAIT_SECONDS}")
+        ack = self._client.send(self.name, to, body, channel=channel or self.channel)
+        if wait_for == "queued":
+            return {**ack, "state": "queued"}
+        reached = self._client.wait_for_state(int(ack["id"]), wait_for, timeout)
+        return {**ack, "state": reached or "not yet " + wait_for, "timed_out": reached is None}
+
+    def status(self, ids: list[int]) -> list[dict]:
+        if not ids or len(ids) > 100 or any(i < 1 for i in ids):
+            raise ToolInputError("ids: 1 to 100 positive message ids")
+        return self._client.status(ids)
 
     def handoff(self, to: str, paths: list[str], note: str | None = None) -> dict:
         if not paths:
@@ -223,10 +238,20 @@ def build_server(tools: AgentTools):
             raise ToolError(str(exc)) from None
 
     @server.tool(description="Send a message to another agent (or '*' for everyone on the "
-                             "channel) and return the bus's acknowledgement {ok, id, ts, channel}. "
-                             "Bodies that look like keys or credentials are refused: use handoff.")
-    async def send(to: str, body: str, channel: str | None = None) -> dict:
-        return await call(tools.send, to, body, channel)
+                             "channel) and return the bus's acknowledgement {ok, id, ts, channel, "
+                             "state}. wait_for: 'queued' returns once it is stored; 'delivered' "
+                             "or 'filed' wait (up to timeout seconds) until the recipient fetched "
+                             "or filed it. Bodies that look like keys or credentials are refused: "
+                             "use handoff.")
+    async def send(to: str, body: str, channel: str | None = None, wait_for: str = "queued",
+                   timeout: float = 60) -> dict:
+        return await call(tools.send, to, body, channel, wait_for, timeout)
+
+    @server.tool(description="Receipt state of messages you sent, by id: queued (stored), "
+                             "delivered (the recipient fetched it) or filed (its inbox file is "
+                             "durable); per recipient for broadcasts.")
+    async def status(ids: list[int]) -> list[dict]:
+        return await call(tools.status, ids)
 
     @server.tool(description="Unread messages (oldest first, at most `limit`), each {id, ts, "
                              "time, from, to, channel, body, meta?, handoff?}; they are marked "
@@ -257,8 +282,9 @@ def build_server(tools: AgentTools):
                sha256: str | None = None) -> dict:
         return await call(tools.verify, id, path, sha256)
 
-    @server.tool(description="The agents this bus knows: name, role and what the bus says of them.")
-    async def agents() -> list:
+    @server.tool(description="The roster: every agent the bus knows, whether it is online now "
+                             "(can receive at once), its last contact and role.")
+    async def agents() -> list[dict]:
         return await call(tools.agents)
 
     return server

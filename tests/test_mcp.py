@@ -16,7 +16,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client
 from tests.agent_support import AgentProcess, inbox_files, inbox_messages
 from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
 
-TOOLS = {"send", "inbox", "read", "wait", "handoff", "verify", "agents"}
+TOOLS = {"send", "inbox", "read", "wait", "handoff", "verify", "agents", "status"}
 
 
 @asynccontextmanager
@@ -69,9 +69,15 @@ def test_tools_with_the_daemons_running(bus, tmp_path):
                 assert TOOLS <= {tool.name for tool in listed.tools}
                 assert all(tool.description and tool.input_schema for tool in listed.tools)
 
-                ack = payload(await session.call_tool("send", {"to": "dell", "body": "from mcp"}))
-                assert ack["ok"] is True
-                wait_until(lambda: inbox_files(dell.layout), what="dell's copy")
+                ack = payload(await session.call_tool(
+                    "send", {"to": "dell", "body": "from mcp", "wait_for": "filed",
+                             "timeout": 20}))
+                assert ack["ok"] is True and ack["state"] == "filed"
+                assert inbox_files(dell.layout)
+                [state] = payload(await session.call_tool("status", {"ids": [ack["id"]]}))
+                assert (state["state"], state["recipients"]) == ("filed", {"dell": "filed"})
+                roster = {a["name"]: a for a in payload(await session.call_tool("agents", {}))}
+                assert roster["dell"]["online"] is True
 
                 # wait: dell answers while spark's assistant is blocked in `wait`.
                 waiting = asyncio.create_task(session.call_tool("wait", {"seconds": 20}))
@@ -116,6 +122,9 @@ def test_tool_input_errors_are_tool_errors(bus, tmp_path):
             assert "positive" in error_text(await session.call_tool("read", {"id": -3}))
             assert "seconds" in error_text(await session.call_tool("wait", {"seconds": 0}))
             assert "path and sha256" in error_text(await session.call_tool("verify", {}))
+            assert "wait_for" in error_text(await session.call_tool(
+                "send", {"to": "dell", "body": "x", "wait_for": "soon"}))
+            assert "ids" in error_text(await session.call_tool("status", {"ids": []}))
             assert "not a regular file" in error_text(await session.call_tool(
                 "handoff", {"to": "dell", "paths": [str(tmp_path / "missing")]}))
             # Still alive after all that.

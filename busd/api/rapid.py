@@ -52,6 +52,10 @@ async def recv(request: web.Request) -> web.Response:
     filed = query_bool(request, "filed", False)
     bus.access.check_read_as(principal_of(request), to, channel)
     bus.store.note_contact(to)
+    # The poll is the receipt: since says what reached the reader (filed, from a daemon
+    # that saves its cursor only after its inbox files are durable). Noted before the
+    # park, so a sender waiting for `filed` does not wait out the hold.
+    bus.store.acknowledge(to, channel, since, since, filed)
 
     async def fetch():
         return await bus.store.recv(to, channel, since, limit)
@@ -59,9 +63,8 @@ async def recv(request: web.Request) -> web.Response:
     received = await long_poll(bus, channel, to, fetch, block,
                                has_messages=lambda batch: bool(batch.messages))
     messages, now = received.messages, received.now
-    # The poll is the receipt: since says what reached the reader (filed, from a
-    # daemon that saves its cursor only after its inbox files are durable).
-    bus.store.acknowledge(to, channel, since, messages[-1].ts if messages else since, filed)
+    if messages:
+        bus.store.acknowledge(to, channel, since, messages[-1].ts, filed)
     bus.metrics.handed_out(messages)
     if len(messages) >= limit:
         # A cut batch: the client moves its cursor to `now`, so `now` must not pass

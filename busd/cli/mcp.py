@@ -16,7 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Run an MCP server on stdin/stdout for agent NAME, configured like its "
                     "daemon (AGENT_BUS_URL, AGENT_BUS_TOKEN, AGENT_BUS_SPOOL, "
                     "AGENT_BUS_CHANNEL, ...). Tools: send, inbox, read, wait, handoff, verify, "
-                    "agents. It reads the inbox the daemon files, or files it itself when no "
+                    "agents, status. It reads the inbox the daemon files, or files it itself when no "
                     "daemon runs.")
     mcp.add_argument("name", nargs="?", default=None, help="agent name (default $AGENT_NAME)")
     mcp.add_argument("--channel", default=None,
