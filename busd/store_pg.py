@@ -37,6 +37,7 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from . import errors
@@ -143,6 +144,16 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen DOUBLE PRECISION NOT NULL
     );
     """,
+    # 4: what recipients' daemons found when they checked a handoff on arrival.
+    """
+    CREATE TABLE handoff_checks (
+        message_id BIGINT NOT NULL,
+        agent      TEXT   NOT NULL,
+        result     TEXT   NOT NULL,
+        checked_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (message_id, agent)
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -158,26 +169,39 @@ SQL_INIT_VERSION = "INSERT INTO schema_version (version) VALUES (0)"
 # Microseconds to a ts, written once: `now` and message stamps must convert alike.
 _US_TO_TS = "::float8 / 1000000"
 SQL_NOW = f"SELECT last_us{_US_TO_TS} FROM clock"
-# Takes the clock row's lock (held to COMMIT) and reserves `count` ids and stamps.
-SQL_STAMP = ("UPDATE clock SET "
-             "last_us = GREATEST((extract(epoch FROM clock_timestamp()) * 1000000)::bigint, "
-             "last_us + 1) + %(count)s - 1, "
-             "last_id = last_id + %(count)s "
-             "RETURNING last_id - %(count)s + 1")
-# Reads the clock row this transaction just moved: message `ord` of `count` gets
-# the ord-th reserved id and stamp. A (from, key) already stored is skipped.
-SQL_INSERT_MESSAGES = f"""
-INSERT INTO messages (id, ts, channel, from_name, to_name, body, meta, key, signature)
-SELECT c.last_id - %(count)s + m.ord, (c.last_us - %(count)s + m.ord){_US_TO_TS},
-       m.channel, m.from_name, m.to_name, m.body, m.meta, m.key, m.signature
-FROM clock c,
-     unnest(%(channel)s::text[], %(from_name)s::text[], %(to_name)s::text[], %(body)s::bytea[],
-            %(meta)s::text[], %(key)s::text[], %(signature)s::text[])
-       WITH ORDINALITY AS m(channel, from_name, to_name, body, meta, key, signature, ord)
-ON CONFLICT (from_name, key) WHERE key IS NOT NULL DO NOTHING
-RETURNING id, ts
+# A group's messages in one statement, so one transaction and one round trip.
+# Updating the clock row takes its lock (held to COMMIT) and reserves `count` ids
+# and stamps: message `ord` of `count` gets the ord-th. A (from, key) already
+# stored is skipped. The notification goes out at COMMIT. Answers the first
+# reserved id, and (id, ts) of each message stored.
+SQL_SEND_MESSAGES = f"""
+WITH stamp AS (
+    UPDATE clock SET
+        last_us = GREATEST((extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+                           last_us + 1) + %(count)s - 1,
+        last_id = last_id + %(count)s
+    RETURNING last_id, last_us
+), stored AS (
+    INSERT INTO messages (id, ts, channel, from_name, to_name, body, meta, key, signature)
+    SELECT s.last_id - %(count)s + m.ord, (s.last_us - %(count)s + m.ord){_US_TO_TS},
+           m.channel, m.from_name, m.to_name, m.body, m.meta, m.key, m.signature
+    FROM stamp s,
+         unnest(%(channel)s::text[], %(from_name)s::text[], %(to_name)s::text[],
+                %(body)s::bytea[], %(meta)s::text[], %(key)s::text[], %(signature)s::text[])
+           WITH ORDINALITY AS m(channel, from_name, to_name, body, meta, key, signature, ord)
+    ON CONFLICT (from_name, key) WHERE key IS NOT NULL DO NOTHING
+    RETURNING id, ts
+), told AS (
+    SELECT pg_notify(%(notify_channel)s, %(notice)s)
+)
+SELECT s.last_id - %(count)s + 1, m.id, m.ts
+FROM stamp s CROSS JOIN told LEFT JOIN stored m ON TRUE
 """
-SQL_NOTIFY = "SELECT pg_notify(%s, %s)"
+# Wraps a write to tokens, keys or flags (positional parameters, then channel and
+# notice) so the other replicas hear of it at its COMMIT; answers its row count.
+SQL_TELLING_IDENTITY = ("WITH changed AS ({statement} RETURNING 1), "
+                        "told AS (SELECT pg_notify(%s, %s)) "
+                        "SELECT (SELECT count(*) FROM changed), (SELECT 1 FROM told)")
 SQL_LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
 
 _COLUMNS = "id, ts, channel, from_name, to_name, body, meta, signature"
@@ -293,6 +317,20 @@ ORDER BY r.id
 LIMIT 5000
 """
 SQL_DELETE_MESSAGES = "DELETE FROM messages WHERE id = ANY(%s)"
+SQL_DELETE_HANDOFF_CHECKS = "DELETE FROM handoff_checks WHERE message_id = ANY(%s)"
+
+# The operator console's feed: every recipient's messages, newest first (the caller
+# turns them round), optionally one channel's, or those from or to one agent.
+SQL_RECENT = (f"SELECT {_COLUMNS} FROM messages WHERE id > %(after)s "
+              "AND (%(channel)s::text IS NULL OR channel = %(channel)s) "
+              "AND (%(agent)s::text IS NULL OR from_name = %(agent)s OR to_name = %(agent)s) "
+              "ORDER BY id DESC LIMIT %(limit)s")
+SQL_RECORD_HANDOFF_CHECK = (
+    "INSERT INTO handoff_checks (message_id, agent, result, checked_at) "
+    "VALUES (%s, %s, %s, %s) ON CONFLICT (message_id, agent) DO UPDATE SET "
+    "result = excluded.result, checked_at = excluded.checked_at")
+SQL_HANDOFF_CHECKS = ("SELECT message_id, agent, result FROM handoff_checks "
+                      "WHERE message_id = ANY(%s)")
 
 SQL_CHANNELS = ("SELECT channel, COUNT(*), MAX(ts) FROM messages "
                 "GROUP BY channel ORDER BY MAX(ts) DESC")
@@ -312,7 +350,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _columns(group: "_Group") -> dict[str, Any]:
-    """A group's messages as the arrays SQL_INSERT_MESSAGES unnests."""
+    """A group's messages as the arrays SQL_SEND_MESSAGES unnests."""
     messages = [send.message for send in group.sends]
     return {
         "count": len(messages),
@@ -336,15 +374,19 @@ class _Send:
 
 @dataclass
 class _Group:
-    """Writes that commit together in one transaction, and who waits for them."""
+    """Writes gathered while the writer was busy, and who waits for them.
+
+    Its messages are stored by one statement, its receipts and contacts by one
+    each, its other statements one by one: each in a transaction of its own.
+    """
     sends: list[_Send] = field(default_factory=list)
     by_key: dict[tuple[str, str], _Send] = field(default_factory=dict)
-    # Other statements in arrival order; each future gets its row count.
-    statements: list[tuple[str, Any, asyncio.Future | None]] = field(default_factory=list)
+    # Other statements in arrival order: (sql, params, future for its row count,
+    # whether it changes tokens, keys or flags).
+    statements: list[tuple[str, Any, asyncio.Future, bool]] = field(default_factory=list)
     # (agent, channel) -> (acknowledged, delivered, filed) maxima, written in one statement.
     acknowledged: dict[tuple[str, str], tuple[float, float, float]] = field(default_factory=dict)
     contacts: dict[str, float] = field(default_factory=dict)
-    changes_identity: bool = False   # tokens, keys or flags: cached answers go stale
 
     def __bool__(self) -> bool:
         return bool(self.sends or self.statements or self.acknowledged or self.contacts)
@@ -382,8 +424,10 @@ class PostgresStore(Store):
     # -- lifecycle ---------------------------------------------------------
 
     def _connect_options(self) -> dict[str, Any]:
+        # JIT compiling would take longer than any of our statements runs.
+        options = (conninfo_to_dict(self.url).get("options") or "") + " -c jit=off"
         return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT,
-                "application_name": self.replica}
+                "application_name": self.replica, "options": options.strip()}
 
     async def _connect(self, **extra: Any) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(self.url, **self._connect_options(), **extra)
@@ -539,19 +583,14 @@ class PostgresStore(Store):
         if self.on_commits_missed is not None:
             self.on_commits_missed()
 
-    def _notification(self, group: _Group) -> str | None:
-        """What other replicas must hear of this group: whom to wake, whether
-        identity changed (for their caches). None: nothing."""
-        notice: dict[str, Any] = {"replica": self.replica}
-        if group.changes_identity:
-            notice["identity"] = True
-        if group.sends:
-            notice["wake"] = sorted({(s.message.channel, s.message.to) for s in group.sends})
-            if len(json.dumps(notice).encode("utf-8")) > NOTIFY_LIMIT:
-                # Too many to name: every listener wakes all its waiters, which re-check.
-                del notice["wake"]
-                notice["wake_all"] = True
-        return json.dumps(notice, separators=(",", ":")) if len(notice) > 1 else None
+    def _wake_notice(self, sends: list[_Send]) -> str:
+        """Whom other replicas must wake for these messages."""
+        pairs = sorted({(send.message.channel, send.message.to) for send in sends})
+        notice = json.dumps({"replica": self.replica, "wake": pairs}, separators=(",", ":"))
+        if len(notice.encode("utf-8")) > NOTIFY_LIMIT:
+            # Too many to name: every listener wakes all its waiters, which re-check.
+            notice = json.dumps({"replica": self.replica, "wake_all": True})
+        return notice
 
     # -- identity answers, cached ------------------------------------------
     #
@@ -602,12 +641,18 @@ class PostgresStore(Store):
 
     async def _commit(self, group: _Group) -> None:
         try:
-            stored, counts = await self._write_group(group)
-            found = await self._find_duplicates(group, stored)
-            self._answer(group, stored, counts, found)
-        except BusError as exc:
-            self._fail(group, exc)
-        except Exception as exc:  # a bug: fail the group loudly, keep the writer going
+            if group.sends:
+                await self._store_sends(group)
+            for sql, params, future, changes_identity in group.statements:
+                try:
+                    outcome: int | BusError = await self._rowcount(sql, params)
+                except BusError as exc:
+                    outcome = exc
+                if changes_identity:
+                    self._forget_identity()  # before its writer hears it is done
+                _settle(future, outcome)
+            await self._store_receipts(group)
+        except Exception as exc:  # a bug: fail what is left loudly, keep the writer going
             log.exception("unexpected error while committing")
             self._fail(group, BusError(errors.INTERNAL, type(exc).__name__))
         finally:
@@ -627,105 +672,55 @@ class PostgresStore(Store):
                                f"cannot reach PostgreSQL: {_one_line(exc)}") from None
         return self._writer
 
-    async def _write_group(self, group: _Group) -> tuple[dict[int, tuple[int, float]], list[int]]:
-        """Run the group as one transaction; returns {send index: (id, ts)} of the
-        messages it stored and the row counts of its statements."""
+    async def _execute(self, sql: str, params: Any) -> list[tuple]:
+        """One statement on the writer connection, in a transaction of its own (autocommit);
+        its rows, or a BusError. Run again where PostgreSQL says nothing was done."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             conn = await self._writer_connection()
-            begun = False
             try:
-                # Alone, one round trip: a connection that died while idle fails
-                # here, before anything of the group was sent.
-                await conn.execute("BEGIN")
-                begun = True
-                # The rest in one round trip: the clock row's lock is held only
-                # for that and the commit's flush.
-                async with conn.pipeline():
-                    if group.acknowledged:
-                        keys = sorted(group.acknowledged)
-                        receipts = [group.acknowledged[k] for k in keys]
-                        await conn.execute(SQL_ACKNOWLEDGE, (
-                            [agent for agent, _ in keys], [channel for _, channel in keys],
-                            [r[0] for r in receipts], [r[1] for r in receipts],
-                            [r[2] for r in receipts]))
-                    if group.contacts:
-                        agents = sorted(group.contacts)
-                        await conn.execute(SQL_NOTE_CONTACTS, (
-                            agents, [group.contacts[a] for a in agents]))
-                    statements = [await conn.execute(sql, params)
-                                  for sql, params, _future in group.statements]
-                    if group.sends:
-                        stamp = await conn.execute(SQL_STAMP, {"count": len(group.sends)})
-                        inserted = await conn.execute(SQL_INSERT_MESSAGES, _columns(group))
-                    notice = self._notification(group)
-                    if notice is not None:
-                        await conn.execute(SQL_NOTIFY, (NOTIFY_CHANNEL, notice))
-                    await conn.execute("COMMIT")
-                stored = {}
-                if group.sends:
-                    first_id = (await stamp.fetchone())[0]
-                    stored = {message_id - first_id: (message_id, ts)
-                              for message_id, ts in await inserted.fetchall()}
-                return stored, [cursor.rowcount for cursor in statements]
-            except pg_errors.TransactionRollback as exc:
-                # Deadlock or serialization failure: PostgreSQL undid it all.
-                await self._roll_back(conn)
+                cursor = await conn.execute(sql, params)
+                return await cursor.fetchall() if cursor.description else [(cursor.rowcount,)]
+            except (pg_errors.AdminShutdown, pg_errors.TransactionRollback) as exc:
+                # The answer was "session ended by an administrator" (a restart,
+                # pg_terminate_backend: the statement was not run), or a deadlock or
+                # serialization failure (PostgreSQL undid it): nothing was stored.
                 problem: psycopg.Error = exc
             except psycopg.OperationalError as exc:
-                await self._roll_back(conn)
-                if begun and conn.broken:
+                if conn.broken:
                     raise BusError(errors.STORAGE_UNAVAILABLE,
-                                   "the connection to PostgreSQL broke during a commit, so "
+                                   "the connection to PostgreSQL broke while writing, so "
                                    "whether it was stored is unknown; a retry with the same "
                                    "idempotency key is safe") from None
-                if not conn.broken:
-                    raise BusError(errors.STORAGE_UNAVAILABLE, _one_line(exc)) from None
-                problem = exc  # nothing of the group was sent: reconnect and run it again
+                raise BusError(errors.STORAGE_UNAVAILABLE, _one_line(exc)) from None
             except psycopg.Error as exc:
-                await self._roll_back(conn)
-                log.error("PostgreSQL refused a write, nothing of this group was stored: %s",
+                log.error("PostgreSQL refused a write, nothing of it was stored: %s",
                           _one_line(exc))
                 raise BusError(errors.INTERNAL, type(exc).__name__) from None
-            log.warning("write attempt %d of %d failed, nothing was stored: %s",
+            log.warning("write attempt %d of %d did nothing, trying again: %s",
                         attempt, WRITE_ATTEMPTS, _one_line(problem))
         raise BusError(errors.STORAGE_UNAVAILABLE, _one_line(problem))
 
-    @staticmethod
-    async def _roll_back(conn: psycopg.AsyncConnection) -> None:
-        if conn.broken or conn.closed:
-            return
+    async def _rowcount(self, sql: str, params: Any) -> int:
+        return (await self._execute(sql, params))[0][0]
+
+    async def _store_sends(self, group: _Group) -> None:
         try:
-            await conn.execute("ROLLBACK")
-        except psycopg.Error:
-            await conn.close()
-
-    async def _find_duplicates(self, group: _Group,
-                               stored: dict[int, tuple[int, float]]) -> dict[int, StoredMessage]:
-        """The first message of each send skipped as a repeated (from, key).
-
-        Runs after COMMIT, so it must not fail the group: a send it cannot answer
-        is told to retry, which its key makes safe.
-        """
-        found: dict[int, StoredMessage] = {}
-        for index, send in enumerate(group.sends):
-            message = send.message
-            if index in stored or message.key is None:
-                continue
-            try:
-                conn = await self._writer_connection()
-                row = await (await conn.execute(
-                    SQL_FIND_BY_KEY, (message.sender, message.key))).fetchone()
-            except (psycopg.Error, BusError) as exc:
-                log.warning("could not read back the first send of a repeated key: %s", exc)
-                continue
-            if row is not None:
-                found[index] = _row_to_message(row)
-        return found
-
-    def _answer(self, group: _Group, stored: dict[int, tuple[int, float]], counts: list[int],
-                found: dict[int, StoredMessage]) -> None:
-        if group.changes_identity:
-            self._forget_identity()  # before anyone hears it is done
+            rows = await self._execute(SQL_SEND_MESSAGES, {
+                **_columns(group), "notify_channel": NOTIFY_CHANNEL,
+                "notice": self._wake_notice(group.sends)})
+        except BusError as exc:
+            group.by_key.clear()
+            for send in group.sends:
+                for future in (send.future, *send.followers):
+                    _settle(future, exc)
+            return
+        first_id = rows[0][0]
+        stored = {message_id - first_id: (message_id, ts)
+                  for _, message_id, ts in rows if message_id is not None}
+        found = await self._find_duplicates(group, stored)
+        # Answered from here on: a later send with one of these keys must not wait
+        # for this group (it finds the stored message itself).
+        group.by_key.clear()
         committed = []
         for index, send in enumerate(group.sends):
             outcome: SendResult | BusError
@@ -745,27 +740,66 @@ class PostgresStore(Store):
             for follower in send.followers:
                 _settle(follower, outcome if isinstance(outcome, BusError)
                         else SendResult(outcome.message, duplicate=True))
-        for (_sql, _params, future), count in zip(group.statements, counts):
-            if future is not None:
-                _settle(future, count)
         if committed and self.on_commit is not None:
             self.on_commit(committed)
+
+    async def _find_duplicates(self, group: _Group,
+                               stored: dict[int, tuple[int, float]]) -> dict[int, StoredMessage]:
+        """The first message of each send skipped as a repeated (from, key).
+
+        Runs after COMMIT, so it must not fail the others: a send it cannot answer
+        is told to retry, which its key makes safe.
+        """
+        found: dict[int, StoredMessage] = {}
+        for index, send in enumerate(group.sends):
+            message = send.message
+            if index in stored or message.key is None:
+                continue
+            try:
+                rows = await self._execute(SQL_FIND_BY_KEY, (message.sender, message.key))
+            except BusError as exc:
+                log.warning("could not read back the first send of a repeated key: %s", exc)
+                continue
+            if rows:
+                found[index] = _row_to_message(rows[0])
+        return found
+
+    async def _store_receipts(self, group: _Group) -> None:
+        """Receipts and contacts: fire-and-forget, so a failure is only logged."""
+        try:
+            if group.acknowledged:
+                keys = sorted(group.acknowledged)
+                receipts = [group.acknowledged[k] for k in keys]
+                await self._execute(SQL_ACKNOWLEDGE, (
+                    [agent for agent, _ in keys], [channel for _, channel in keys],
+                    *([receipt[i] for receipt in receipts] for i in range(3))))
+            if group.contacts:
+                agents = sorted(group.contacts)
+                await self._execute(SQL_NOTE_CONTACTS, (agents,
+                                                        [group.contacts[a] for a in agents]))
+        except BusError as exc:
+            log.warning("receipts and contacts not stored this time: %s", exc.message)
 
     @staticmethod
     def _fail(group: _Group, error: BusError) -> None:
         for send in group.sends:
             for future in (send.future, *send.followers):
                 _settle(future, error)
-        for _sql, _params, future in group.statements:
-            if future is not None:
-                _settle(future, error)
+        for _sql, _params, future, _changes_identity in group.statements:
+            _settle(future, error)
 
-    async def _write(self, sql: str, params: Any, changes_identity: bool = False) -> int:
-        """One statement through the group commit; returns its row count once durable."""
+    async def _write(self, sql: str, params: tuple, changes_identity: bool = False) -> int:
+        """One statement through the writer; its row count once it is durable.
+
+        A change to tokens, keys or flags also notifies the other replicas in the
+        same transaction, so they drop their cached answers.
+        """
+        if changes_identity:
+            sql = SQL_TELLING_IDENTITY.format(statement=sql)
+            params = (*params, NOTIFY_CHANNEL, json.dumps({"replica": self.replica,
+                                                           "identity": True}))
         future = self._loop.create_future()
-        group = self._join()
-        group.statements.append((sql, params, future))
-        group.changes_identity |= changes_identity
+        self._join().statements.append((sql, params, future, changes_identity))
         return await future
 
     # -- reads -------------------------------------------------------------
@@ -865,6 +899,23 @@ class PostgresStore(Store):
         rows = await self._rows(SQL_UNDELIVERED, (queued_before, limit))
         return [undelivered_entry(*row) for row in rows]
 
+    async def recent_messages(self, after: int | None, limit: int, channel: str | None = None,
+                              agent: str | None = None) -> list[StoredMessage]:
+        rows = await self._rows(SQL_RECENT, {"after": after or 0, "limit": limit,
+                                             "channel": channel, "agent": agent})
+        return [_row_to_message(row) for row in reversed(rows)]
+
+    async def record_handoff_check(self, message_id: int, agent: str, result: str) -> None:
+        await self._write(SQL_RECORD_HANDOFF_CHECK, (message_id, agent, result, time.time()))
+
+    async def handoff_checks(self, ids: list[int]) -> dict[int, dict[str, str]]:
+        if not ids:
+            return {}
+        out: dict[int, dict[str, str]] = {}
+        for message_id, agent, result in await self._rows(SQL_HANDOFF_CHECKS, (list(ids),)):
+            out.setdefault(message_id, {})[agent] = result
+        return out
+
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
         rows = await self._rows(SQL_UNREAD, {"agent": agent, "channel": channel, "limit": limit})
         if not rows:
@@ -896,7 +947,9 @@ class PostgresStore(Store):
                                                   {"cutoff": cutoff, "cap": cap})]
         if not ids:
             return 0
-        return await self._write(SQL_DELETE_MESSAGES, (ids,))
+        removed = await self._write(SQL_DELETE_MESSAGES, (ids,))
+        await self._write(SQL_DELETE_HANDOFF_CHECKS, (ids,))
+        return removed
 
     # -- identity: tokens and keys ----------------------------------------
 

@@ -215,17 +215,19 @@ def test_idempotency_keys_watermarks_and_tokens_are_shared(replicas, names, post
     assert [m["content"] for m in got] == ["one", "two"]
     assert b.get(f"/messages?channel={channel}&agent={reader}").json() == []
 
-    created = subprocess.run(agent_bus_cmd("token", "create", reader, "--db", postgres_db),
-                             capture_output=True, text=True, env=repo_env(), timeout=30)
-    assert created.returncode == 0, created.stderr
-    token = created.stdout.strip()
+    def manage(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(agent_bus_cmd("token", *args, "--db", postgres_db),
+                              capture_output=True, text=True, env=repo_env(), timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    manage("create", sender)  # keeps auth on once the reader's token is revoked
+    token = manage("create", reader).stdout.strip()
     bearer = {"Authorization": f"Bearer {token}"}
     for bus in (a, b):
         assert bus.get(f"/recv?to={reader}").status_code == 401
         assert bus.get(f"/recv?to={reader}", headers=bearer).status_code == 200
-    revoked = subprocess.run(agent_bus_cmd("token", "revoke", reader, "--db", postgres_db),
-                             capture_output=True, text=True, env=repo_env(), timeout=30)
-    assert revoked.returncode == 0, revoked.stderr
+    manage("revoke", reader)
     for bus in (a, b):
         assert bus.get(f"/recv?to={reader}", headers=bearer).status_code == 401
     stop_cleanly(a, b)
@@ -249,6 +251,7 @@ def test_concurrent_sends_with_one_key_through_both_replicas_store_one_message(r
         thread.start()
     for thread in threads:
         thread.join(30)
+    assert len(replies) == 8, "every send must be answered"
     assert len({(r["id"], r["ts"]) for r in replies}) == 1, replies
     assert sum(1 for r in replies if not r.get("duplicate")) == 1
     assert len(a.get(f"/recv?to={to}").json()["messages"]) == 1
