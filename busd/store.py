@@ -107,6 +107,21 @@ class Store(abc.ABC):
         reason}], oldest first."""
 
     @abc.abstractmethod
+    async def recent_messages(self, after: int | None, limit: int, channel: str | None = None,
+                              agent: str | None = None) -> list[StoredMessage]:
+        """The newest `limit` messages with id > after (None: any), whoever they are for,
+        oldest first; only those on `channel`, and only those from or to `agent`, if given."""
+
+    @abc.abstractmethod
+    async def record_handoff_check(self, message_id: int, agent: str, result: str) -> None:
+        """`agent`'s daemon checked handoff `message_id` as it filed it: verified, mismatch
+        or unreachable. Durable when it returns; a later report replaces an earlier one."""
+
+    @abc.abstractmethod
+    async def handoff_checks(self, ids: list[int]) -> dict[int, dict[str, str]]:
+        """{message id: {agent: result}} for those of `ids` someone reported a check of."""
+
+    @abc.abstractmethod
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
         """el-ipc read: unread messages on the channel; the watermark moves past them durably."""
 

@@ -96,6 +96,16 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 4: what recipients' daemons found when they checked a handoff on arrival.
+    """
+    CREATE TABLE handoff_checks (
+        message_id INTEGER NOT NULL,
+        agent      TEXT    NOT NULL,
+        result     TEXT    NOT NULL,
+        checked_at REAL    NOT NULL,
+        PRIMARY KEY (message_id, agent)
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -219,6 +229,20 @@ WHERE (r.ts < :cutoff OR r.newer > :cap)
 LIMIT 5000
 """
 SQL_DELETE_MESSAGE = "DELETE FROM messages WHERE id = ?"
+SQL_DELETE_HANDOFF_CHECKS = "DELETE FROM handoff_checks WHERE message_id = ?"
+
+# The operator console's feed: every recipient's messages, newest first (the caller
+# turns them round), optionally one channel's, or those from or to one agent.
+SQL_RECENT = (f"SELECT {_COLUMNS} FROM messages WHERE id > :after "
+              "AND (:channel IS NULL OR channel = :channel) "
+              "AND (:agent IS NULL OR from_name = :agent OR to_name = :agent) "
+              "ORDER BY id DESC LIMIT :limit")
+SQL_RECORD_HANDOFF_CHECK = (
+    "INSERT INTO handoff_checks (message_id, agent, result, checked_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (message_id, agent) DO UPDATE SET result = excluded.result, "
+    "checked_at = excluded.checked_at")
+SQL_HANDOFF_CHECKS = ("SELECT message_id, agent, result FROM handoff_checks "
+                      "WHERE message_id IN ({marks})")
 
 SQL_CHANNELS = ("SELECT channel, COUNT(*), MAX(ts) FROM messages "
                 "GROUP BY channel ORDER BY MAX(ts) DESC")
@@ -588,6 +612,25 @@ class SQLiteStore(Store):
         rows = self._reader.execute(SQL_UNDELIVERED, (queued_before, limit)).fetchall()
         return [undelivered_entry(*row) for row in rows]
 
+    async def recent_messages(self, after: int | None, limit: int, channel: str | None = None,
+                              agent: str | None = None) -> list[StoredMessage]:
+        rows = self._reader.execute(SQL_RECENT, {"after": after or 0, "limit": limit,
+                                                 "channel": channel, "agent": agent}).fetchall()
+        return [_row_to_message(row) for row in reversed(rows)]
+
+    async def record_handoff_check(self, message_id: int, agent: str, result: str) -> None:
+        await self._write(SQL_RECORD_HANDOFF_CHECK, (message_id, agent, result, time.time()))
+
+    async def handoff_checks(self, ids: list[int]) -> dict[int, dict[str, str]]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        out: dict[int, dict[str, str]] = {}
+        for message_id, agent, result in self._reader.execute(
+                SQL_HANDOFF_CHECKS.format(marks=marks), ids).fetchall():
+            out.setdefault(message_id, {})[agent] = result
+        return out
+
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
         row = self._reader.execute(SQL_GET_WATERMARK, (agent, channel)).fetchone()
         last_id = row[0] if row else 0
@@ -625,9 +668,10 @@ class SQLiteStore(Store):
             SQL_RETENTION_CANDIDATES, {"cutoff": cutoff, "cap": cap}).fetchall()]
         if ids:
             future = self._loop.create_future()
-            for message_id in ids[:-1]:
+            for message_id in ids:  # all in one group: one commit
                 self._join(SQL_DELETE_MESSAGE, (message_id,))
-            self._join(SQL_DELETE_MESSAGE, (ids[-1],), None, future)  # same group: one commit
+                self._join(SQL_DELETE_HANDOFF_CHECKS, (message_id,), None,
+                           future if message_id == ids[-1] else None)
             await future
         return len(ids)
 
