@@ -150,6 +150,11 @@ class BusClient:
                 return None
             pause = min(pause * 2, 1.0)
 
+    def report_handoff_check(self, message_id: int, agent: str, result: str) -> dict:
+        """Tell the bus what `agent`'s daemon found when it checked handoff `message_id`."""
+        return self.request("POST", "/handoff-checks",
+                            body={"id": message_id, "agent": agent, "result": result})
+
     def inbox(self) -> dict:
         return self.request("GET", "/inbox")
 

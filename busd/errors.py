@@ -66,6 +66,9 @@ PRIVATE_KEY_IN_REQUEST = ErrorKind(
     "the request carries private key material; sign locally and send only the signature")
 BAD_SIGNATURE_FORMAT = ErrorKind(40014, 400, "the signature is malformed")
 SECRET_REFUSED = ErrorKind(40015, 400, "refused by the secret guard")
+NOT_A_HANDOFF = ErrorKind(
+    40016, 400, "that message is not a handoff (its meta has no kind=handoff); only handoffs "
+    "are checked")
 
 # 401/403: who you are, and what you may do.
 UNAUTHENTICATED = ErrorKind(40101, 401, "authentication required")

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__, errors, metrics
-from .api import elipc, openapi, rapid
+from .api import console, elipc, handoffs, openapi, rapid
 from .api.common import (BUS, ERROR_CODE, PRINCIPAL, Bus, BusSettings, error_reply,
                          read_json_object, reply)
 from .errors import BusError
@@ -57,6 +57,8 @@ async def _errors_and_identity(request: web.Request, handler):
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         response = error_reply(BusError(errors.INTERNAL))
+    if console.is_console_path(request.path):
+        console.secure(response)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     bus.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -70,13 +72,14 @@ async def _guarded(request: web.Request, handler, bus: Bus) -> web.StreamRespons
     try:
         guard: RequestGuard = request.app[GUARD]
         guard.check_host_and_origin(request)
-        principal = await bus.access.authenticate(request.headers)
+        principal = await bus.access.authenticate(console.credentials(request))
         if principal.authenticated:
             guard.check_rate(principal.name)
         request[PRINCIPAL] = principal
         return await handler(request)
     except BusError as exc:
-        return error_reply(exc)
+        page = console.error_page(request, exc)
+        return page if page is not None else error_reply(exc)
 
 
 class RequestGuard:
@@ -187,6 +190,8 @@ def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
         web.get("/status", rapid.status),
         web.get("/undelivered", rapid.undelivered),
         web.get("/openapi.json", _openapi),
+        web.post("/handoff-checks", handoffs.report),
+        *console.routes(),
     ])
     return app
 

@@ -3,11 +3,18 @@
 The hub knows nothing of SQL: a store (SQLite in-process, PostgreSQL through
 LISTEN/NOTIFY) tells it what was committed, and it wakes the waiters that care;
 `publish` needs only each committed thing's `.channel` and `.to`.
+
+Watchers (the operator console's feed) are not anyone's mailbox: they wake on every
+commit and on `changed()`, which the routes call when something a watcher shows
+moved without a commit (a receipt, presence, a handoff check). `version` counts
+those events, so a watcher that comes back can tell whether it missed one.
 Everything here runs on the event loop thread.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 from typing import Iterable
 
 from .model import ALL_CHANNELS, BROADCAST
@@ -16,7 +23,7 @@ from .model import ALL_CHANNELS, BROADCAST
 class Waiter:
     __slots__ = ("channel", "name", "future")
 
-    def __init__(self, channel: str, name: str, future: asyncio.Future):
+    def __init__(self, channel: str | None, name: str, future: asyncio.Future):
         self.channel = channel
         self.name = name
         self.future = future
@@ -36,12 +43,27 @@ def _settle(future: asyncio.Future, value: bool) -> None:
         future.set_result(value)
 
 
+# A watcher's channel: it is parked on no channel, and wakes for all of them.
+WATCHING = None
+
+
 class WaiterHub:
     def __init__(self) -> None:
         # channel -> recipient name -> waiters; channel "*" holds recv-all waiters.
         self._by_channel: dict[str, dict[str, set[Waiter]]] = {}
+        self._watchers: set[Waiter] = set()
         self._count = 0
+        # A fresh prefix per process: a watcher that comes back to a restarted
+        # server (or another replica) never mistakes its old version for current.
+        self._epoch = secrets.token_hex(4)
+        self._changes = itertools.count()
+        self._version = f"{self._epoch}-{next(self._changes)}"
         self.closed = False
+
+    @property
+    def version(self) -> str:
+        """Changes with every commit and every `changed()`: an opaque token."""
+        return self._version
 
     def __len__(self) -> int:
         return self._count
@@ -54,7 +76,26 @@ class WaiterHub:
         self._count += 1
         return waiter
 
+    def register_watcher(self) -> Waiter:
+        """A waiter woken by every commit and every `changed()`."""
+        waiter = Waiter(WATCHING, "", asyncio.get_running_loop().create_future())
+        if self.closed:
+            _settle(waiter.future, True)
+        self._watchers.add(waiter)
+        self._count += 1
+        return waiter
+
+    def changed(self) -> None:
+        """Something watchers show moved without a commit: wake them."""
+        self._version = f"{self._epoch}-{next(self._changes)}"
+        _wake(self._watchers)
+
     def unregister(self, waiter: Waiter) -> None:
+        if waiter.channel is WATCHING:
+            if waiter in self._watchers:
+                self._watchers.discard(waiter)
+                self._count -= 1
+            return
         names = self._by_channel.get(waiter.channel)
         if names is None:
             return
@@ -70,6 +111,9 @@ class WaiterHub:
 
     def publish(self, committed: Iterable) -> None:
         """Wake every waiter a committed message may concern (they re-check)."""
+        committed = list(committed)
+        if committed:
+            self.changed()
         for message in committed:
             for channel in (message.channel, ALL_CHANNELS):
                 names = self._by_channel.get(channel)
@@ -85,6 +129,7 @@ class WaiterHub:
 
     def wake_all(self) -> None:
         """Wake every parked poll to re-check: news of some commits may have been lost."""
+        self.changed()
         for names in self._by_channel.values():
             for group in names.values():
                 _wake(group)

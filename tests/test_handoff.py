@@ -148,7 +148,8 @@ def test_hashing_a_2gb_sparse_file_stays_under_64mb(tmp_path):
 
 def _handoff_arrival(bus, tmp_path, change):
     """spark hands off a file to dell while dell's daemon is down; `change` touches the
-    file before dell's daemon starts; returns dell's inbox headers and its log."""
+    file before dell's daemon starts; returns dell's inbox headers, its log and the check
+    its daemon reported to the bus."""
     spool, shared = tmp_path / "spool", tmp_path / "shared"
     shared.mkdir()
     hits = shared / "hits.csv"
@@ -165,8 +166,12 @@ def _handoff_arrival(bus, tmp_path, change):
                    what="the handoff's block in dell's inbox.log")
         [(headers, _)] = inbox_messages(dell.layout)
         log_text = open(dell.layout.inbox_log, encoding="utf-8").read()
+        # The daemon also tells the bus, which shows it to the sender and the console.
+        status = wait_until(lambda: bus.get(f"/status?id={headers['id']}").json()
+                            ["messages"][0].get("handoff"),
+                            what="dell's daemon to report its check to the bus")
         assert dell.stop() == 0
-    return headers, log_text
+    return headers, log_text, status
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -175,8 +180,9 @@ def _handoff_arrival(bus, tmp_path, change):
     (lambda path: path.unlink(), "unreachable"),
 ])
 def test_the_receiving_daemon_checks_a_handoff_on_arrival(bus, tmp_path, change, expected):
-    headers, log_text = _handoff_arrival(bus, tmp_path, change)
+    headers, log_text, reported = _handoff_arrival(bus, tmp_path, change)
     assert headers["handoff"] == expected
+    assert reported == {"dell": expected}
     assert log_text.endswith(f"\nhandoff: {expected}\n---\n")
     assert log_text.count("handoff: ") == 1
 

@@ -20,6 +20,7 @@ from typing import Callable, TextIO
 
 from .. import model
 from ..client import BusClient
+from .checks import CheckReporter
 from .inbox import InboxWriter, ReceiveLoop
 from .notify import Notifier
 from .outbox import OutboxSender, OutboxSettings, start_observer
@@ -67,6 +68,7 @@ class AgentDaemon:
         lock = AgentLock(self.layout)
         lock.acquire()
         observer = None
+        reporter = None
         writer = InboxWriter(self.layout, self.config.channel, self.out)
         try:
             writer.open()
@@ -78,13 +80,15 @@ class AgentDaemon:
                 rescan_seconds=self.config.rescan_seconds,
                 senders=self.config.senders), work, self.stop)
             receive_client = self.make_client()
+            reporter = CheckReporter(self.make_client, self.config.name, self.stop)
             receiver = ReceiveLoop(writer, receive_client, self.config.name,
-                                   self.config.channel, self.stop)
+                                   self.config.channel, self.stop, reporter=reporter)
             receive_thread = threading.Thread(target=receiver.run, name="agent-inbox",
                                               daemon=True)
             # Watch before the first scan, so a file dropped in between is not missed.
             observer = start_observer(self.layout, work)
             outbox.start()
+            reporter.start()
             receive_thread.start()
             while not outbox.started.wait(0.1) and not outbox.dead_threads():
                 pass
@@ -106,6 +110,8 @@ class AgentDaemon:
             log.info("stopped")
             return code
         finally:
+            if reporter is not None:
+                reporter.close()
             if observer is not None:
                 observer.stop()
                 observer.join()

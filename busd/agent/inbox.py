@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 from .. import handoff, model
 from ..client import Backoff, BusClient, BusClientError, monitor_block
+from .checks import CheckReporter
 from .spool import FILE_MODE, SpoolLayout, fsync_dir, write_atomically, write_new_file
 
 log = logging.getLogger("busd.agent.inbox")
@@ -264,8 +265,10 @@ class InboxWriter:
         except FileNotFoundError:
             return True
 
-    def write_batch(self, messages: list[dict], now: float | None) -> None:
+    def write_batch(self, messages: list[dict], now: float | None) -> list[tuple[int, str]]:
+        """File a batch; returns (id, result) of the handoffs it checked as it filed them."""
         fresh = [m for m in messages if float(m["ts"]) > self.since]
+        checked: list[tuple[int, str]] = []
         was_recovering = self._recovering
         filed = 0
         for message in fresh:
@@ -276,6 +279,8 @@ class InboxWriter:
             temp = os.path.join(self.layout.inbox, f".{name}.tmp")
             message = with_handoff_check(message)
             self._handoff_results[message_id] = message.get("handoff")
+            if message.get("handoff"):
+                checked.append((message_id, message["handoff"]))
             write_new_file(temp, format_inbox_file(message))
             os.rename(temp, os.path.join(self.layout.inbox, name))
             self._ids.add(message_id)
@@ -328,6 +333,7 @@ class InboxWriter:
         if state != self._saved:
             save_state(self.layout.cursor, state)
             self._saved = state
+        return checked
 
     def _as_filed(self, message: dict) -> dict:
         """The message with its handoff result as its inbox file records it, so a block
@@ -382,8 +388,10 @@ class ReceiveLoop:
     """Long-polls the bus and hands each batch to the writer; never gives up."""
 
     def __init__(self, writer: InboxWriter, client: BusClient, name: str, channel: str,
-                 stop: threading.Event, backoff: Backoff | None = None):
+                 stop: threading.Event, backoff: Backoff | None = None,
+                 reporter: CheckReporter | None = None):
         self.writer = writer
+        self.reporter = reporter
         self.client = client
         self.name = name
         self.channel = channel
@@ -417,7 +425,7 @@ class ReceiveLoop:
                 if self.stop.is_set() and not messages:
                     return
                 try:
-                    self.writer.write_batch(messages, data.get("now"))
+                    checked = self.writer.write_batch(messages, data.get("now"))
                 except Exception as exc:  # noqa: BLE001
                     # Disk full, or a message we cannot file: the cursor did not move,
                     # so the same batch comes again after the pause.
@@ -425,3 +433,6 @@ class ReceiveLoop:
                     log.exception("cannot file %d messages (%s); trying again in %gs",
                                   len(messages), exc, delay)
                     self.stop.wait(delay)
+                    continue
+            if checked and self.reporter is not None:
+                self.reporter.report(checked)  # filed and durable: now tell the bus

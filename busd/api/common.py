@@ -215,6 +215,7 @@ async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Await
     loop = asyncio.get_running_loop()
     deadline = loop.time() + bus.settings.hold_seconds
     bus.presence.parked_now(name)
+    bus.hub.changed()  # presence: the console shows who is listening
     hung_up = False
     try:
         while True:
@@ -233,3 +234,4 @@ async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Await
         raise
     finally:
         bus.presence.unparked(name, hung_up, time.time())
+        bus.hub.changed()

@@ -12,7 +12,7 @@ from aiohttp import web
 from .. import __version__, errors, signing
 from ..errors import BusError
 from ..model import NewMessage, check_body, check_channel, check_key, check_meta, check_name
-from .common import (accept_send, bus_of, check_signature, long_poll, principal_of, query_bool,
+from .common import (Bus, accept_send, bus_of, check_signature, long_poll, principal_of, query_bool,
                      query_value, reply)
 
 FIELDS = ("channel", "sender", "content")
@@ -71,6 +71,8 @@ async def messages(request: web.Request) -> web.Response:
         return await bus.store.read_unread(agent, channel, READ_BATCH)
 
     found = await long_poll(bus, channel, agent, fetch, wait, has_messages=bool)
+    if found:
+        bus.hub.changed()  # the watermark moved: these are delivered now
     bus.metrics.handed_out(found)
     return reply([m.as_elipc() for m in found])
 
@@ -88,26 +90,34 @@ async def agents(request: web.Request) -> web.Response:
     principal = principal_of(request)
     if not principal.admin:
         bus.access.require_token(principal)
+    return reply(await roster(bus, principal.admin))
+
+
+async def roster(bus: Bus, admin: bool, pending: dict[str, dict[str, int]] | None = None
+                 ) -> list[dict]:
+    """The roster as /agents answers it; `pending` (admins): the store's pending counts,
+    if the caller already has them."""
     registered = {a["name"]: a for a in await bus.store.registered_agents()}
     contacts = await bus.store.last_contacts()
-    pending = await bus.store.pending_counts() if principal.admin else {}
+    if admin and pending is None:
+        pending = await bus.store.pending_counts()
     now = time.time()
-    roster = []
+    entries = []
     for name in sorted(set(registered) | set(contacts) | set(bus.presence.parked)):
         seen = contacts.get(name)
         online = bus.presence.online(name, seen, now)
-        if not principal.admin:
+        if not admin:
             # Details (identities, who registered whom, queues) are for admins once auth is on.
-            roster.append({"name": name, "role": registered.get(name, {}).get("role", "agent"),
-                           "online": online, "last_seen": seen})
+            entries.append({"name": name, "role": registered.get(name, {}).get("role", "agent"),
+                            "online": online, "last_seen": seen})
             continue
         entry = dict(registered.get(name) or {"name": name, "identity": "", "role": "agent",
                                               "registered_by": None, "created_at": None})
         entry.update(registered=name in registered, online=online, last_seen=seen,
                      pending={channel: counts[name] for channel, counts in sorted(pending.items())
                               if name in counts})
-        roster.append(entry)
-    return reply(roster)
+        entries.append(entry)
+    return entries
 
 
 async def health(request: web.Request) -> web.Response:

@@ -104,6 +104,48 @@ def _operation(summary: str, ok: dict, parameters: list | None = None,
 
 BOOL_TEXT = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
 OBJECT = {"type": "object"}
+RECEIPT_STATE = {"enum": ["queued", "delivered", "filed"]}
+HANDOFF_RESULT = {"enum": ["verified", "mismatch", "unreachable"]}
+HANDOFF_CHECKS = {"type": "object", "additionalProperties": HANDOFF_RESULT,
+                  "description": "per recipient, what its daemon found on arrival"}
+RECIPIENT_STATES = {"type": "object", "additionalProperties": RECEIPT_STATE}
+
+
+def _text(media_type: str, description: str) -> dict:
+    return {"description": description,
+            "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+def _console_operation(summary: str, responses: dict, parameters: list | None = None,
+                       body: dict | None = None) -> dict:
+    """A console route: HTML, assets, redirects; its own responses besides errors."""
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "responses": {**responses,
+                      "default": {"description": "an error from the table in busd/errors.py",
+                                  **_json(_ref("Error"))}},
+    }
+    if parameters:
+        operation["parameters"] = parameters
+    if body:
+        operation["requestBody"] = body
+    return operation
+
+
+TO_CONSOLE = {"description": "to the console (GET /ui)",
+              "headers": {"Location": {"schema": {"const": "/ui"}}}}
+CONSOLE_MESSAGE = {
+    "type": "object",
+    "required": ["id", "ts", "from", "to", "channel", "first_line", "more", "state",
+                 "recipients"],
+    "properties": {"id": {"type": "integer"}, "ts": TIMESTAMP, "from": NAME, "to": RECIPIENT,
+                   "channel": NAME, "first_line": {"type": "string"},
+                   "more": {"type": "boolean", "description": "the body goes on"},
+                   "signed": {"type": "boolean"}, "state": RECEIPT_STATE,
+                   "recipients": RECIPIENT_STATES,
+                   "handoff": {**HANDOFF_CHECKS, "description": "present on handoffs: the "
+                               "checks reported so far (empty: none yet)"}},
+}
 
 
 def document(version: str) -> dict:
@@ -165,8 +207,8 @@ def document(version: str) -> dict:
                     "properties": {"id": {"type": "integer"},
                                    "state": {"enum": ["queued", "delivered", "filed",
                                                       "unknown"]},
-                                   "recipients": {"type": "object", "additionalProperties": {
-                                       "enum": ["queued", "delivered", "filed"]}}}}}}}),
+                                   "recipients": RECIPIENT_STATES,
+                                   "handoff": HANDOFF_CHECKS}}}}}),
             [{"name": "id", "in": "query", "required": True, "style": "form", "explode": True,
               "schema": {"type": "array", "items": {"type": "integer"},
                          "minItems": 1, "maxItems": 100}}])},
@@ -203,6 +245,72 @@ def document(version: str) -> dict:
             "Prometheus metrics (admin)",
             {"content": {"text/plain": {"schema": {"type": "string"}}}})},
         "/openapi.json": {"get": _operation("This document", _json(OBJECT))},
+        "/handoff-checks": {"post": _operation(
+            "A recipient's daemon reports its check of a handoff on arrival (only a "
+            "recipient of the message may)",
+            _json({"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}}),
+            body={"type": "object", "required": ["id", "agent", "result"],
+                  "properties": {"id": {"type": "integer", "minimum": 1}, "agent": NAME,
+                                 "result": HANDOFF_RESULT}})},
+        "/ui": {"get": _console_operation(
+            "The operator console, a web page (admin; open mode on loopback). Without an "
+            "admin credential, the login form, answered 401 (or 403 for a non-admin token)",
+            {"200": _text("text/html", "the console"),
+             "401": _text("text/html", "the login form: no or no valid credential"),
+             "403": _text("text/html", "the login form: not an admin token")})},
+        "/ui/console.js": {"get": _console_operation(
+            "The console's script (no login needed: it is the same for everyone)",
+            {"200": _text("text/javascript", "the script")})},
+        "/ui/console.css": {"get": _console_operation(
+            "The console's style sheet (no login needed)",
+            {"200": _text("text/css", "the style sheet")})},
+        "/ui/login": {"post": _console_operation(
+            "Log the browser in to the console: an admin token in a form, kept in an HttpOnly, "
+            "SameSite=Strict cookie for /ui",
+            {"303": {**TO_CONSOLE, "description": "logged in (or open mode): to the console"},
+             "401": _text("text/html", "the login form again: not a valid token"),
+             "403": _text("text/html", "the login form again: not an admin token")},
+            body={"required": True, "content": {"application/x-www-form-urlencoded": {
+                "schema": {"type": "object", "required": ["token"],
+                           "properties": {"token": {"type": "string"}}}}}})},
+        "/ui/logout": {"post": _console_operation(
+            "Log the browser out of the console (forget the cookie)",
+            {"303": {**TO_CONSOLE, "description": "logged out: to the console's login"}})},
+        "/ui/feed": {"get": _operation(
+            "The console's data (admin): recent messages of every recipient with receipt "
+            "states and handoff checks, the followed messages' states, the roster and the "
+            "channels; with block=true held until something changes",
+            _json({"type": "object",
+                   "required": ["version", "messages", "states", "gone", "agents", "channels",
+                                "auth", "now"],
+                   "properties": {
+                       "version": {"type": "string",
+                                   "description": "pass back: the next blocking request "
+                                                  "answers once anything changed"},
+                       "messages": {"type": "array", "items": CONSOLE_MESSAGE},
+                       "states": {"type": "object", "additionalProperties": {
+                           "type": "object", "required": ["state", "recipients"],
+                           "properties": {"state": RECEIPT_STATE,
+                                          "recipients": RECIPIENT_STATES,
+                                          "handoff": HANDOFF_CHECKS}}},
+                       "gone": {"type": "array", "items": {"type": "integer"}},
+                       "agents": {"type": "array", "items": {"type": "object"}},
+                       "channels": {"type": "array", "items": {
+                           "type": "object", "required": ["channel", "count", "last_message",
+                                                          "pending"],
+                           "properties": {"channel": NAME, "count": {"type": "integer"},
+                                          "last_message": TIMESTAMP,
+                                          "pending": {"type": "integer"}}}},
+                       "auth": {"type": "boolean"}, "now": TIMESTAMP}}),
+            [_query("after", {"type": "integer", "minimum": 0},
+                    description="the newest message id the page has; absent: the newest ones"),
+             _query("version", {"type": "string"}),
+             _query("block", BOOL_TEXT), _query("max", {"type": "integer", "minimum": 1,
+                                                        "maximum": 500}),
+             _query("channel", NAME), _query("agent", NAME,
+                                             description="messages from or to this agent"),
+             _query("watch", {"type": "string", "pattern": r"^[0-9]{1,18}(,[0-9]{1,18}){0,199}$"},
+                    description="message ids whose states to report, comma-separated")])},
     }
     return {
         "openapi": "3.1.0",

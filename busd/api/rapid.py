@@ -9,6 +9,7 @@ from .. import errors, receipts
 from ..errors import BusError
 from ..model import (NewMessage, check_body, check_channel, check_key, check_meta,
                      check_name, check_recipient)
+from .handoffs import checks_of
 from .common import (accept_send, bus_of, check_signature, long_poll, principal_of, query_batch,
                      query_bool, query_float, query_value, reply)
 
@@ -56,6 +57,7 @@ async def recv(request: web.Request) -> web.Response:
     # that saves its cursor only after its inbox files are durable). Noted before the
     # park, so a sender waiting for `filed` does not wait out the hold.
     bus.store.acknowledge(to, channel, since, since, filed)
+    bus.hub.changed()  # receipts may have moved: the console shows them
 
     async def fetch():
         return await bus.store.recv(to, channel, since, limit)
@@ -65,6 +67,7 @@ async def recv(request: web.Request) -> web.Response:
     messages, now = received.messages, received.now
     if messages:
         bus.store.acknowledge(to, channel, since, messages[-1].ts, filed)
+        bus.hub.changed()
     bus.metrics.handed_out(messages)
     if len(messages) >= limit:
         # A cut batch: the client moves its cursor to `now`, so `now` must not pass
@@ -102,11 +105,16 @@ async def status(request: web.Request) -> web.Response:
     principal = principal_of(request)
     if not principal.admin:
         bus.access.require_token(principal)
-    found = [m for m in await bus.store.messages_by_id(sorted(set(ids)))
+    # An id no database integer can hold is simply unknown (the stores cannot look it up).
+    stored_range = sorted({i for i in ids if 0 < i < 2 ** 63})
+    found = [m for m in await bus.store.messages_by_id(stored_range)
              # A sender may follow its own messages; admins follow everyone's.
              if principal.admin or m.sender == principal.name]
     rows, marks = await bus.store.receipts({m.channel for m in found})
     states = {s["id"]: s for s in receipts.message_states(found, rows, marks)}
+    # A handoff's checks, as its recipients' daemons reported them.
+    for message_id, checks in (await checks_of(bus, found)).items():
+        states[message_id]["handoff"] = checks
     return reply({"messages": [states.get(i, {"id": i, "state": "unknown"}) for i in ids]})
 
 

@@ -1,0 +1,63 @@
+"""Handoff checks on the server: a recipient's daemon reports what it found.
+
+Only the recipient's daemon can tell whether a handed-off file was reachable and
+matched (it runs where the file should be), and it records that in its own inbox
+file. POST /handoff-checks lets it tell the bus too, so an operator sees it in the
+console and senders in GET /status. Only a recipient of the message may report.
+"""
+from __future__ import annotations
+
+from aiohttp import web
+
+from .. import errors
+from ..errors import BusError
+from ..handoff import MISMATCH, UNREACHABLE, VERIFIED
+from ..model import BROADCAST, StoredMessage, check_name
+from .common import bus_of, principal_of, read_json_object, reply
+
+RESULTS = (VERIFIED, MISMATCH, UNREACHABLE)
+
+
+def is_handoff(message: StoredMessage) -> bool:
+    return isinstance(message.meta, dict) and message.meta.get("kind") == "handoff"
+
+
+def is_recipient(message: StoredMessage, agent: str) -> bool:
+    if message.to == BROADCAST:
+        return agent != message.sender
+    return message.to == agent
+
+
+async def report(request: web.Request) -> web.Response:
+    """POST /handoff-checks {"id", "agent", "result"}: agent's daemon checked handoff id."""
+    bus = bus_of(request)
+    body = await read_json_object(request)
+    message_id = body.get("id")
+    if message_id is None:
+        raise BusError(errors.MISSING_FIELD, "id (the handoff message's id)")
+    if not isinstance(message_id, int) or isinstance(message_id, bool) or message_id < 1:
+        raise BusError(errors.WRONG_TYPE, "id must be a message id (a whole number from 1)")
+    agent = check_name(body.get("agent"), "agent")
+    result = body.get("result")
+    if result not in RESULTS:
+        raise BusError(errors.WRONG_TYPE, f"result must be one of {', '.join(RESULTS)}")
+    # Beyond what a database integer holds, no message can have that id.
+    found = await bus.store.messages_by_id([message_id]) if message_id < 2 ** 63 else []
+    if not found:
+        raise BusError(errors.NO_SUCH_MESSAGE, f"id {message_id}")
+    message = found[0]
+    # A token reports only as its own agent, on its own channels.
+    bus.access.check_read_as(principal_of(request), agent, message.channel)
+    if not is_recipient(message, agent):
+        raise BusError(errors.FORBIDDEN, f"{agent} is not a recipient of message {message_id}; "
+                                         "only a recipient's daemon reports its check")
+    if not is_handoff(message):
+        raise BusError(errors.NOT_A_HANDOFF, f"id {message_id}")
+    await bus.store.record_handoff_check(message_id, agent, result)
+    bus.hub.changed()
+    return reply({"ok": True})
+
+
+async def checks_of(bus, messages: list[StoredMessage]) -> dict[int, dict[str, str]]:
+    """{id: {agent: result}} for the handoffs among `messages` that have reports."""
+    return await bus.store.handoff_checks([m.id for m in messages if is_handoff(m)])
