@@ -619,9 +619,10 @@ def test_tokens_and_tls_with_a_real_server(tmp_path):
         assert run_cli("send", "dell", env=untrusted, stdin=b"x").returncode == 3
         _assert_failure(run_script("bus-health", env=dict(spark, AGENT_BUS_CA=str(tmp_path / "nope"))),
                         2, "AGENT_BUS_CA")
-        # Signing needs Ed25519, which curl and jq cannot do: refused, not sent unsigned.
+        # A signing key that cannot be read: refused, never sent unsigned (signing itself:
+        # tests/test_shell_handoff.py).
         _assert_failure(run_script("bus-send", "dell", env=dict(spark, AGENT_BUS_KEY="/k"), stdin=b"x"),
-                        2, "cannot sign")
+                        2, "AGENT_BUS_KEY: cannot read the private key /k")
         assert bus.stop() == 0
 
 

@@ -3,6 +3,7 @@
 #
 # The scripts mirror the `agent-bus` commands with nothing but bash, curl (7.55 or
 # newer) and jq (1.6 or newer): same environment, same output bytes, same exit codes.
+# GNU coreutils (sha256sum, stat) hash handoffs; openssl (1.1.1 or newer) signs sends.
 
 readonly EXIT_OK=0
 readonly EXIT_REFUSED=1        # the bus refused the request (a 4xx other than 429)
@@ -30,6 +31,7 @@ bus_channel=${AGENT_BUS_CHANNEL:-default}
 bus_token=${AGENT_BUS_TOKEN:-}
 bus_ua=${AGENT_BUS_UA:-Mozilla/5.0}
 bus_ca=${AGENT_BUS_CA:-}
+bus_key=${AGENT_BUS_KEY:-}
 bus_state_home=${XDG_STATE_HOME:-$HOME/.local/state}
 bus_cursor_dir=${AGENT_BUS_STATE_DIR:-$bus_state_home/agent-bus/cursors}
 bus_listen_dir=${AGENT_BUS_LISTEN_DIR:-$bus_state_home/agent-bus/listen}
@@ -158,6 +160,30 @@ bus_header_value() {  # VALUE as the daemon reads it back from a header line, or
   printf '%s' "${value%"${value##*[![:space:]]}"}"
 }
 
+bus_abspath() {  # bus_abspath PATH: PATH made absolute as os.path.abspath does (no link resolved)
+  local path=$1 rest part lead=/
+  local -a kept=()
+  if [[ $path != /* ]]; then
+    # The physical working folder, as os.getcwd() gives it; the x keeps a trailing newline.
+    rest=$(pwd -P && printf x)
+    path=${rest%$'\nx'}/$path
+  fi
+  # POSIX leaves a leading "//" to the system, and normpath keeps it (but not "///").
+  if [[ $path == //* && $path != ///* ]]; then lead=//; fi
+  rest=$path/
+  while [ -n "$rest" ]; do
+    part=${rest%%/*}
+    rest=${rest#*/}
+    case "$part" in
+      ""|.) ;;
+      ..) if [ "${#kept[@]}" -gt 0 ]; then unset 'kept[-1]'; fi ;;
+      *) kept+=("$part") ;;
+    esac
+  done
+  local IFS=/
+  printf '%s' "$lead${kept[*]}"
+}
+
 bus_uri() {  # bus_uri VALUE: VALUE encoded for a URL query
   jq -rn --arg v "$1" '$v | @uri'
 }
@@ -234,6 +260,160 @@ bus_call() {  # bus_call PATH OUT [BODY_FILE]: bus_http, or exit with its messag
   local status=0
   bus_http "$@" || status=$?
   if [ "$status" -ne 0 ]; then die "$status" "$bus_error"; fi
+}
+
+# -- sending: the secret guard, signing, the /send request (busd/client.py send) -------
+
+# The secret guard of busd/secretguard.py as jq definitions: find_secret($set) is the
+# name of the first secret-looking thing in the input string, or null. The shapes are
+# the Python ones, in the same order, with jq's regex engine (Oniguruma) in place of
+# Python's re; where the two engines differ, the text spells Python's meaning out:
+#   ws         Python's \s: exactly the characters str.isspace() accepts
+#   wb, we     Python's \b before and after a word ([\p{L}\p{N}_]) character
+#   labelled   the look-behind for "the 24 characters before end in a digest label"
+#              (_DIGEST_LABEL): one fixed-length look-behind per label and separator
+#              count, as Oniguruma allows only those; a label may be followed by one
+#              more newline, as Python's $ allows.
+# A look-behind cannot hold (?i), so the labels spell both cases out ([Ss][Hh][Aa]).
+# Oniguruma's (?i) also folds "ß" to "ss"; Python's does not. Both differences can only
+# make the shell refuse a little more, never less.
+# shellcheck disable=SC2016  # jq's $variables, not the shell's
+BUS_GUARD_JQ='
+def ws: "\t\n\u000b\f\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+def wb: "(?<![\\p{L}\\p{N}_])";
+def we: "(?![\\p{L}\\p{N}_])";
+def b58: "1-9A-HJ-NP-Za-km-z";
+def shapes: [
+  ["a PEM private key", "-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"],
+  ["a cloud service-account key file", "\"private_key(?:_id)?\"[\(ws)]*:[\(ws)]*\""],
+  ["an AWS access key id", "\(wb)(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\(we)"],
+  ["an AWS secret access key",
+   "(?i)aws.{0,30}?(?:secret|private).{0,30}?[:=][\(ws)]*[\u0027\"]?[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])"],
+  ["a Google API key", "\(wb)AIza[0-9A-Za-z_\\-]{35}(?![0-9A-Za-z_\\-])"],
+  ["an Azure storage key", "AccountKey=[A-Za-z0-9+/=]{40,}"],
+  ["a GitHub token", "\(wb)(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})"],
+  ["a GitLab token", "\(wb)glpat-[A-Za-z0-9_\\-]{20,}"],
+  ["a Slack token", "\(wb)xox[abposr]-[A-Za-z0-9\\-]{10,}"],
+  ["a Stripe secret key", "\(wb)[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"],
+  ["an API secret key (sk-...)", "\(wb)sk-(?:ant-|proj-)?[A-Za-z0-9_\\-]{20,}"],
+  ["an agent-bus token", "\(wb)abt_[A-Za-z0-9_\\-]{30,}"],
+  ["a JSON web token", "\(wb)eyJ[A-Za-z0-9_\\-]{8,}\\.eyJ[A-Za-z0-9_\\-]{8,}\\.[A-Za-z0-9_\\-]{8,}"],
+  ["a bearer token", "\(wb)(?i)bearer[\(ws)]+[A-Za-z0-9._~+/\\-]{20,}"],
+  ["a password or secret in an assignment",
+   "\(wb)(?i)(?:password|passwd|pwd|passphrase|secret|api[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|private[_-]?key)\(we)[\(ws)]*[:=][\(ws)]*[\u0027\"]?[^\(ws)\u0027\"]{8,}"],
+  ["a URL with a password in it", "\(wb)[a-z][a-z0-9+.\\-]*://[^\(ws):/@]+:[^\(ws)@/]{3,}@"],
+  ["an extended private key (xprv)", "\(wb)[xyzt]prv[\(b58)]{100,}"],
+  ["a WIF private key", "(?<![\(b58)])[5KL][\(b58)]{50,51}(?![\(b58)])"],
+  ["a long base58 secret", "(?<![\(b58)])[\(b58)]{80,90}(?![\(b58)])"]
+];
+def labelled:
+  ["sha256", "sha-256", "sha256sum", "sha", "digest", "hash", "checksum", "txid", "tx",
+   "block", "commit"]
+  | map(explode | map(if 97 <= . and . <= 122 then "[\([. - 32, .] | implode)]" else [.] | implode end) | add)
+  | map(. as $word | (range(0; 5) | "\($word)[\(ws)\"\u0027:=(]{\(.)}"), "\($word)[\(ws)\"\u0027:=(]{4}\n")
+  | map("(?<!\(.))") | add;
+def hex64: "(?<![0-9A-Fa-f])(?=(?:0x)?[0-9A-Fa-f]{64}(?![0-9A-Fa-f]))\(labelled)"
+  + "(?:0x|(?<!(?<![0-9A-Fa-f])0x))[0-9A-Fa-f]{64}(?![0-9A-Fa-f])";
+def bip39_set: split("\n") | map(select(. != "") | {key: ., value: true}) | from_entries;
+def seed_phrase($set):
+  sub("\\A[\(ws)]+"; "") | sub("[\(ws)]+\\z"; "")
+  # Plain splits: a regex split in jq 1.6 takes time quadratic in the length.
+  | split("\t") | join(" ") | split("\r") | join(" ") | split("\n") | join(" ")
+  | reduce (split(" ")[] | select(. != "")) as $token (0;
+      if . >= 12 then .
+      else ($token | until(startswith(".") or startswith(",") or startswith(";") | not; .[1:])
+          | until(endswith(".") or endswith(",") or endswith(";") | not; .[:-1])) as $word
+        | if $set[$word] == true then . + 1 else 0 end
+      end)
+  | . >= 12;
+def find_secret($set):  # $set: the BIP-39 word list made into an object by bip39_set
+  . as $text
+  | first(shapes[] | select(.[1] as $re | $text | test($re)) | .[0])
+    // if test(hex64) then "an unlabelled 64-hex-digit key"
+       elif seed_phrase($set) then "a seed phrase (12 or more BIP-39 words in a row)"
+       else null end;
+'
+
+# bus_secret_refusal FILE: why the text in FILE must not be sent, in the words of
+# busd/secretguard.py refusal() (pointing at bus-handoff), or nothing when it looks clean.
+# The BIP-39 word list lies beside this file once installed (install.sh copies it there
+# from busd/data/) and in busd/data/ of a checkout.
+bus_secret_refusal() {
+  local lib_dir=${BASH_SOURCE[0]%/*}
+  local words=$lib_dir/bip39-english.txt
+  [ -r "$words" ] || words=$lib_dir/../../busd/data/bip39-english.txt
+  [ -r "$words" ] \
+    || die "$EXIT_USAGE" "the secret guard's word list is missing: copy busd/data/bip39-english.txt of agent-bus into $lib_dir/ (./install.sh does)"
+  jq -Rrs --rawfile words "$words" "$BUS_GUARD_JQ"'
+    find_secret($words | bip39_set) // empty
+    | "the message looks like it holds \(.); send it as a file instead: bus-handoff --to NAME FILE (only its sha256 and path travel); --allow-secret sends this one message anyway"' "$1"
+}
+
+bus_check_key() {  # AGENT_BUS_KEY, when set, must be an unencrypted Ed25519 PEM private key
+  [ -n "$bus_key" ] || return 0
+  local tool
+  for tool in openssl sha256sum; do
+    command -v "$tool" >/dev/null 2>&1 \
+      || die "$EXIT_USAGE" "AGENT_BUS_KEY is set, and signing needs $tool, which is not installed (Debian/Ubuntu: apt-get install ${tool/sha256sum/coreutils})"
+  done
+  local reason
+  if [ -d "$bus_key" ]; then reason="Is a directory"
+  elif ! reason=$( { : <"$bus_key"; } 2>&1 ); then reason=${reason##*: }
+  else reason=""
+  fi
+  [ -z "$reason" ] || die "$EXIT_USAGE" "AGENT_BUS_KEY: cannot read the private key $bus_key: $reason"
+  # -passin pass: makes an encrypted key fail instead of asking for its passphrase.
+  reason=$(openssl pkey -inform PEM -in "$bus_key" -passin pass: -noout -text_pub 2>/dev/null) \
+    || die "$EXIT_USAGE" "AGENT_BUS_KEY: $bus_key is not an unencrypted PEM private key"
+  case "$reason" in
+    "ED25519 Public-Key:"*) ;;
+    *) die "$EXIT_USAGE" "AGENT_BUS_KEY: $bus_key is not an Ed25519 key" ;;
+  esac
+}
+
+# bus_sign_request REQUEST: sign the /send request in REQUEST with AGENT_BUS_KEY as
+# busd/client.py does: signed_at (ms), the idempotency key (a new random one when none
+# is given: it is the nonce that makes a replay detectable), and an Ed25519 signature of
+# busd/signing.py native_payload over channel, from, to, signed_at, key and the sha256
+# of the body, base64 on one line.
+bus_sign_request() {
+  local request=$1 key="" digest
+  if jq -e '(.key // "") == ""' "$request" >/dev/null; then
+    key=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+  fi
+  digest=$(jq -j .msg "$request" | sha256sum)
+  jq --arg key "$key" --argjson signed_at "$(date +%s%3N)" '
+    (if $key == "" then . else .key = $key end) | .signed_at = $signed_at' \
+    "$request" >"$bus_work/signed"
+  jq -j --arg digest "${digest%% *}" '
+    ["agent-bus-send-v1", .channel, .from, .to, (.signed_at | tostring), .key, $digest]
+    | join("\n")' "$bus_work/signed" >"$bus_work/payload"
+  openssl pkeyutl -sign -rawin -inkey "$bus_key" -passin pass: -in "$bus_work/payload" \
+      -out "$bus_work/signature" 2>"$bus_work/openssl-error" \
+    || die "$EXIT_USAGE" "AGENT_BUS_KEY: signing with $bus_key failed: $(bus_one_line <"$bus_work/openssl-error")"
+  jq --arg signature "$(openssl base64 -A -in "$bus_work/signature")" '.signature = $signature' \
+    "$bus_work/signed" >"$request.tmp"
+  mv -f -- "$request.tmp" "$request"
+}
+
+# bus_post_send REQUEST: POST the /send request in REQUEST (signed first when
+# AGENT_BUS_KEY is set) and print the acknowledgement as `agent-bus send` prints it, or
+# exit with the bus's message and code. A 409 with code 40902 says our own earlier
+# signed send with this key was stored: that is success, as in busd/client.py.
+bus_post_send() {
+  local request=$1 status=0
+  if [ -n "$bus_key" ]; then bus_sign_request "$request"; fi
+  bus_http /send "$bus_work/reply" "$request" || status=$?
+  if [ "$status" -eq "$EXIT_REFUSED" ] \
+      && jq -e 'type == "object" and .code == 40902' "$bus_work/reply" >/dev/null 2>&1; then
+    jq --slurpfile request "$request" \
+      '{ok: true, ts: .ts, channel: $request[0].channel, id: .id, duplicate: true}' \
+      "$bus_work/reply" >"$bus_work/reply.tmp"
+    mv -f -- "$bus_work/reply.tmp" "$bus_work/reply"
+  elif [ "$status" -ne 0 ]; then
+    die "$status" "$bus_error"
+  fi
+  jq -r "$BUS_JQ py_json" "$bus_work/reply"
 }
 
 # Capped exponential backoff, as busd/client.py Backoff: 0.5 s, 1 s, 2 s ... 10 s,
