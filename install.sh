@@ -4,7 +4,7 @@
 #   ./install.sh               install (or upgrade) into your home directory
 #   ./install.sh --agent NAME  also write NAME's settings and spool folder (agent-bus
 #                              init NAME; repeatable), ready for agent-bus@NAME
-#   ./install.sh --dev         also the test tools (pytest, hypothesis, shellcheck)
+#   ./install.sh --dev         also the test tools (pytest, hypothesis, shellcheck, chromium)
 #   ./install.sh --uninstall   stop and remove the program and its systemd units;
 #                              your messages, spools and settings stay
 #
@@ -163,6 +163,19 @@ if [ "$dev" = 1 ] && ! command -v shellcheck >/dev/null 2>&1; then
   fi
 fi
 
+# The console's browser tests drive Debian's chromium (headless; no driver needed: they
+# speak its DevTools protocol over a pipe). Debian/Ubuntu only, as root, like shellcheck.
+if [ "$dev" = 1 ] && [ ! -x /usr/lib/chromium/chromium ] && ! command -v chromium >/dev/null 2>&1; then
+  say "installing chromium (the console's browser tests run it headless)"
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+      || die "could not install chromium with apt-get; install it by hand"
+  else
+    say "note: chromium is missing, so the console's browser tests will be skipped (under CI they fail); install it (Debian/Ubuntu: sudo apt-get install chromium)"
+  fi
+fi
+
 # The shell commands are copied (not linked to this checkout, which may move).
 # Each finds its shared code in lib/ beside its own resolved path, so lib/ goes first.
 install_file() {  # install_file SRC DEST MODE: replace DEST atomically
@@ -179,8 +192,6 @@ for lib in "$src"/bin/lib/*.sh; do
   [ -f "$lib" ] || continue
   install_file "$lib" "$scripts/lib/$(basename "$lib")" 644
 done
-# The secret guard's BIP-39 word list (bus_secret_refusal looks beside the library).
-install_file "$src/busd/data/bip39-english.txt" "$scripts/lib/bip39-english.txt" 644
 for script in "$src"/bin/bus-*; do
   [ -f "$script" ] || continue
   name=$(basename "$script")

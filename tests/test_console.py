@@ -40,7 +40,7 @@ def test_the_page_and_its_assets_are_served_with_a_strict_policy(server):
         assert directive in policy
     assert "unsafe-inline" not in policy and "http" not in policy
     assert page.headers["X-Content-Type-Options"] == "nosniff"
-    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert page.headers["Referrer-Policy"] == "same-origin"
     script, style = server.get("/ui/console.js"), server.get("/ui/console.css")
     assert script.headers["Content-Type"].startswith("text/javascript")
     assert style.headers["Content-Type"].startswith("text/css")
