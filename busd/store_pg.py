@@ -21,9 +21,10 @@ long-polls parked on it; its own commits it reports directly. A replica that
 loses that connection reconnects with backoff and then wakes every parked poll
 to re-check, so nothing committed meanwhile is missed.
 
-Durability without losing throughput: sends that arrive while one transaction
-commits form the next group, committed together in one transaction (one writer
-connection per replica). Reads go through a small pool of their own.
+Durability without losing throughput: sends that arrive while one group
+commits form the next, stored together by one statement (one transaction, one
+round trip) on the replica's one writer connection. Reads go through a small
+pool of their own.
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ POOL_WAIT = 3.0
 POOL_MIN, POOL_MAX = 2, 12
 # The listener's reconnect backoff, first and longest wait (seconds).
 RECONNECT_FIRST, RECONNECT_LONGEST = 0.1, 2.0
-# A whole group is retried when PostgreSQL aborted it (deadlock, serialization)
-# or its connection broke before COMMIT: in both cases nothing of it was stored.
+# A write is run again when PostgreSQL answers that it did nothing: it ended the
+# session before running it (a restart, pg_terminate_backend), or undid it
+# (deadlock, serialization failure).
 WRITE_ATTEMPTS = 3
 NOTIFY_CHANNEL = "agent_bus"
 # The listening connection is idle for long stretches: TCP keepalives notice a

@@ -276,14 +276,20 @@ def test_retention_on_one_replica_counts_what_was_read_through_the_other(replica
     stop_cleanly(a, b)
 
 
-def test_migrate_applies_the_schema_once(postgres_db):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_migrate_applies_the_schema_once(store, request, tmp_path):
+    if store == "sqlite":
+        from busd.store_sqlite import SCHEMA_VERSION
+        db = str(tmp_path / "bus.db")
+    else:
+        from busd.store_pg import SCHEMA_VERSION
+        db = request.getfixturevalue("postgres_db")
+
     def migrate() -> str:
-        done = subprocess.run(agent_bus_cmd("migrate", "--db", postgres_db),
+        done = subprocess.run(agent_bus_cmd("migrate", "--db", db),
                               capture_output=True, text=True, env=repo_env(), timeout=30)
         assert done.returncode == 0, done.stderr
         return done.stdout
-
-    from busd.store_pg import SCHEMA_VERSION
 
     assert f"schema version 0 -> {SCHEMA_VERSION}" in migrate()
     assert f"schema version {SCHEMA_VERSION}, already up to date" in migrate()
