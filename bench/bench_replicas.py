@@ -23,6 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import requests  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
 from bench.bench_server import KeepAliveClient, exactly_once_in_order, percentile  # noqa: E402
 from tests.support import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
 
@@ -80,20 +83,40 @@ async def drain_alternating(urls: list[str], recipient: str) -> list[dict]:
     return got
 
 
-async def throughput_rounds(urls: list[str], rounds: int, label: str,
-                            integrity: list) -> list[float]:
+def commits(urls: list[str]) -> tuple[float, float]:
+    """Messages committed and commits made so far, summed over the replicas."""
+    messages = count = 0.0
+    for url in urls:
+        text = requests.get(url + "/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            if family.name == "agent_bus_commit_batch_messages":
+                for sample in family.samples:
+                    if sample.name.endswith("_sum"):
+                        messages += sample.value
+                    elif sample.name.endswith("_count"):
+                        count += sample.value
+    return messages, count
+
+
+def throughput_rounds(urls: list[str], rounds: int, label: str,
+                      integrity: list) -> tuple[list[float], float]:
+    """Rates of each round, and the mean messages per commit over them."""
     rates = []
+    before = commits(urls)
     for number in range(rounds):
         recipient = f"tp-{label}-{number}"
-        rate, sent = await throughput(urls, 8, 750, recipient)
+        rate, sent = asyncio.run(throughput(urls, 8, 750, recipient))
         rates.append(rate)
-        integrity.append(exactly_once_in_order(sent, await drain_alternating(urls, recipient)))
-    return rates
+        integrity.append(exactly_once_in_order(
+            sent, asyncio.run(drain_alternating(urls, recipient))))
+    after = commits(urls)
+    return rates, (after[0] - before[0]) / max(1.0, after[1] - before[1])
 
 
-def show_rates(title: str, rates: list[float]) -> None:
+def show_rates(title: str, rates: list[float], per_commit: float) -> None:
     shown = ", ".join(f"{r:,.0f}" for r in rates)
-    print(f"{title}: median {statistics.median(rates):,.0f} msg/s   (rounds: {shown})")
+    print(f"{title}: median {statistics.median(rates):,.0f} msg/s   (rounds: {shown}; "
+          f"{per_commit:.1f} messages per commit)")
 
 
 def main() -> int:
@@ -113,13 +136,12 @@ def main() -> int:
     integrity: list = []
     try:
         with BusServer(db) as a:
-            one = asyncio.run(throughput_rounds([a.url], args.rounds, "one", integrity))
+            one = throughput_rounds([a.url], args.rounds, "one", integrity)
             with BusServer(db) as b:
                 latencies, acks, received = asyncio.run(
                     cross_replica_latency(a.url, b.url, max(200, args.messages)))
                 integrity.append(exactly_once_in_order(acks, received))
-                two = asyncio.run(throughput_rounds([a.url, b.url], args.rounds, "two",
-                                                    integrity))
+                two = throughput_rounds([a.url, b.url], args.rounds, "two", integrity)
                 b.stop()
             a.stop()
     finally:
@@ -129,8 +151,8 @@ def main() -> int:
     print(f"cross-replica delivery latency (send via A -> receiver parked on B), "
           f"{len(latencies)} messages:")
     print(f"  p50 {p50:.2f} ms   p99 {p99:.2f} ms   (target: p50 <= 10 ms)")
-    show_rates("durable send throughput, 8 clients, 1 replica ", one)
-    show_rates("durable send throughput, 8 clients, 2 replicas", two)
+    show_rates("durable send throughput, 8 clients, 1 replica ", *one)
+    show_rates("durable send throughput, 8 clients, 2 replicas", *two)
     lost, dup, reordered = (sum(i[k] for i in integrity) for k in range(3))
     total = len(latencies) + 2 * args.rounds * 8 * 750
     print(f"integrity: lost {lost}, duplicated {dup}, reordered {reordered} over {total} messages")
