@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 import threading
 
-import pytest
-
 from busd.agent.checks import CheckReporter
 from busd.client import Backoff, BusClient
 from tests.support import BusServer
