@@ -37,7 +37,8 @@ SHAPES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern)) f
     ("a password or secret in an assignment",
      r"(?i)\b(?:password|passwd|pwd|passphrase|secret|api[_-]?key|access[_-]?token|"
      r"auth[_-]?token|client[_-]?secret|private[_-]?key)\b\s*[:=]\s*['\"]?[^\s'\"]{8,}"),
-    ("a URL with a password in it", r"\b[a-z][a-z0-9+.\-]*://[^\s:/@]+:[^\s@/]{3,}@"),
+    # A scheme is short: bounding it keeps this linear on text like "a.a.a.a...".
+    ("a URL with a password in it", r"\b[a-z][a-z0-9+.\-]{0,30}://[^\s:/@]+:[^\s@/]{3,}@"),
     ("an extended private key (xprv)", rf"\b[xyzt]prv[{_B58}]{{100,}}"),
     ("a WIF private key", rf"(?<![{_B58}])[5KL][{_B58}]{{50,51}}(?![{_B58}])"),
     ("a long base58 secret", rf"(?<![{_B58}])[{_B58}]{{80,90}}(?![{_B58}])"),

@@ -360,11 +360,25 @@ def test_listen_under_a_burst_of_1000_logs_each_exactly_once(server, names, tmp_
 # -- agents, health -----------------------------------------------------------
 
 
+def test_agents_shows_presence_the_same_from_both(tmp_path):
+    with BusServer(tmp_path / "seen.db", "--hold", "2") as bus:
+        env = env_for(bus.url, tmp_path)
+        bus.send("spark", "dell", "waiting for dell")
+        bus.get("/recv?to=spark&since=0")
+        shell = ok(run_script("bus-agents", env=env))
+        assert shell == ok(run_cli("agents", env=env))
+        rows = {line.split()[0]: line.split() for line in shell.decode().splitlines()[1:]}
+        assert rows["spark"][1] == "yes" and rows["spark"][2].endswith("Z")
+        assert rows["dell"][1] == "no" and rows["dell"][3] == "default:1"
+        assert bus.stop() == 0
+
+
 def test_agents_and_health_print_what_python_prints(tmp_path):
     with BusServer(tmp_path / "agents.db", "--hold", "2") as bus:
         env = env_for(bus.url, tmp_path)
         empty = ok(run_script("bus-agents", env=env))
-        assert empty == ok(run_cli("agents", env=env)) == b"NAME  ROLE  REGISTERED BY  CREATED  IDENTITY\n"
+        assert empty == ok(run_cli("agents", env=env)) == \
+            b"NAME  ONLINE  LAST SEEN  PENDING  ROLE  IDENTITY\n"
         # No registration route exists yet; the rows go in as the server stores them.
         with sqlite3.connect(tmp_path / "agents.db") as db:
             db.executemany(
@@ -378,11 +392,12 @@ def test_agents_and_health_print_what_python_prints(tmp_path):
         assert shell == ok(run_cli("agents", env=env))
         assert shell.decode() == agents_table(bus.get("/agents").json())
         assert shell.decode().splitlines() == [
-            "NAME        ROLE      REGISTERED BY  CREATED               IDENTITY",
-            "x           agent     dell           2020-09-13T12:26:40Z  -",
-            "cube-a6000  operator  -              2023-11-14T22:13:20Z  line one line two é😀",
-            "dell        agent     ops            2026-11-18T11:06:40Z  a9e6db87-b090-47e0-a509-2bc624896d0f",
+            "NAME        ONLINE  LAST SEEN  PENDING  ROLE      IDENTITY",
+            "cube-a6000  no      -          -        operator  line one line two é😀",
+            "dell        no      -          -        agent     a9e6db87-b090-47e0-a509-2bc624896d0f",
+            "x           no      -          -        agent     -",
         ]
+
         health = ok(run_script("bus-health", env=env))
         assert re.fullmatch(rb'\{"ok": true, "now": \d+\.\d+\}\n', health)
         assert python_dumps_format(health)

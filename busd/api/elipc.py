@@ -103,7 +103,8 @@ async def roster(bus: Bus, admin: bool, pending: dict[str, dict[str, int]] | Non
         pending = await bus.store.pending_counts()
     now = time.time()
     entries = []
-    for name in sorted(set(registered) | set(contacts) | set(bus.presence.parked)):
+    waiting_for = {name for counts in pending.values() for name in counts}
+    for name in sorted(set(registered) | set(contacts) | set(bus.presence.parked) | waiting_for):
         seen = contacts.get(name)
         online = bus.presence.online(name, seen, now)
         if not admin:
