@@ -301,7 +301,7 @@ def shapes: [
   ["a bearer token", "\(wb)(?i)bearer[\(ws)]+[A-Za-z0-9._~+/\\-]{20,}"],
   ["a password or secret in an assignment",
    "\(wb)(?i)(?:password|passwd|pwd|passphrase|secret|api[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|private[_-]?key)\(we)[\(ws)]*[:=][\(ws)]*[\u0027\"]?[^\(ws)\u0027\"]{8,}"],
-  ["a URL with a password in it", "\(wb)[a-z][a-z0-9+.\\-]*://[^\(ws):/@]+:[^\(ws)@/]{3,}@"],
+  ["a URL with a password in it", "\(wb)[a-z][a-z0-9+.\\-]{0,30}://[^\(ws):/@]+:[^\(ws)@/]{3,}@"],
   ["an extended private key (xprv)", "\(wb)[xyzt]prv[\(b58)]{100,}"],
   ["a WIF private key", "(?<![\(b58)])[5KL][\(b58)]{50,51}(?![\(b58)])"],
   ["a long base58 secret", "(?<![\(b58)])[\(b58)]{80,90}(?![\(b58)])"]
