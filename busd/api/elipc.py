@@ -99,8 +99,9 @@ async def roster(bus: Bus, admin: bool, pending: dict[str, dict[str, int]] | Non
     if the caller already has them."""
     registered = {a["name"]: a for a in await bus.store.registered_agents()}
     contacts = await bus.store.last_contacts()
-    if admin and pending is None:
-        pending = await bus.store.pending_counts()
+    if pending is None:
+        # Queues are for admins; others see no counts, and no names known only from them.
+        pending = await bus.store.pending_counts() if admin else {}
     now = time.time()
     entries = []
     waiting_for = {name for counts in pending.values() for name in counts}
