@@ -210,7 +210,9 @@ def document(version: str) -> dict:
                                    "recipients": RECIPIENT_STATES,
                                    "handoff": HANDOFF_CHECKS}}}}}),
             [{"name": "id", "in": "query", "required": True, "style": "form", "explode": True,
-              "schema": {"type": "array", "items": {"type": "integer"},
+              # Bounded like the ids the bus hands out, so 100 of them fit in a request line.
+              "schema": {"type": "array", "items": {"type": "integer", "minimum": 1,
+                                                    "maximum": 2 ** 63 - 1},
                          "minItems": 1, "maxItems": 100}}])},
         "/undelivered": {"get": _operation(
             "Dead letters: messages nobody fetched for `older` seconds, or sent to a name "
