@@ -379,3 +379,20 @@ def test_did_key_matches_a_known_vector():
     assert base64.b16encode(raw).lower() == \
         b"3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
     assert did == "did:key:z6MkiTBz1ymuepAQ4HEHYSF1H8quG5GLVVQR3djdX3mDooWp"
+
+
+def test_the_daemon_works_over_tls_with_a_private_ca(tmp_path):
+    from tests.agent_support import AgentProcess, inbox_messages
+    from tests.support import wait_until
+    pem = _certificate(tmp_path)
+    with BusServer(tmp_path / "bus.db", "--tls-cert", str(pem["cert"]),
+                   "--tls-key", str(pem["key"])) as bus:
+        with AgentProcess("dell", tmp_path / "spool", bus.url,
+                          AGENT_BUS_CA=str(pem["ca"])) as dell:
+            client = BusClient(bus.url, ca=str(pem["ca"]))
+            client.send("spark", "dell", "to a daemon over https")
+            client.close()
+            wait_until(lambda: inbox_messages(dell.layout), what="the message in dell's inbox")
+            assert [body for _, body in inbox_messages(dell.layout)] == [b"to a daemon over https"]
+            assert dell.stop() == 0
+        assert bus.stop() == 0
