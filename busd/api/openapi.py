@@ -87,13 +87,22 @@ def _query(name: str, schema: dict, required: bool = False, description: str = "
             "description": description}
 
 
+# A request that is not valid HTTP (a request line over 8 KiB, a bad header) is refused
+# by the HTTP parser before the app sees it, in plain text naming the fault.
+ERROR_RESPONSE = {
+    "description": "an error from the table in busd/errors.py; plain text when the request "
+                   "is not valid HTTP at all (e.g. a request line over 8 KiB)",
+    "content": {"application/json": {"schema": _ref("Error")},
+                "text/plain": {"schema": {"type": "string"}}},
+}
+
+
 def _operation(summary: str, ok: dict, parameters: list | None = None,
                body: dict | None = None) -> dict:
     operation: dict[str, Any] = {
         "summary": summary,
         "responses": {"200": {"description": "success", **ok},
-                      "default": {"description": "an error from the table in busd/errors.py",
-                                  **_json(_ref("Error"))}},
+                      "default": ERROR_RESPONSE},
     }
     if parameters:
         operation["parameters"] = parameters
@@ -122,8 +131,7 @@ def _console_operation(summary: str, responses: dict, parameters: list | None = 
     operation: dict[str, Any] = {
         "summary": summary,
         "responses": {**responses,
-                      "default": {"description": "an error from the table in busd/errors.py",
-                                  **_json(_ref("Error"))}},
+                      "default": ERROR_RESPONSE},
     }
     if parameters:
         operation["parameters"] = parameters
