@@ -26,26 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import requests  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.bench_server import KeepAliveClient, exactly_once_in_order, percentile  # noqa: E402
+from bench.bench_server import (KeepAliveClient, exactly_once_in_order, measure_latency,  # noqa: E402
+                                percentile)
 from tests.support import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
 
 
 async def cross_replica_latency(sender_url: str, receiver_url: str,
                                 count: int) -> tuple[list[float], list[dict], list[dict]]:
     """Send one message at a time through one replica to a receiver parked on the other."""
-    latencies, acks, received = [], [], []
-    async with KeepAliveClient(sender_url) as sender, KeepAliveClient(receiver_url) as receiver:
-        since = (await receiver.recv("lat", 0.0, block=False))["now"]
-        for i in range(count):
-            parked = asyncio.create_task(receiver.recv("lat", since, block=True))
-            await asyncio.sleep(0.005)  # let the poll reach the server and park
-            started = time.perf_counter()
-            acks.append(await sender.send("bench", "lat", f"latency {i}"))
-            body = await asyncio.wait_for(parked, 30)
-            latencies.append(time.perf_counter() - started)
-            received.extend(body["messages"])
-            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
-    return latencies, acks, received
+    return await measure_latency(sender_url, count, receiver_url, park_seconds=0.005)
 
 
 async def throughput(urls: list[str], clients: int, per_client: int,

@@ -83,14 +83,18 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-async def measure_latency(url: str, count: int) -> tuple[list[float], list[dict], list[dict]]:
-    """Send one message at a time to a receiver already parked in a long-poll."""
+async def measure_latency(url: str, count: int, receiver_url: str | None = None,
+                          park_seconds: float = 0.003
+                          ) -> tuple[list[float], list[dict], list[dict]]:
+    """Send one message at a time to a receiver already parked in a long-poll (on another
+    server sharing the database, when `receiver_url` is given)."""
     latencies, acks, received = [], [], []
-    async with KeepAliveClient(url) as sender, KeepAliveClient(url) as receiver:
+    async with KeepAliveClient(url) as sender, \
+            KeepAliveClient(receiver_url or url) as receiver:
         since = (await receiver.recv("lat", 0.0, block=False))["now"]
         for i in range(count):
             parked = asyncio.create_task(receiver.recv("lat", since, block=True))
-            await asyncio.sleep(0.003)  # let the poll reach the server and park
+            await asyncio.sleep(park_seconds)  # let the poll reach the server and park
             started = time.perf_counter()
             acks.append(await sender.send("bench", "lat", f"latency {i}"))
             body = await asyncio.wait_for(parked, 30)

@@ -173,3 +173,45 @@ class PostgresServer:
         with self._psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
             cursor = conn.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
+
+
+class SendBurst:
+    """Sender threads posting as fast as they can until stopped or the server dies.
+
+    `acked` holds the reply of every send the server acknowledged (200); a send whose
+    connection broke was not acknowledged and is not counted. Used by the kill -9 tests.
+    """
+
+    def __init__(self, url_for_sender, to: str, senders: list[str], timeout: float = 5,
+                 limit: int = 5000):
+        self.acked: list[dict] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._hammer, name=f"burst-{sender}",
+                                          args=(url_for_sender(sender), to, sender, timeout,
+                                                limit))
+                         for sender in senders]
+
+    def _hammer(self, url: str, to: str, sender: str, timeout: float, limit: int) -> None:
+        with requests.Session() as session:
+            for i in range(limit):
+                if self._stop.is_set():
+                    return
+                try:
+                    reply = session.post(f"{url}/send", json={
+                        "from": sender, "to": to, "msg": f"{sender}:{i}"}, timeout=timeout)
+                except requests.RequestException:
+                    return  # the server died under us: this one was not acknowledged
+                if reply.status_code == 200:
+                    with self._lock:
+                        self.acked.append(reply.json())
+
+    def start(self) -> "SendBurst":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)

@@ -11,7 +11,7 @@ import time
 import requests
 
 from busd.client import BusClient, CursorFile, listen
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from tests.support import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
 
 
 class CursorReceiver(threading.Thread):
@@ -72,32 +72,11 @@ def test_8_concurrent_senders_2000_messages_received_exactly_once_in_order(serve
 
 def test_kill_9_during_a_burst_loses_no_acknowledged_message(tmp_path):
     with BusServer(tmp_path / "bus.db") as bus:
-        acked: list[dict] = []
-        lock = threading.Lock()
-        stop = threading.Event()
-
-        def hammer(sender: str) -> None:
-            with requests.Session() as session:
-                for i in range(5000):
-                    if stop.is_set():
-                        return
-                    try:
-                        reply = session.post(f"{bus.url}/send", json={
-                            "from": sender, "to": "survivor", "msg": f"{sender}:{i}"}, timeout=5)
-                    except requests.RequestException:
-                        return  # the server died under us: this one was not acknowledged
-                    if reply.status_code == 200:
-                        with lock:
-                            acked.append(reply.json())
-
-        threads = [threading.Thread(target=hammer, args=(f"s{i}",)) for i in range(4)]
-        for thread in threads:
-            thread.start()
+        burst = SendBurst(lambda sender: bus.url, "survivor", [f"s{i}" for i in range(4)]).start()
+        acked = burst.acked
         wait_until(lambda: len(acked) >= 400, timeout=30, what="400 acknowledged sends")
         bus.kill()
-        stop.set()
-        for thread in threads:
-            thread.join(10)
+        burst.stop()
 
         bus.start()
         stored = []

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 
 import pytest
 import requests
 
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from tests.support import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
 
 
 def serve_once(db, timeout=20):
@@ -153,35 +152,16 @@ def test_a_read_only_database_answers_503_then_recovers(tmp_path):
 
 def test_kill_9_at_three_random_points_of_a_burst_loses_nothing_acknowledged(tmp_path):
     acked: list[int] = []
-    lock = threading.Lock()
     with BusServer(tmp_path / "bus.db") as bus:
         for round_number in range(3):
-            stop = threading.Event()
-
-            def hammer(sender: str) -> None:
-                with requests.Session() as session:
-                    for i in range(5000):
-                        if stop.is_set():
-                            return
-                        try:
-                            reply = session.post(f"{bus.url}/send", json={
-                                "from": sender, "to": "b", "msg": f"{sender} {i}"}, timeout=5)
-                        except requests.RequestException:
-                            return
-                        if reply.status_code == 200:
-                            with lock:
-                                acked.append(reply.json()["id"])
-
-            threads = [threading.Thread(target=hammer, args=(f"r{round_number}s{n}",))
-                       for n in range(4)]
-            for thread in threads:
-                thread.start()
+            burst = SendBurst(lambda sender: bus.url, "b",
+                              [f"r{round_number}s{n}" for n in range(4)]).start()
             target = len(acked) + 100 + int.from_bytes(os.urandom(1), "big")
-            wait_until(lambda: len(acked) >= target, timeout=30, what=f"{target} acks")
+            wait_until(lambda: len(acked) + len(burst.acked) >= target, timeout=30,
+                       what=f"{target} acks")
             bus.kill()
-            stop.set()
-            for thread in threads:
-                thread.join(10)
+            burst.stop()
+            acked += [reply["id"] for reply in burst.acked]
             bus.start()
         stored = set(all_ids(bus))
         assert set(acked) <= stored, f"{len(set(acked) - stored)} acknowledged messages lost"

@@ -17,7 +17,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from tests.support import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
 
 
 def parked(bus: BusServer) -> float:
@@ -157,33 +157,13 @@ def test_senders_on_both_replicas_and_an_alternating_receiver_lose_and_repeat_no
 def test_kill_9_of_one_replica_during_a_burst_loses_no_acknowledged_message(replicas, names):
     a, b = replicas(), replicas()
     to, = names("survivor")
-    acked: list[dict] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def hammer(sender: str, bus: BusServer) -> None:
-        with requests.Session() as session:
-            for i in range(5000):
-                if stop.is_set():
-                    return
-                try:
-                    reply = session.post(f"{bus.url}/send", json={
-                        "from": sender, "to": to, "msg": f"{sender}:{i}"}, timeout=10)
-                except requests.RequestException:
-                    return  # the replica died under us: this one was not acknowledged
-                if reply.status_code == 200:
-                    with lock:
-                        acked.append(reply.json())
-
-    threads = [threading.Thread(target=hammer, args=(f"s{i}", a if i < 4 else b))
-               for i in range(6)]
-    for thread in threads:
-        thread.start()
+    senders = [f"s{i}" for i in range(6)]
+    burst = SendBurst(lambda sender: (a if senders.index(sender) < 4 else b).url, to, senders,
+                      timeout=10).start()
+    acked = burst.acked
     wait_until(lambda: len(acked) >= 600, timeout=30, what="600 acknowledged sends")
     a.kill()
-    stop.set()
-    for thread in threads:
-        thread.join(15)
+    burst.stop()
 
     stored_ids = set()
     since = 0.0
