@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace, env) -> int:
 
 
 def _migrate(args: argparse.Namespace, env) -> int:
-    from ..server import open_store
+    from ..store_factory import open_store
     from ..store import StoreError, shown_database
     from . import EXIT_OK, die
 
