@@ -28,7 +28,7 @@ from .store_sql import SCHEMA_VERSION, PostgresDialect, Queries
 CONTACT_EVERY = 5.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Send:
     message: NewMessage
     future: asyncio.Future
@@ -66,9 +66,11 @@ def settle(future: asyncio.Future, outcome: Any) -> None:
 def answer(send: Send, outcome: SendResult | BusError) -> None:
     """Tell a send, and the later sends with its key, what became of it."""
     settle(send.future, outcome)
-    for follower in send.followers:
-        settle(follower, outcome if isinstance(outcome, BusError)
-               else SendResult(outcome.message, duplicate=True))
+    if send.followers:
+        repeated = outcome if isinstance(outcome, BusError) else SendResult(outcome.message,
+                                                                            duplicate=True)
+        for follower in send.followers:
+            settle(follower, repeated)
 
 
 def refuse_newer(version: int) -> None:
@@ -204,9 +206,11 @@ class SQLStore(Store):
         """An answer about tokens, keys or flags (a store may cache these)."""
         return await self._value(sql, params)
 
-    def _message(self, row: tuple) -> StoredMessage:
+    @staticmethod
+    def _message(row: tuple) -> StoredMessage:
+        body = row[5]  # text in SQLite; bytea (bytes) in PostgreSQL, which text cannot hold
         return StoredMessage(id=row[0], ts=row[1], channel=row[2], sender=row[3], to=row[4],
-                             body=self.dialect.text(row[5]),
+                             body=body if type(body) is str else bytes(body).decode("utf-8"),
                              meta=json.loads(row[6]) if row[6] else None, signature=row[7])
 
     # -- the interface -------------------------------------------------------
@@ -242,11 +246,10 @@ class SQLStore(Store):
         # A first poll is written even at since 0: it makes the agent a known reader.
         if known is not None and all(n <= o for n, o in zip(receipt, known)):
             return
-        self._acknowledged[key] = tuple(max(n, o) for n, o in zip(receipt, known or receipt))
+        self._acknowledged[key] = tuple(map(max, receipt, known)) if known else receipt
         # Fire-and-forget: receipts ride along with the next group commit.
         group = self._join()
-        pending = group.acknowledged.get(key, (0.0, 0.0, 0.0))
-        group.acknowledged[key] = tuple(max(n, o) for n, o in zip(receipt, pending))
+        group.acknowledged[key] = tuple(map(max, receipt, group.acknowledged.get(key, (0.0,) * 3)))
 
     def note_contact(self, agent: str) -> None:
         now = time.time()

@@ -51,10 +51,6 @@ class PostgresDialect:
         """The parameter sets that write `rows` through a ROWS_OF statement: one, of columns."""
         return [tuple(list(column) for column in zip(*rows))] if rows else []
 
-    @staticmethod
-    def text(body: Any) -> str:
-        return bytes(body).decode("utf-8")
-
 
 class SQLiteDialect(PostgresDialect):
     name = "sqlite"
@@ -86,10 +82,6 @@ class SQLiteDialect(PostgresDialect):
     @staticmethod
     def batch(rows: list[tuple]) -> list[tuple]:
         return rows
-
-    @staticmethod
-    def text(body: Any) -> str:
-        return body
 
 
 _ROWS_OF = re.compile(r"ROWS_OF\(([^)]*)\)")

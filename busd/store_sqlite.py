@@ -320,4 +320,4 @@ class SQLiteStore(SQLStore):
         now = self._clock.now()
         rows = await self._rows(self.sql.recv_all_channels if channel == "*" else self.sql.recv,
                                 {"to": to, "channel": channel, "since": since, "limit": limit})
-        return Received([self._message(row) for row in rows], now)
+        return Received(list(map(self._message, rows)), now)
