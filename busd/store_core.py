@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable
 
 from . import errors
 from .errors import BusError
@@ -202,9 +202,9 @@ class SQLStore(Store):
         rows = await self._rows(sql, params)
         return rows[0][0] if rows else None
 
-    async def _identity_value(self, key: tuple, sql: str, params: Any = ()) -> Any:
+    def _identity_value(self, key: tuple, sql: str, params: Any = ()) -> Awaitable[Any]:
         """An answer about tokens, keys or flags (a store may cache these)."""
-        return await self._value(sql, params)
+        return self._value(sql, params)
 
     @staticmethod
     def _message(row: tuple) -> StoredMessage:
