@@ -380,6 +380,14 @@ class PostgresStore(SQLStore):
 
     async def _writer_connection(self) -> psycopg.AsyncConnection:
         conn = self._writer
+        if conn is not None and not conn.closed:
+            # Whatever the server sent while this connection sat idle is a goodbye (a
+            # restart, pg_terminate_backend): read it now, so a connection already gone is
+            # replaced before a statement goes out whose fate would then be unknown.
+            try:
+                conn.pgconn.consume_input()
+            except psycopg.OperationalError:
+                pass
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
                 await conn.close()
