@@ -10,6 +10,7 @@ import time
 
 from .. import model
 from ..agent import spool
+from ..agent.checks import CHECK_SECONDS
 from ..agent.daemon import AgentConfig, AgentDaemon
 from ..agent.inbox import list_inbox, parse_inbox_file
 from ..agent.notify import Notifier
@@ -17,6 +18,7 @@ from ..agent.spool import AgentLocked, BadDrop, SpoolLayout
 from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
 
 PREVIEW_CHARS = 120
+SHARED_SEPARATOR = ":"   # AGENT_BUS_SHARED lists folders as PATH lists them
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,6 +38,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     agent.add_argument("--senders", type=int, default=8, metavar="N",
                        help="files sent at once (default 8); 1 keeps strict drop order even "
                             "within a burst, at a lower rate")
+    agent.add_argument("--shared", action="append", default=None, metavar="DIR",
+                       help="a folder shared with the senders (repeat for more): handoffs of "
+                            "files under it are checked on arrival; every other handoff is "
+                            "'not checked' (default $AGENT_BUS_SHARED, ':'-separated; none)")
+    agent.add_argument("--check-seconds", type=float, default=CHECK_SECONDS, metavar="S",
+                       help="the most time one handoff's check may take (default "
+                            f"{CHECK_SECONDS:g}); a slower one is 'not checked'")
     agent.set_defaults(func=_agent)
 
     drop = commands.add_parser(
@@ -72,6 +81,25 @@ def _layout(env: Env, name: str) -> SpoolLayout:
         raise CommandError(str(exc), EXIT_USAGE) from None
 
 
+def shared_roots(folders: list[str], source: str, relative_ok: bool) -> tuple[str, ...]:
+    """The shared roots as the daemon takes them: absolute, normalized, each once."""
+    roots: list[str] = []
+    for folder in folders:
+        if not folder:
+            continue
+        if SHARED_SEPARATOR in folder or any(c in folder for c in "\n\r\0"):
+            raise CommandError(f"{source}: {folder!r} holds a ':' or a line break, which "
+                               "AGENT_BUS_SHARED cannot carry; share it under another path",
+                               EXIT_USAGE)
+        if not os.path.isabs(folder) and not relative_ok:
+            raise CommandError(f"{source}: {folder!r} is not an absolute path; write the "
+                               "shared folders as /abs/path:/other/path", EXIT_USAGE)
+        root = os.path.normpath(os.path.abspath(folder))
+        if root not in roots:
+            roots.append(root)
+    return tuple(roots)
+
+
 def _agent(args: argparse.Namespace, env: Env) -> int:
     name = env.agent_name(args.name)
     channel = args.channel or env.channel
@@ -82,14 +110,25 @@ def _agent(args: argparse.Namespace, env: Env) -> int:
         raise CommandError("--max-msg-bytes must be at least 1", EXIT_USAGE)
     if not 1 <= args.senders <= 64:
         raise CommandError("--senders must be from 1 to 64", EXIT_USAGE)
+    if not 0 < args.check_seconds <= 86400:
+        raise CommandError("--check-seconds must be more than 0 and at most 86400", EXIT_USAGE)
+    if args.shared is not None:
+        shared = shared_roots(args.shared, "--shared", relative_ok=True)
+    else:
+        shared = shared_roots(env.shared.split(SHARED_SEPARATOR), "AGENT_BUS_SHARED",
+                              relative_ok=False)
     env.client().close()  # fails early, with the usual message, if AGENT_BUS_URL is unset
     _layout(env, name)
     os.umask(0o077)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"agent-bus agent {name}: %(message)s")
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    logging.getLogger("busd.agent").info(
+        "handoffs are checked under: %s", ", ".join(shared) if shared else
+        "no folder (none is shared: every handoff is 'not checked')")
     config = AgentConfig(name=name, spool_root=env.spool_root, channel=channel,
-                         max_msg_bytes=args.max_msg_bytes, senders=args.senders)
+                         max_msg_bytes=args.max_msg_bytes, senders=args.senders,
+                         shared=shared, check_seconds=args.check_seconds)
     daemon = AgentDaemon(config, env.client,
                          Notifier(env.notify_socket, env.watchdog_usec, env.watchdog_pid),
                          out=sys.stdout)
