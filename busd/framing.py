@@ -83,7 +83,10 @@ def shown_name(value: object) -> str:
     JSON (quoted, its control characters escaped), so it can never break the line."""
     if isinstance(value, str) and is_valid_name(value):
         return value
-    return json.dumps(value)
+    try:
+        return json.dumps(value)
+    except ValueError:  # an integer with more digits than Python prints
+        return json.dumps(f"a {type(value).__name__}")
 
 
 def stamp(ts: float) -> str:

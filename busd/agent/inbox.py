@@ -617,14 +617,15 @@ class InboxWriter:
     def files_to_check(self, name: str) -> list[handoff.FileFacts] | handoff.Check | None:
         """What the handoff filed as `name` asks to check; a Check if that is known without
         touching a file; None (and its marker removed) if it waits for nothing any more."""
-        try:
-            with open(os.path.join(self.layout.inbox, name), "rb") as handle:
-                headers, _ = parse_inbox_file(handle.read())
-        except (OSError, ValueError):
-            headers = {}   # deleted by its owner, or never renamed in before a crash
-        if headers.get("handoff") != CHECKING:
-            self._unmark(name)
-            return None
+        with self._lock:  # a batch in progress may have made the marker, not the file yet
+            try:
+                with open(os.path.join(self.layout.inbox, name), "rb") as handle:
+                    headers, _ = parse_inbox_file(handle.read())
+            except (OSError, ValueError):
+                headers = {}   # deleted by its owner, or never renamed in before a crash
+            if headers.get("handoff") != CHECKING:
+                self._unmark(name)
+                return None
         try:
             return handoff.files_in(headers.get("meta"))
         except handoff.HandoffError as exc:
