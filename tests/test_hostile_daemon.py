@@ -399,19 +399,26 @@ def read_so_far(pid: int) -> int:
         return int(dict(line.split(": ") for line in handle.read().splitlines())["rchar"])
 
 
-def test_a_10gb_handoff_does_not_delay_the_next_message(mailbox, shared):
-    """Done when 3: a plain message after a 10 GB handoff is filed within 1 s."""
-    root, _ = shared
+def hand_off_10gb(mailbox, root) -> tuple[Mailbox, Mailbox, dict]:
+    """mallory hands a 10 GB file under dell's shared root to dell (its daemon running):
+    (mallory, dell, the ack), once dell's check is reading it."""
     big = root / "big.bin"
     sparse_file(big, 10 * 1024 ** 3)
     mallory = mailbox("mallory")
     dell = mailbox("dell", "--shared", str(root))
+    dell.daemon.start()
+    ack = mallory.send(dell.name, "big.bin", meta=handoff_meta(str(big), size=10 * 1024 ** 3))
+    assert wait_filed(dell, ack["id"])["handoff"] == "checking"
+    start = read_so_far(dell.daemon.pid)
+    wait_until(lambda: read_so_far(dell.daemon.pid) - start > 64 * 1024 ** 2, 30,
+               what="the check to be reading the 10 GB file")
+    return mallory, dell, ack
+
+
+def test_a_10gb_handoff_does_not_delay_the_next_message(mailbox, shared):
+    """Done when 3: a plain message after a 10 GB handoff is filed within 1 s."""
+    mallory, dell, handed = hand_off_10gb(mailbox, shared[0])
     with dell.daemon:
-        handed = mallory.send(dell.name, "big.bin", meta=handoff_meta(str(big), size=10 * 1024 ** 3))
-        assert wait_filed(dell, handed["id"])["handoff"] == "checking"
-        start = read_so_far(dell.daemon.pid)
-        wait_until(lambda: read_so_far(dell.daemon.pid) - start > 64 * 1024 ** 2, 30,
-                   what="the check to be reading the 10 GB file")
         plain = mallory.send(dell.name, "and now something small")
         sent = time.monotonic()
         wait_until(lambda: filed(dell, plain["id"]), 1.0,
@@ -426,17 +433,8 @@ def test_a_10gb_handoff_does_not_delay_the_next_message(mailbox, shared):
 def test_sigterm_during_a_check_exits_promptly_and_the_check_resumes(mailbox, shared):
     """Done when 1: SIGTERM stops the daemon within 5 s while a check runs; the check
     is not lost: the next start takes it up (here, over its budget: `not checked`)."""
-    root, _ = shared
-    big = root / "slow.bin"
-    sparse_file(big, 10 * 1024 ** 3)
-    mallory = mailbox("mallory")
-    dell = mailbox("dell", "--shared", str(root))
+    mallory, dell, ack = hand_off_10gb(mailbox, shared[0])
     with dell.daemon:
-        ack = mallory.send(dell.name, "slow.bin", meta=handoff_meta(str(big), size=10 * 1024 ** 3))
-        wait_filed(dell, ack["id"])
-        start = read_so_far(dell.daemon.pid)
-        wait_until(lambda: read_so_far(dell.daemon.pid) - start > 64 * 1024 ** 2, 30,
-                   what="the check to be reading")
         dell.daemon.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         code = dell.daemon.proc.wait(10)

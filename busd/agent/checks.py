@@ -108,6 +108,8 @@ RETRY_SECONDS = 5.0     # after the disk refused to record a check
 
 
 class HandoffChecker:
+    """The thread that checks the handoffs marked in checking/, one at a time."""
+
     def __init__(self, writer: InboxWriter, roots: tuple[str, ...], stop: threading.Event,
                  reporter: CheckReporter | None = None, budget: float = CHECK_SECONDS):
         self.writer = writer
