@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from ..agent.spool import AgentLocked, BadDrop, SpoolLayout
 from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
 
 PREVIEW_CHARS = 120
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 SHARED_SEPARATOR = ":"   # AGENT_BUS_SHARED lists folders as PATH lists them
 
 
@@ -63,7 +65,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     inbox = commands.add_parser(
         "inbox", help="list NAME's inbox, or print one message",
         description="List the messages in NAME's inbox/, oldest first, one line each: "
-                    "id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | '). "
+                    "id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', "
+                    "other control characters as spaces). "
                     "With --read ID, print that message's file: headers, a blank line, "
                     "the body.")
     inbox.add_argument("name", nargs="?", default=None, help="agent name (default $AGENT_NAME)")
@@ -183,6 +186,8 @@ def _inbox(args: argparse.Namespace, env: Env) -> int:
             except FileNotFoundError:
                 continue  # deleted while we listed
             preview = body.decode("utf-8", "replace").replace("\n", " | ")[:PREVIEW_CHARS]
+            # One line that cannot redraw the terminal (a carriage return, an escape).
+            preview = _CONTROL.sub(" ", preview)
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
             out.write(f"{entry.id}\t{when}\t{entry.sender}\t{preview}\n")
         out.flush()
