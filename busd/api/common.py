@@ -10,7 +10,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from aiohttp import web
 
-from .. import errors, secretguard
+from .. import agent_card, errors, secretguard
 from ..errors import BusError
 from ..identity import Access, Principal
 from ..metrics import BusMetrics
@@ -29,9 +29,9 @@ class BusSettings:
     secret_guard: bool = False          # refuse bodies that look like keys or credentials
     online_window: float = 60.0         # contact this recent counts as online
     limits: Limits = field(default_factory=Limits)
-    card_name: str = "agent-bus"
-    card_description: str = "A message bus for agents: addressed messages and channel broadcasts."
-    public_url: str = ""
+    card_name: str = agent_card.DEFAULT_NAME
+    card_description: str = agent_card.DEFAULT_DESCRIPTION
+    public_url: str = ""                # the card's url; "" = as the request reached the bus
 
 
 @dataclass
