@@ -1,14 +1,17 @@
 """What the older projects' users and clients expect, checked against the real server:
 the agent card as A2A v1.0 (validated by the a2a-sdk's own card type) with el-ipc's
-fields, el-ipc's `channels` and `agent-card` commands, and el-ipc's settings (IPC_*)."""
+fields, el-ipc's `channels` and `agent-card` commands, el-ipc's settings (IPC_*), rapid's
+`max` as a soft cap, and el-ipc's per-read bound on GET /messages."""
 from __future__ import annotations
 
 import copy
 import json
 import socket
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 from a2a.client.card_resolver import parse_agent_card
 from a2a.types import AgentCard
 from google.api import field_behavior_pb2
@@ -79,6 +82,23 @@ def fetch_card(bus: BusServer) -> dict:
 def cli(*args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(agent_bus_cmd(*args), input=stdin, env=repo_env(**env),
                           capture_output=True, text=True, timeout=60)
+
+
+def send_many(url: str, bodies: list[dict], clients: int = 8) -> list[dict]:
+    """POST every body to /send from `clients` keep-alive connections at once; the acks."""
+    chunks = [bodies[i::clients] for i in range(clients)]
+
+    def post_all(chunk: list[dict]) -> list[dict]:
+        with requests.Session() as session:
+            acks = []
+            for body in chunk:
+                reply = session.post(url + "/send", json=body, timeout=30)
+                assert reply.status_code == 200, reply.text
+                acks.append(reply.json())
+            return acks
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [ack for acks in pool.map(post_all, chunks) for ack in acks]
 
 
 # -- the agent card --------------------------------------------------------------------
@@ -206,3 +226,60 @@ def test_channels_command_needs_an_admin_token_once_auth_is_on(tmp_path):
         assert cli("channels", AGENT_BUS_URL=bus.url, AGENT_BUS_TOKEN=agent).returncode == 1
         allowed = cli("channels", AGENT_BUS_URL=bus.url, AGENT_BUS_TOKEN=admin)
         assert (allowed.returncode, allowed.stdout) == (0, "[]\n")
+
+
+# -- rapid's max: a soft cap --------------------------------------------------------
+
+def test_max_above_the_limit_is_served_and_a_cursor_follower_gets_every_message_once(
+        server, names):
+    sender, reader = names("sender", "reader")
+    acks = send_many(server.url, [{"from": sender, "to": reader, "msg": f"m{i}"}
+                                  for i in range(2500)])
+    committed = [ack["id"] for ack in sorted(acks, key=lambda ack: ack["ts"])]
+
+    for asked in ("5000", "10000000"):
+        reply = server.get(f"/recv?to={reader}&since=0&max={asked}")
+        assert reply.status_code == 200, reply.text
+        batch = reply.json()
+        assert [m["id"] for m in batch["messages"]] == committed[:1000]
+        # Cut short by the bus's limit: `now` stops at the last message returned.
+        assert batch["now"] == batch["messages"][-1]["ts"]
+
+    # A generic reader asks for everything and moves its cursor as rapid's clients do.
+    since, seen, stamps = 0.0, [], []
+    for _ in range(10):
+        batch = server.get(f"/recv?to={reader}&since={since!r}&max=10000000").json()
+        if not batch["messages"]:
+            break
+        seen += [m["id"] for m in batch["messages"]]
+        stamps += [m["ts"] for m in batch["messages"]]
+        since = max([batch["now"]] + [m["ts"] for m in batch["messages"]])
+    assert seen == committed  # every message once, in commit order
+    assert all(a < b for a, b in zip(stamps, stamps[1:]))
+
+    for refused in ("0", "-1", "abc", "1.5", "1e3"):
+        reply = server.get(f"/recv?to={reader}&since=0&max={refused}")
+        assert reply.status_code == 400, (refused, reply.text)
+
+
+# -- el-ipc's GET /messages: at most 1,000 per read -------------------------------------
+
+def test_messages_hands_out_1000_per_read_and_a_reader_that_reads_again_gets_the_rest(
+        server, names):
+    channel, herald, reader = names("ch", "herald", "reader")
+    acks = send_many(server.url, [{"channel": channel, "sender": herald, "content": f"c{i}"}
+                                  for i in range(5000)])
+    sent = sorted(ack["id"] for ack in acks)
+    pending = f"/health?channel={channel}&agent={reader}"
+    assert server.get(pending).json()["pending"] == 5000
+
+    reads = []
+    for _ in range(7):
+        batch = server.get(f"/messages?channel={channel}&agent={reader}").json()
+        reads.append([m["id"] for m in batch])
+        if not batch:
+            break
+        assert server.get(pending).json()["pending"] == 5000 - sum(map(len, reads))
+    assert [len(ids) for ids in reads] == [1000] * 5 + [0]
+    assert [i for ids in reads for i in ids] == sent  # each once, oldest first
+

@@ -193,7 +193,9 @@ def document(version: str) -> dict:
                                   "now": TIMESTAMP}}),
             [_query("to", NAME, True), _query("since", {"type": "number"}),
              _query("block", BOOL_TEXT), _query("channel", CHANNEL_OR_ALL),
-             _query("max", {"type": "integer", "minimum": 1, "maximum": 1000}),
+             _query("max", {"type": "integer", "minimum": 1},
+                    description="a soft cap on the batch (default 100): more than 1000 is "
+                                "served as 1000, and then `now` is the last message's ts"),
              _query("filed", BOOL_TEXT,
                     description="true from a daemon: since also says its files are durable")])},
         "/inbox": {"get": _operation(
