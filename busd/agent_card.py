@@ -19,11 +19,12 @@ PROTOCOL_BINDING = "urn:agent-bus:binding:http-long-poll:v1"
 DEFAULT_NAME = "agent-bus"
 DEFAULT_DESCRIPTION = "A message bus for agents: addressed messages and channel broadcasts."
 
-# el-ipc lists its signature scheme whether or not an operator exists yet: every send may
-# be signed (el-ipc's `channel\nsender\ncontent`, or our native form), and once an
-# operator exists every send must be.
+# el-ipc's authentication.schemes: what a request must carry. Signed sends once an
+# operator exists (secure mode), a bearer token once tokens exist; on a bus that needs
+# neither, what el-ipc's card says in its open mode too (any send may be signed).
 SIGNATURE_SCHEME = "Ed25519Signature"
 BEARER_SCHEME = "bearer"
+OPEN_SCHEMES = (SIGNATURE_SCHEME,)
 
 SKILLS = (
     {"id": "send", "name": "Send a message",
@@ -59,7 +60,7 @@ def build(*, name: str, description: str, url: str, version: str, tokens: bool,
         "skills": [dict(skill) for skill in SKILLS],
         # el-ipc's fields.
         "url": url,
-        "authentication": {"schemes": [SIGNATURE_SCHEME] + ([BEARER_SCHEME] if tokens else [])},
+        "authentication": {"schemes": _schemes(tokens, operator_key is not None)},
     }
     if tokens:
         card["securitySchemes"] = {BEARER_SCHEME: {"httpAuthSecurityScheme": {
@@ -69,3 +70,8 @@ def build(*, name: str, description: str, url: str, version: str, tokens: bool,
     if operator_key is not None:
         card["did"] = signing.did_key(operator_key)
     return card
+
+
+def _schemes(tokens: bool, operator: bool) -> list[str]:
+    required = ([SIGNATURE_SCHEME] if operator else []) + ([BEARER_SCHEME] if tokens else [])
+    return required or list(OPEN_SCHEMES)

@@ -115,7 +115,7 @@ def test_the_card_is_a2a_v1_with_elipc_fields_open_then_with_tokens_then_with_an
             bus.url, PROTOCOL_BINDING, "1.0")
         assert "longPolling" not in card["capabilities"]
         assert card["url"] == bus.url
-        assert card["authentication"] == {"schemes": ["Ed25519Signature"]}  # as el-ipc's
+        assert card["authentication"] == {"schemes": ["Ed25519Signature"]}  # el-ipc's, open
         assert "did" not in card and not read.security_requirements
 
         # With tokens: bearer, in el-ipc's list and as A2A's security scheme.
@@ -123,7 +123,7 @@ def test_the_card_is_a2a_v1_with_elipc_fields_open_then_with_tokens_then_with_an
         assert made.returncode == 0, made.stderr
         card = fetch_card(bus)  # the card needs no token
         read = a2a_card(card)
-        assert card["authentication"]["schemes"] == ["Ed25519Signature", "bearer"]
+        assert card["authentication"]["schemes"] == ["bearer"]
         assert read.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
         assert list(read.security_requirements[0].schemes) == ["bearer"]
         assert "did" not in card
@@ -134,7 +134,7 @@ def test_the_card_is_a2a_v1_with_elipc_fields_open_then_with_tokens_then_with_an
         operator = signing.load_private(seeded.stdout)
         card = fetch_card(bus)
         a2a_card(card)
-        assert "Ed25519Signature" in card["authentication"]["schemes"]
+        assert card["authentication"]["schemes"] == ["Ed25519Signature", "bearer"]
         assert card["did"] == signing.did_key(signing.public_pem(operator.public_key()))
         assert card["did"].startswith("did:key:z6Mk")  # an Ed25519 did:key
         # A second operator does not change whose did the bus shows.
