@@ -164,6 +164,9 @@ class BusClient:
     def channels(self) -> list:
         return self.request("GET", "/channels")
 
+    def agent_card(self) -> dict:
+        return self.request("GET", "/.well-known/agent-card.json")
+
 
 class CursorFile:
     """A since-cursor kept in one file, replaced atomically (tmp, fsync, rename)."""

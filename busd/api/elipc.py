@@ -9,7 +9,7 @@ import time
 
 from aiohttp import web
 
-from .. import __version__, errors, signing
+from .. import __version__, agent_card as agent_cards, errors
 from ..errors import BusError
 from ..model import NewMessage, check_body, check_channel, check_key, check_meta, check_name
 from .common import (Bus, accept_send, bus_of, check_signature, long_poll, principal_of, query_bool,
@@ -136,29 +136,7 @@ async def health(request: web.Request) -> web.Response:
 async def agent_card(request: web.Request) -> web.Response:
     bus = bus_of(request)
     settings = bus.settings
-    url = settings.public_url or f"{request.scheme}://{request.host}"
-    card = {
-        "name": settings.card_name,
-        "description": settings.card_description,
-        "url": url,
-        "version": __version__,
-        "capabilities": {"streaming": False, "pushNotifications": False,
-                         "longPolling": True, "stateTransitionHistory": False},
-        "authentication": {"schemes": ["bearer"] if await bus.store.auth_enabled() else ["none"]},
-        "defaultInputModes": ["text/plain", "application/json"],
-        "defaultOutputModes": ["application/json"],
-        "skills": [
-            {"id": "send", "name": "Send a message",
-             "description": "POST /send: an addressed message (from/to/msg) or a channel "
-                            "broadcast (channel/sender/content).",
-             "tags": ["messaging"]},
-            {"id": "receive", "name": "Receive messages",
-             "description": "GET /recv?to=NAME&since=TS&block=true or "
-                            "GET /messages?channel=C&agent=A&wait=true (long-poll).",
-             "tags": ["messaging", "long-poll"]},
-        ],
-    }
-    operator_key = await bus.store.first_operator_key()
-    if operator_key is not None:
-        card["did"] = signing.did_key(operator_key)
-    return reply(card)
+    return reply(agent_cards.build(
+        name=settings.card_name, description=settings.card_description,
+        url=settings.public_url or f"{request.scheme}://{request.host}", version=__version__,
+        tokens=await bus.store.auth_enabled(), operator_key=await bus.store.first_operator_key()))
