@@ -20,11 +20,11 @@ DEFAULT_NAME = "agent-bus"
 DEFAULT_DESCRIPTION = "A message bus for agents: addressed messages and channel broadcasts."
 
 # el-ipc's authentication.schemes: what a request must carry. Signed sends once an
-# operator exists (secure mode), a bearer token once tokens exist; on a bus that needs
-# neither, what el-ipc's card says in its open mode too (any send may be signed).
+# operator exists (secure mode), a bearer token once tokens exist; "none" on an open
+# bus, so a client never takes a claim of signatures for a bus that checks none.
 SIGNATURE_SCHEME = "Ed25519Signature"
 BEARER_SCHEME = "bearer"
-OPEN_SCHEMES = (SIGNATURE_SCHEME,)
+OPEN_SCHEMES = ("none",)
 
 SKILLS = (
     {"id": "send", "name": "Send a message",

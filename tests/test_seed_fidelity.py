@@ -115,7 +115,7 @@ def test_the_card_is_a2a_v1_with_elipc_fields_open_then_with_tokens_then_with_an
             bus.url, PROTOCOL_BINDING, "1.0")
         assert "longPolling" not in card["capabilities"]
         assert card["url"] == bus.url
-        assert card["authentication"] == {"schemes": ["Ed25519Signature"]}  # el-ipc's, open
+        assert card["authentication"] == {"schemes": ["none"]}  # open: nothing is required
         assert "did" not in card and not read.security_requirements
 
         # With tokens: bearer, in el-ipc's list and as A2A's security scheme.
