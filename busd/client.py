@@ -96,8 +96,12 @@ class BusClient:
             # A signed send needs a key: it is the nonce that makes a replay detectable.
             key = key or uuid.uuid4().hex
             body["signed_at"] = int(time.time() * 1000)
-            body["signature"] = signing.sign(self.signing_key, signing.native_payload(
-                channel, sender, to, body["signed_at"], key, msg))
+            try:
+                payload = signing.native_payload(channel, sender, to, body["signed_at"], key,
+                                                 msg, meta)
+            except signing.SigningError as exc:
+                raise BusClientError(f"cannot sign this message: {exc}") from None
+            body["signature"] = signing.sign(self.signing_key, payload)
         if key is not None:
             body["key"] = key
         if meta is not None:
