@@ -97,8 +97,12 @@ class BusClient:
             # A signed send needs a key: it is the nonce that makes a replay detectable.
             key = key or uuid.uuid4().hex
             body["signed_at"] = int(time.time() * 1000)
-            body["signature"] = signing.sign(self.signing_key, signing.native_payload(
-                channel, sender, to, body["signed_at"], key, msg))
+            try:
+                payload = signing.native_payload(channel, sender, to, body["signed_at"], key,
+                                                 msg, meta)
+            except signing.SigningError as exc:
+                raise BusClientError(f"cannot sign this message: {exc}") from None
+            body["signature"] = signing.sign(self.signing_key, payload)
         if key is not None:
             body["key"] = key
         if meta is not None:
@@ -164,6 +168,9 @@ class BusClient:
 
     def channels(self) -> list:
         return self.request("GET", "/channels")
+
+    def agent_card(self) -> dict:
+        return self.request("GET", "/.well-known/agent-card.json")
 
 
 class CursorFile:

@@ -106,6 +106,18 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (message_id, agent)
     ) WITHOUT ROWID;
     """,
+    # 5: `signed` means verified. Until now an unverifiable signature (a sender with no
+    # registered key, on a bus without an operator) was kept and shown as signed: keep a
+    # stored signature only where its sender had a registered key when it was sent, the
+    # only case in which the bus verified it. And each agent's registration remembers
+    # when its operator signed it, so a replayed or older registration is refused.
+    """
+    ALTER TABLE agents ADD COLUMN registration_signed_at INTEGER;
+    UPDATE messages SET signature = NULL
+        WHERE signature IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM agents WHERE agents.name = messages.from_name
+                                   AND agents.created_at <= messages.ts);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -197,6 +209,17 @@ SQL_REGISTER = ("INSERT INTO agents (name, identity, public_key, role, registere
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
                 "identity = excluded.identity, public_key = excluded.public_key, "
                 "role = excluded.role, registered_by = excluded.registered_by")
+# A registration takes effect only over an older one (or none), never over an operator.
+SQL_REGISTER_SIGNED = (
+    "INSERT INTO agents (name, identity, public_key, role, registered_by, created_at, "
+    "registration_signed_at) VALUES (?, ?, ?, 'agent', ?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET identity = excluded.identity, "
+    "public_key = excluded.public_key, role = excluded.role, "
+    "registered_by = excluded.registered_by, "
+    "registration_signed_at = excluded.registration_signed_at "
+    "WHERE agents.role = 'agent' AND (agents.registration_signed_at IS NULL "
+    "OR agents.registration_signed_at < excluded.registration_signed_at)")
+SQL_REGISTRATION = "SELECT public_key, registration_signed_at, role FROM agents WHERE name = ?"
 SQL_GET_FLAG = "SELECT value FROM meta WHERE key = ?"
 SQL_SET_FLAG = ("INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
@@ -725,6 +748,19 @@ class SQLiteStore(Store):
                              registered_by: str | None) -> None:
         await self._write(SQL_REGISTER, (name, identity, public_key, role, registered_by,
                                          time.time()))
+
+    async def register_agent_signed(self, name: str, identity: str, public_key: str,
+                                    registered_by: str, signed_at_ms: int) -> bool:
+        # The writer gives no row counts: look before (a replay of the current
+        # registration) and after (a newer one that committed first). Two identical
+        # requests at once both pass, and did the same.
+        row = self._reader.execute(SQL_REGISTRATION, (name,)).fetchone()
+        if row is not None and (row[2] != "agent" or (row[1] or 0) >= signed_at_ms):
+            return False
+        await self._write(SQL_REGISTER_SIGNED, (name, identity, public_key, registered_by,
+                                                time.time(), signed_at_ms))
+        row = self._reader.execute(SQL_REGISTRATION, (name,)).fetchone()
+        return row is not None and row[0] == public_key and row[1] == signed_at_ms
 
     async def get_flag(self, name: str) -> str | None:
         row = self._reader.execute(SQL_GET_FLAG, (name,)).fetchone()

@@ -389,21 +389,12 @@ def test_bus_send_signs_as_the_python_client_does(secure, script_tmpdir):  # noq
     bus, folder = secure
     env = env_for(bus.url, folder, AGENT_NAME="spark", AGENT_BUS_KEY=str(folder / "spark.key"))
     # What bus-send posts, seen by a real HTTP server that records the request.
-    bodies: list[bytes] = []
     with BrokenProxy(200, b'{"ok": true, "ts": 1.5, "channel": "default", "id": 1}',
                      "application/json") as recorder:
-        def record(handler):
-            bodies.append(handler.rfile.read(int(handler.headers["Content-Length"])))
-            handler.send_response(200)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", "2")
-            handler.end_headers()
-            handler.wfile.write(b"{}")
-
-        recorder.httpd.RequestHandlerClass.do_POST = record
         for args in ((), ("--key", "k-1", "--channel", "ops")):
             ok(run_script("bus-send", "dell", *args, env=dict(env, AGENT_BUS_URL=recorder.url),
                           stdin="pay 5 ✓\n".encode()))
+    bodies = recorder.bodies
     first, second = (json.loads(b) for b in bodies)
     assert re.fullmatch("[0-9a-f]{32}", first["key"])   # a fresh nonce when none is given
     assert second["key"] == "k-1" and second["channel"] == "ops"
@@ -412,12 +403,12 @@ def test_bus_send_signs_as_the_python_client_does(secure, script_tmpdir):  # noq
         assert isinstance(body["signed_at"], int) and abs(body["signed_at"] / 1000 - time.time()) < 60
         assert "\n" not in body["signature"] and len(base64.b64decode(body["signature"])) == 64
         assert signing.verify(public, signing.native_payload(
-            body["channel"], body["from"], body["to"], body["signed_at"], body["key"], body["msg"]),
-            body["signature"])
+            body["channel"], body["from"], body["to"], body["signed_at"], body["key"], body["msg"],
+            body.get("meta")), body["signature"])
     # The real bus in secure mode takes the recorded request, and refuses it tampered.
     assert bus.post("/send", json=first).status_code == 200
     for change in ({"to": "cube"}, {"msg": "pay 500"}, {"channel": "x"}, {"key": "other"},
-                   {"signed_at": first["signed_at"] + 1}):
+                   {"signed_at": first["signed_at"] + 1}, {"meta": {"path": "/etc/shadow"}}):
         refused = bus.post("/send", json={**first, **change})
         assert refused.status_code == 403 and refused.json()["code"] == 40303, change
     # bus-send itself: accepted; the same key again is a replay of our own send (409

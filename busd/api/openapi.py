@@ -112,6 +112,30 @@ def _operation(summary: str, ok: dict, parameters: list | None = None,
 
 
 BOOL_TEXT = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
+STRINGS = {"type": "array", "items": {"type": "string"}}
+AGENT_CARD = {
+    "type": "object",
+    "required": ["name", "description", "supportedInterfaces", "version", "capabilities",
+                 "defaultInputModes", "defaultOutputModes", "skills", "url", "authentication"],
+    "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"},
+        "version": {"type": "string"}, "url": {"type": "string"},
+        "supportedInterfaces": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["url", "protocolBinding", "protocolVersion"],
+            "properties": {"url": {"type": "string"}, "protocolBinding": {"type": "string"},
+                           "protocolVersion": {"type": "string"}}}},
+        "capabilities": {"type": "object", "properties": {
+            "streaming": {"type": "boolean"}, "pushNotifications": {"type": "boolean"}}},
+        "defaultInputModes": STRINGS, "defaultOutputModes": STRINGS,
+        "skills": {"type": "array", "items": {
+            "type": "object", "required": ["id", "name", "description", "tags"],
+            "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                           "description": {"type": "string"}, "tags": STRINGS}}},
+        "authentication": {"type": "object", "required": ["schemes"],
+                           "properties": {"schemes": STRINGS}},
+        "did": {"type": "string", "pattern": "^did:key:z"},
+    },
+}
 OBJECT = {"type": "object"}
 RECEIPT_STATE = {"enum": ["queued", "delivered", "filed"]}
 HANDOFF_REPORT = {"enum": ["verified", "mismatch", "not checked"]}
@@ -171,7 +195,9 @@ def document(version: str) -> dict:
                                   "now": TIMESTAMP}}),
             [_query("to", NAME, True), _query("since", {"type": "number"}),
              _query("block", BOOL_TEXT), _query("channel", CHANNEL_OR_ALL),
-             _query("max", {"type": "integer", "minimum": 1, "maximum": 1000}),
+             _query("max", {"type": "integer", "minimum": 1},
+                    description="a soft cap on the batch (default 100): more than 1000 is "
+                                "served as 1000, and then `now` is the last message's ts"),
              _query("filed", BOOL_TEXT,
                     description="true from a daemon: since also says its files are durable")])},
         "/inbox": {"get": _operation(
@@ -248,11 +274,9 @@ def document(version: str) -> dict:
                                  "signature": {"type": "string"},
                                  "signed_at": {"type": "integer"}}})},
         "/.well-known/agent-card.json": {"get": _operation(
-            "A2A agent card; carries the first operator's did:key",
-            _json({"type": "object",
-                   "required": ["name", "description", "url", "version", "capabilities",
-                                "authentication", "skills"],
-                   "properties": {"did": {"type": "string", "pattern": "^did:key:z"}}}))},
+            "A2A v1.0 agent card, with el-ipc's url, authentication.schemes and (once an "
+            "operator exists) the first operator's did:key",
+            _json(AGENT_CARD))},
         "/metrics": {"get": _operation(
             "Prometheus metrics (admin)",
             {"content": {"text/plain": {"schema": {"type": "string"}}}})},

@@ -46,6 +46,13 @@ class Env:
     notify_socket: str  # NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: set by systemd
     watchdog_usec: str
     watchdog_pid: str
+    # el-ipc's settings, honoured where they mean the same here (README, "From el-ipc").
+    db: str             # IPC_DB_PATH, else <state_dir>/bus.db: the server's database
+    port: str           # IPC_PORT: serve's port
+    card_name: str      # IPC_AGENT_NAME, IPC_AGENT_DESC, IPC_AGENT_URL: the agent card
+    card_description: str
+    card_url: str
+    ipc_api_key: bool   # IPC_API_KEY is set: el-ipc's shared key, which serve refuses
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "Env":
@@ -72,6 +79,12 @@ class Env:
             notify_socket=environ.get("NOTIFY_SOCKET", ""),
             watchdog_usec=environ.get("WATCHDOG_USEC", ""),
             watchdog_pid=environ.get("WATCHDOG_PID", ""),
+            db=environ.get("IPC_DB_PATH") or os.path.join(state_home, "agent-bus", "bus.db"),
+            port=environ.get("IPC_PORT", ""),
+            card_name=environ.get("IPC_AGENT_NAME", ""),
+            card_description=environ.get("IPC_AGENT_DESC", ""),
+            card_url=environ.get("IPC_AGENT_URL", ""),
+            ipc_api_key=bool(environ.get("IPC_API_KEY")),
         )
 
     def client(self) -> BusClient:
@@ -99,14 +112,16 @@ def exit_code_for(exc: BusClientError) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import agent, directory, handoff, init, listen, mcp, messaging, security, serve
+    from . import (agent, directory, discovery, handoff, init, listen, mcp, messaging, security,
+                   serve)
 
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, messaging, listen, directory, agent, security, handoff, init, mcp):
+    for module in (serve, messaging, listen, directory, discovery, agent, security, handoff, init,
+                   mcp):
         module.register(commands)
     return parser
 
