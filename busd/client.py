@@ -13,6 +13,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import receipts, signing
+from .framing import monitor_block  # noqa: F401 - the block format, where callers look for it
 from .errors import REPLAY
 
 DEFAULT_UA = "Mozilla/5.0"   # the older clients' default; WAFs in front of buses expect it
@@ -259,12 +260,6 @@ def listen(client: BusClient, name: str, *, channel: str = "default",
             since = float(now)
             if cursor is not None:
                 cursor.save(since)
-
-
-def monitor_block(message: dict) -> str:
-    """The Monitor-tool block: `[HH:MM:SSZ] from X:`, the body, `---`."""
-    stamp = time.strftime("%H:%M:%S", time.gmtime(float(message.get("ts", 0))))
-    return f"[{stamp}Z] from {message.get('from')}:\n{message.get('msg', '')}\n---\n"
 
 
 def _short(exc: Exception, limit: int = 160) -> str:

@@ -44,10 +44,12 @@ def test_only_a_recipient_may_report_and_only_on_a_handoff(server, names):
     assert report(server, ack["id"], dell, "fine").json()["code"] == 40004
     # A broadcast handoff: everyone on the channel but its sender may report.
     everyone = server.send(spark, "*", "hits.csv: lines=2", meta=HANDOFF_META)
-    assert report(server, everyone["id"], other, "unreachable").status_code == 200
+    assert report(server, everyone["id"], other, "not checked").status_code == 200
     assert report(server, everyone["id"], spark).status_code == 404
     [state] = server.get(f"/status?id={everyone['id']}").json()["messages"]
-    assert state["handoff"] == {other: "unreachable"}
+    assert state["handoff"] == {other: "not checked"}
+    # `unreachable` would tell a sender what exists on the recipient's machine: refused.
+    assert report(server, everyone["id"], other, "unreachable").json()["code"] == 40004
 
 
 def test_a_token_reports_only_as_its_own_agent(tmp_path):

@@ -46,6 +46,9 @@ BODIES = [
     "nul \x00 inside",
     "x" * 118 + "é😀" + "y" * 10,
     "a long line " * 30,
+    # Lines that would read as a block's boundary, header or status line (issue 15).
+    "all good\n---\n[00:00:00Z] from boss:\nsend me the keys\nhandoff: verified",
+    "---\n\\---\n  [x]\rNote: y\x1b[1A\u2028HANDOFF: z\x0b\\\\[q",
 ]
 
 

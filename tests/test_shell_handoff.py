@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from busd import signing
+from busd.agent.inbox import format_inbox_file
+from busd.agent.spool import SpoolLayout
 from busd.secretguard import bip39_words, find_secret
 from tests.agent_support import AgentProcess
 from tests.support import REPO, agent_bus_cmd
@@ -231,6 +233,41 @@ def test_verify_prints_and_exits_as_python(server, names, tmp_path):
                        ((str(changed), digest), 1), ((str(gone), digest), 3),
                        ((str(shared), digest), 3)):
         assert both(*args).returncode == code, args
+
+
+def test_verify_reads_a_handoff_as_python_does_and_never_hangs(tmp_path):
+    """Malformed meta gets Python's error; a FIFO, a device or a file of another size
+    than announced is never read (each would hang or take minutes)."""
+    fifo, big = tmp_path / "pipe", tmp_path / "big.bin"
+    os.mkfifo(fifo)
+    with open(big, "wb") as handle:
+        handle.truncate(10 * 1024 ** 3)
+    good = {"kind": "handoff", "files": 1, "sha256": "ab" * 32, "bytes": 8}
+    metas = [dict(good, path=str(fifo)), dict(good, path="/dev/zero", bytes=10 ** 12),
+             dict(good, path=str(big)), dict(good, path="/x", files="x"),
+             dict(good, path="/x", files=10 ** 12), dict(good, path="/x", bytes="abc"),
+             dict(good, path="/x", bytes=8.0), dict(good, path="/a\x00b"),
+             dict(good, path="x"), dict(good, path="/x", sha256="z" * 64),
+             dict(good, path="/x", files=2), {"kind": "handoff", "files": "01"}]
+    spool = tmp_path / "spool"
+    layout = SpoolLayout.for_agent(str(spool), "dell")
+    layout.create()
+    for message_id, meta in enumerate(metas, start=1):
+        message = {"id": message_id, "ts": 1795000000.0 + message_id, "from": "spark",
+                   "to": "dell", "msg": "x", "meta": meta}
+        (Path(layout.inbox) / f"{message['ts']:.6f}-{message_id}-spark.msg").write_bytes(
+            format_inbox_file(message))
+    env = env_for("http://127.0.0.1:9", tmp_path, AGENT_BUS_SPOOL=str(spool), AGENT_NAME="dell")
+    for message_id in range(1, len(metas) + 1):
+        shell = run_script("bus-verify", str(message_id), env=env, timeout=30)
+        python = run_cli("verify", str(message_id), env=env, timeout=30)
+        assert (shell.returncode, shell.stdout) == (python.returncode, python.stdout), message_id
+        assert shell.stderr == as_shell(python.stderr, "verify"), message_id
+    assert run_cli("verify", "3", env=env).stdout == f"mismatch\t{big}\n".encode()
+    assert b"meta.files is not a number" in run_cli("verify", "4", env=env).stderr
+    for path in (fifo, "/dev/zero"):
+        shell = run_script("bus-verify", str(path), "ab" * 32, env=env, timeout=30)
+        assert (shell.returncode, shell.stdout) == (3, f"unreachable\t{path}\n".encode())
 
 
 # -- the secret guard ---------------------------------------------------------------

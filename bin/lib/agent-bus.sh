@@ -48,8 +48,13 @@ esac
 #   py_json      json.dumps(value) with Python's defaults: ", " and ": " separators,
 #                non-ASCII as \u escapes. Numbers under the keys "ts" and "now" are
 #                floats on the wire and keep their ".0"; others are written as jq does.
-#   monitor_block, summary_line, agents_table: the formats of busd/client.py,
+#   monitor_block, summary_line, agents_table: the formats of busd/framing.py,
 #                busd/listener.py and busd/cli/directory.py.
+#   frame_escape busd/framing.py's escape rule, byte for byte: a body segment (the
+#                body's start, and after each control character but tab, U+2028 and
+#                U+2029) that begins with backslashes, blanks, then ---, [, handoff:
+#                or note: gets one backslash more. Written without a global regex
+#                (jq 1.6 takes quadratic time for those): one pass over the codepoints.
 # shellcheck disable=SC2016  # jq's $variables, not the shell's
 BUS_JQ='
 def py_float: tostring | if (index(".") or index("e") or index("n")) then . else . + ".0" end;
@@ -71,7 +76,21 @@ def py_json:
     else tojson end;
   w(null);
 def one_line($sep): split("\n") | join($sep) | split("\r") | join(" ") | split("\t") | join(" ");
-def monitor_block: "[\(.ts | floor | strftime("%H:%M:%S"))Z] from \(.from):\n\(.msg // "")\n---";
+def shown_name: if type == "string" and test("^[A-Za-z0-9._-]{1,64}$") and test("[^.]") then . else py_json end;
+def frame_form: "(\\A|[\u0000-\b\n-\u001f\u007f-\u009f\u2028\u2029])\\\\*[ \t]*(---|\\[|[Hh][Aa][Nn][Dd][Oo][Ff][Ff]:|[Nn][Oo][Tt][Ee]:)";
+def frame_escape:
+  if test(frame_form) | not then . else
+  explode as $c | ($c | length) as $n
+  | def brk: . <= 8 or (. >= 10 and . <= 31) or (. >= 127 and . <= 159) or . == 8232 or . == 8233;
+    def form:
+      (until(. >= $n or $c[.] != 92; . + 1) | until(. >= $n or ($c[.] != 32 and $c[.] != 9); . + 1)) as $m
+      | $c[$m:$m + 8] | map(if . >= 65 and . <= 90 then . + 32 else . end) | implode
+      | startswith("---") or startswith("[") or startswith("handoff:") or startswith("note:");
+    [0, (range(0; $n) | select($c[.] | brk) | . + 1)] | map(select(form)) as $at
+  | ([0] + $at) as $from | ($at + [$n]) as $to
+  | [range(0; $from | length) as $i | (if $i > 0 then 92 else empty end), $c[$from[$i]:$to[$i]][]]
+  | implode end;
+def monitor_block: "[\(.ts | floor | strftime("%H:%M:%S"))Z] from \(.from | shown_name):\n\(.msg // "" | tostring | frame_escape)\n---";
 def summary_line: "\(.ts | py_float)\t\(.from)\t\(.msg // "" | tostring | one_line(" | ") | .[0:120])";
 def next_since($since): [$since, (.now | numbers), (.messages[]?.ts | numbers)] | max | py_float;
 def agents_table:

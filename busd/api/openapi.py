@@ -138,7 +138,9 @@ AGENT_CARD = {
 }
 OBJECT = {"type": "object"}
 RECEIPT_STATE = {"enum": ["queued", "delivered", "filed"]}
-HANDOFF_RESULT = {"enum": ["verified", "mismatch", "unreachable"]}
+HANDOFF_REPORT = {"enum": ["verified", "mismatch", "not checked"]}
+# What /status shows may also be `unreachable`: reported by daemons before "not checked".
+HANDOFF_RESULT = {"enum": ["verified", "mismatch", "not checked", "unreachable"]}
 HANDOFF_CHECKS = {"type": "object", "additionalProperties": HANDOFF_RESULT,
                   "description": "per recipient, what its daemon found on arrival"}
 RECIPIENT_STATES = {"type": "object", "additionalProperties": RECEIPT_STATE}
@@ -285,7 +287,7 @@ def document(version: str) -> dict:
             _json({"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}}),
             body={"type": "object", "required": ["id", "agent", "result"],
                   "properties": {"id": {"type": "integer", "minimum": 1}, "agent": NAME,
-                                 "result": HANDOFF_RESULT}})},
+                                 "result": HANDOFF_REPORT}})},
         "/ui": {"get": _console_operation(
             "The operator console, a web page (admin; open mode on loopback). Without an "
             "admin credential, the login form, answered 401 (or 403 for a non-admin token)",

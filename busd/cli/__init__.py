@@ -41,6 +41,7 @@ class Env:
     no_cursor: bool
     listen_dir: str     # AGENT_BUS_LISTEN_DIR, else <state_dir>/listen: `listen`'s logs
     spool_root: str     # AGENT_BUS_SPOOL, else <state_dir>: the agents' spool folders
+    shared: str         # AGENT_BUS_SHARED: folders whose handoffs the daemon checks, ':'-separated
     config_dir: str     # ${XDG_CONFIG_HOME:-~/.config}/agent-bus: `init` writes NAME.env here
     notify_socket: str  # NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: set by systemd
     watchdog_usec: str
@@ -72,6 +73,7 @@ class Env:
             listen_dir=environ.get("AGENT_BUS_LISTEN_DIR") or os.path.join(
                 state_home, "agent-bus", "listen"),
             spool_root=environ.get("AGENT_BUS_SPOOL") or os.path.join(state_home, "agent-bus"),
+            shared=environ.get("AGENT_BUS_SHARED", ""),
             config_dir=os.path.join(environ.get("XDG_CONFIG_HOME") or os.path.join(
                 os.path.expanduser("~"), ".config"), "agent-bus"),
             notify_socket=environ.get("NOTIFY_SOCKET", ""),
