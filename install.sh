@@ -255,5 +255,5 @@ if [ "${#agents[@]}" = 0 ]; then
 fi
 case ":$PATH:" in
   *":$bindir:"*) ;;
-  *) say "note: $bindir is not on your PATH; add it, e.g.: echo 'export PATH=\"\$HOME/.local/bin:\$PATH\"' >> ~/.bashrc" ;;
+  *) say "note: $bindir is not on your PATH: run the commands by their path ($bindir/agent-bus serve), or add it, e.g.: echo 'export PATH=\"\$HOME/.local/bin:\$PATH\"' >> ~/.bashrc" ;;
 esac

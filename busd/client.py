@@ -13,6 +13,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import receipts, signing
+from .framing import monitor_block  # noqa: F401 - the block format, where callers look for it
 from .errors import REPLAY
 
 DEFAULT_UA = "Mozilla/5.0"   # the older clients' default; WAFs in front of buses expect it
@@ -96,8 +97,12 @@ class BusClient:
             # A signed send needs a key: it is the nonce that makes a replay detectable.
             key = key or uuid.uuid4().hex
             body["signed_at"] = int(time.time() * 1000)
-            body["signature"] = signing.sign(self.signing_key, signing.native_payload(
-                channel, sender, to, body["signed_at"], key, msg))
+            try:
+                payload = signing.native_payload(channel, sender, to, body["signed_at"], key,
+                                                 msg, meta)
+            except signing.SigningError as exc:
+                raise BusClientError(f"cannot sign this message: {exc}") from None
+            body["signature"] = signing.sign(self.signing_key, payload)
         if key is not None:
             body["key"] = key
         if meta is not None:
@@ -163,6 +168,9 @@ class BusClient:
 
     def channels(self) -> list:
         return self.request("GET", "/channels")
+
+    def agent_card(self) -> dict:
+        return self.request("GET", "/.well-known/agent-card.json")
 
 
 class CursorFile:
@@ -252,12 +260,6 @@ def listen(client: BusClient, name: str, *, channel: str = "default",
             since = float(now)
             if cursor is not None:
                 cursor.save(since)
-
-
-def monitor_block(message: dict) -> str:
-    """The Monitor-tool block: `[HH:MM:SSZ] from X:`, the body, `---`."""
-    stamp = time.strftime("%H:%M:%S", time.gmtime(float(message.get("ts", 0))))
-    return f"[{stamp}Z] from {message.get('from')}:\n{message.get('msg', '')}\n---\n"
 
 
 def _short(exc: Exception, limit: int = 160) -> str:

@@ -90,6 +90,15 @@ FOREIGN_HOST = ErrorKind(
     "use its own address, or the operator can add the name with --allow-host")
 FOREIGN_ORIGIN = ErrorKind(
     40308, 403, "cross-site requests from web pages are refused (Origin header)")
+REGISTRATION_REFUSED = ErrorKind(
+    40309, 403,
+    "the registration is not signed by an operator of this bus over these fields; sign it on "
+    "the operator's machine: agent-bus register NAME --pubkey FILE --as OPERATOR --key "
+    "OPERATOR.key")
+CROSS_SITE = ErrorKind(
+    40310, 403,
+    "the browser marks this request as coming from another site (Sec-Fetch-Site); a bus obeys "
+    "no web page but its own console")
 
 # 404/405/408/413/429
 NOT_FOUND = ErrorKind(40401, 404, "no such route; GET /openapi.json lists every route this bus serves")
@@ -100,6 +109,10 @@ BODY_TIMEOUT = ErrorKind(
 CONFLICT = ErrorKind(40901, 409, "already exists")
 REPLAY = ErrorKind(
     40902, 409, "this signed message was already accepted (same sender and key); nothing new was stored")
+REGISTRATION_NOT_NEWER = ErrorKind(
+    40903, 409,
+    "the agent's current registration was signed at the same time or later: this one is a "
+    "replay or older, and changes nothing; sign a new one (agent-bus register)")
 BODY_TOO_LARGE = ErrorKind(41301, 413, "the request body is too large")
 MSG_TOO_LARGE = ErrorKind(41302, 413, "the message is too large")
 META_TOO_LARGE = ErrorKind(41303, 413, "meta is too large")

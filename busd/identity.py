@@ -8,10 +8,12 @@ not act; `verify_send` applies the signature rules of secure mode.
 Auth is on once the token store holds any unrevoked token; until then the bus is
 open, like both older servers (and it may only listen on loopback then).
 Secure mode (el-ipc's word) is on once an operator key exists: every send must
-then be signed by its sender's registered key.
+then be signed by its sender's registered key. A message keeps its signature (and is
+shown `signed`) only when it was verified here against that key.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 import time
@@ -20,7 +22,7 @@ from typing import Mapping
 
 from . import errors, signing
 from .errors import BusError
-from .model import NewMessage
+from .model import NewMessage, check_name
 from .store import Store
 
 TOKEN_PREFIX = "abt_"
@@ -82,7 +84,8 @@ class Access:
                            "this bus needs 'Authorization: Bearer <token>' (AGENT_BUS_TOKEN)")
 
     @staticmethod
-    def _check_channel(principal: Principal, channel: str) -> None:
+    def check_channel(principal: Principal, channel: str) -> None:
+        """A request names a channel: refused if the token is limited to others."""
         if principal.channels is None:
             return
         if channel == "*" or channel not in principal.channels:
@@ -96,16 +99,19 @@ class Access:
         if sender != principal.name:
             raise BusError(errors.FORBIDDEN, f"this token belongs to {principal.name}; "
                                              f"it cannot send as {sender}")
-        self._check_channel(principal, channel)
+        self.check_channel(principal, channel)
 
-    def check_read_as(self, principal: Principal, agent: str, channel: str) -> None:
+    def check_read_as(self, principal: Principal, agent: str, channel: str | None) -> None:
+        """`agent`'s own token, on `channel` (None: the route checks the channel of
+        whatever it finds, with Access.sees_channel)."""
         if principal is OPEN:
             return
         self.require_token(principal)
         if agent != principal.name:
             raise BusError(errors.FORBIDDEN, f"this token belongs to {principal.name}; "
                                              f"it cannot read {agent}'s messages")
-        self._check_channel(principal, channel)
+        if channel is not None:
+            self.check_channel(principal, channel)
 
     def check_admin(self, principal: Principal) -> None:
         if principal is OPEN:
@@ -121,7 +127,8 @@ class Access:
         return await self.store.first_operator_key() is not None
 
     async def verify_send(self, message: NewMessage, signed_at: object, legacy: bool) -> NewMessage:
-        """Apply the signature rules; returns the message to store (signature kept if verified).
+        """Apply the signature rules; returns the message to store, which keeps its signature
+        only if it was verified (`signed` means exactly that to every reader).
 
         `legacy` says the request used el-ipc's format (channel/sender/content
         with a signature and no signed_at).
@@ -138,21 +145,31 @@ class Access:
             if secure:
                 raise BusError(errors.UNKNOWN_SENDER,
                                f"{message.sender} has no registered key (agent-bus register)")
-            return message  # open mode keeps an unverifiable signature, as el-ipc did
+            # Nothing to verify it against: stored unsigned, never shown as signed.
+            return dataclasses.replace(message, signature=None)
         public_key, _role = registered
         if legacy and signed_at is None:
             await self._check_legacy_allowed()
+            if message.channel in signing.RETIRED_TAGS:
+                # Such a "message" may be a captured v1 native or registration signature.
+                raise BusError(errors.BAD_SIGNATURE, f"no el-ipc signature is accepted on "
+                                                     f"channel {message.channel}")
             payload = signing.elipc_payload(message.channel, message.sender, message.body)
+            covered = "el-ipc's format: channel, sender, content"
         else:
             signed_at_ms = self._fresh(signed_at)
             if message.key is None:
                 raise BusError(errors.MISSING_FIELD, "key (a signed send needs an idempotency "
                                                      "key: it is what makes a replay detectable)")
+            # meta passed check_meta: flat, finite, so it always has a canonical form.
             payload = signing.native_payload(message.channel, message.sender, message.to,
-                                             signed_at_ms, message.key, message.body)
+                                             signed_at_ms, message.key, message.body,
+                                             message.meta)
+            covered = (f"{signing.NATIVE_TAG}: channel, from, to, signed_at, key, msg and meta; "
+                       "a client that signs the older v1 form must be upgraded")
         if not signing.verify(public_key, payload, signature):
             raise BusError(errors.BAD_SIGNATURE, f"not made by {message.sender}'s registered key "
-                                                 "over this message")
+                                                 f"over this message ({covered})")
         if not legacy or signed_at is not None:
             if await self.store.get_flag(NATIVE_SIGNING_FLAG) is None:
                 await self.store.set_flag(NATIVE_SIGNING_FLAG, repr(time.time()))
@@ -174,8 +191,15 @@ class Access:
             raise BusError(errors.STALE_SIGNATURE, f"signed_at is {skew / 1000:.0f} s off")
         return signed_at
 
-    async def verify_registration(self, body: dict) -> tuple[str, str, str, str]:
-        """Check an operator-signed registration; returns (name, identity, public key, operator)."""
+    async def register(self, body: dict) -> tuple[str, str]:
+        """Register (or rotate) an agent's key on an operator's signature, made on the
+        operator's machine; returns (name, operator).
+
+        "Not an operator" and "a signature that does not verify" get one answer, so
+        nobody learns from it which names are operators. A registration signed at or
+        before the agent's current one (a captured request replayed, or an older one)
+        changes nothing.
+        """
         for field_name, value in body.items():
             if field_name == "operator_key" or signing.looks_like_private_key(value):
                 raise BusError(errors.PRIVATE_KEY_IN_REQUEST,
@@ -185,7 +209,8 @@ class Access:
                    if body.get(f) in (None, "")]
         if missing:
             raise BusError(errors.MISSING_FIELD, ", ".join(missing))
-        name, public_key, operator = body["name"], body["public_key"], body["operator"]
+        name = check_name(body["name"], "name")
+        public_key, operator = body["public_key"], body["operator"]
         identity = body.get("identity") or ""
         for field_name, value in (("public_key", public_key), ("operator", operator),
                                   ("identity", identity), ("signature", body["signature"])):
@@ -195,11 +220,25 @@ class Access:
             signing.load_public(public_key)
         except signing.SigningError as exc:
             raise BusError(errors.WRONG_TYPE, str(exc)) from None
-        registered = await self.store.public_key(operator)
-        if registered is None or registered[1] != "operator":
-            raise BusError(errors.FORBIDDEN, f"{operator} is not an operator of this bus")
-        payload = signing.register_payload(name, identity, public_key,
-                                           self._fresh(body["signed_at"]))
-        if not signing.verify(registered[0], payload, body["signature"]):
-            raise BusError(errors.BAD_SIGNATURE, f"the registration is not signed by {operator}")
-        return name, identity, public_key.strip() + "\n", operator
+        signed_at = self._fresh(body["signed_at"])
+        approver = await self.store.public_key(operator)
+        payload = signing.register_payload(name, identity, public_key, signed_at)
+        if (approver is None or approver[1] != "operator"
+                or not signing.verify(approver[0], payload, body["signature"])):
+            raise BusError(errors.REGISTRATION_REFUSED)
+        current = await self.store.public_key(name)
+        if current is not None and current[1] == "operator":
+            raise BusError(errors.CONFLICT, f"{name} is an operator of this bus; an operator's "
+                                            "key changes only on the server's database")
+        if not await self.store.register_agent_signed(name, identity, public_key.strip() + "\n",
+                                                      operator, signed_at):
+            raise BusError(errors.REGISTRATION_NOT_NEWER, f"for {name}")
+        return name, operator
+
+    # -- what a token may see ------------------------------------------------
+
+    @staticmethod
+    def sees_channel(principal: Principal, channel: str) -> bool:
+        """Whether anything of `channel` (messages, names, counts) may reach this principal:
+        a token limited to some channels sees only those, admin or not."""
+        return principal.channels is None or channel in principal.channels

@@ -77,10 +77,9 @@ class AgentTools:
                    "time": headers.get("time"), "from": headers.get("from"),
                    "to": headers.get("to"), "channel": headers.get("channel"),
                    "body": body.decode("utf-8", "replace"), "file": entry.path}
-        if "meta" in headers:
-            message["meta"] = headers["meta"]
-        if "handoff" in headers:
-            message["handoff"] = headers["handoff"]
+        for field in ("meta", "note", "handoff", "handoff-reason"):
+            if field in headers:
+                message[field.replace("-", "_")] = headers[field]
         return message
 
     def _file_from_bus(self, wait_seconds: float) -> bool:
@@ -196,10 +195,13 @@ class AgentTools:
                sha256: str | None = None) -> dict:
         if message_id is not None:
             meta = self.read(message_id).get("meta") or {}
-            files = handoff.files_in(meta)
+            try:
+                files = handoff.files_in(meta)
+            except handoff.HandoffError as exc:
+                raise ToolInputError(f"message {message_id}: {exc}") from None
             if not files:
                 raise ToolInputError(f"message {message_id} is not a handoff")
-            results = {f.path: handoff.verify_file(f.path, f.sha256) for f in files}
+            results = {f.path: handoff.verify_file(f.path, f.sha256, f.bytes) for f in files}
         elif path and sha256:
             results = {path: handoff.verify_file(path, sha256)}
         else:
@@ -254,8 +256,10 @@ def build_server(tools: AgentTools):
         return await call(tools.status, ids)
 
     @server.tool(description="Unread messages (oldest first, at most `limit`), each {id, ts, "
-                             "time, from, to, channel, body, meta?, handoff?}; they are marked "
-                             "read and not shown again.")
+                             "time, from, to, channel, body, meta?, note?, handoff?, "
+                             "handoff_reason?}; they are marked read and not shown again. "
+                             "handoff is what the daemon found: verified, mismatch, not checked "
+                             "or checking; note says why a message was read as plain text.")
     async def inbox(limit: int = 50) -> list[dict]:
         return await call(tools.inbox, limit)
 

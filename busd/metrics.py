@@ -1,10 +1,11 @@
 """What the bus counts, in Prometheus form (prometheus-client), one registry per server."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -42,5 +43,25 @@ class BusMetrics:
         for message in messages:
             self.delivered.labels(message.channel).inc()
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, channels: tuple[str, ...] | None = None) -> bytes:
+        """The text format; with `channels`, samples labelled with any other channel are
+        left out (a token limited to some channels learns nothing of the others)."""
+        if channels is None:
+            return generate_latest(self.registry)
+        return generate_latest(_OnlyChannels(self.registry, channels))
+
+
+class _OnlyChannels:
+    """A registry view whose samples carry no channel label but the given ones."""
+
+    def __init__(self, registry: CollectorRegistry, channels: tuple[str, ...]):
+        self.registry = registry
+        self.channels = set(channels)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            kept = [sample for sample in metric.samples
+                    if "channel" not in sample.labels or sample.labels["channel"] in self.channels]
+            view = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            view.samples = kept
+            yield view

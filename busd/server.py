@@ -68,6 +68,21 @@ async def _errors_and_identity(request: web.Request, handler):
     return response
 
 
+# What answers without a token once auth is on (what it tells is the same for everyone);
+# every other route needs one, and answers 401 before it looks at anything else.
+PUBLIC_ROUTES = frozenset({
+    ("GET", "/healthz"), ("GET", "/health"), ("GET", "/.well-known/agent-card.json"),
+    ("GET", "/openapi.json"), *console.PUBLIC_ROUTES})
+
+
+def is_public(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return True  # no such route: the 404 or 405 says only that
+    method = "GET" if request.method == "HEAD" else request.method
+    return (method, resource.canonical) in PUBLIC_ROUTES
+
+
 async def _guarded(request: web.Request, handler, bus: Bus) -> web.StreamResponse:
     try:
         guard: RequestGuard = request.app[GUARD]
@@ -75,6 +90,8 @@ async def _guarded(request: web.Request, handler, bus: Bus) -> web.StreamRespons
         principal = await bus.access.authenticate(console.credentials(request))
         if principal.authenticated:
             guard.check_rate(principal.name)
+        elif not is_public(request):
+            bus.access.require_token(principal)
         request[PRINCIPAL] = principal
         return await handler(request)
     except BusError as exc:
@@ -86,10 +103,16 @@ class RequestGuard:
     """What a browser must not be able to do to a bus, and how much one agent may ask.
 
     A web page can make a browser send requests to a bus on localhost: a foreign
-    Host (DNS rebinding) or a cross-site Origin is refused.
+    Host (DNS rebinding), a request the browser marks as coming from another site
+    (Sec-Fetch-Site: an <img>, a form, a fetch; GETs too, which read mail and move
+    cursors), or a cross-site Origin is refused. Clients that are not browsers send
+    no Sec-Fetch-Site and are not affected.
     """
 
     LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+    # same-origin: the console's own requests; none: an address typed or bookmarked.
+    # same-site is another origin too (another port on localhost), and is refused.
+    OWN_FETCH_SITES = ("same-origin", "none")
 
     def __init__(self, loopback_only: bool, allowed_hosts: tuple[str, ...],
                  limiter: RateLimiter):
@@ -116,6 +139,9 @@ class RequestGuard:
         host = request.headers.get("Host", "")
         if host and not self.host_allowed(host):
             raise BusError(errors.FOREIGN_HOST, f"Host: {host[:80]}")
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None and site.strip().lower() not in self.OWN_FETCH_SITES:
+            raise BusError(errors.CROSS_SITE, f"Sec-Fetch-Site: {site[:40]}")
         origin = request.headers.get("Origin")
         if origin is None:
             return
@@ -149,8 +175,9 @@ async def _send(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     bus = request.app[BUS]
-    bus.access.check_admin(request[PRINCIPAL])
-    return web.Response(body=bus.metrics.exposition(),
+    principal = request[PRINCIPAL]
+    bus.access.check_admin(principal)
+    return web.Response(body=bus.metrics.exposition(principal.channels),
                         headers={"Content-Type": metrics.CONTENT_TYPE})
 
 

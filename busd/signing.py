@@ -4,16 +4,34 @@ Keys are PEM files interchangeable with the older el-ipc tool's: private keys
 PKCS8, public keys SubjectPublicKeyInfo. Private keys never leave this module's
 caller's machine: only signatures travel.
 
-Three signed payloads:
+Three signed payloads, each a list of lines:
   el-ipc (legacy)  channel \\n sender \\n content   -- no time, no nonce: replayable
-  native send      covers channel, from, to, signed_at, key and the body's sha256
-  registration     an operator's approval of one agent's public key, with signed_at
+  native send      NATIVE_TAG, channel, from, to, signed_at, key, the body's sha256 and
+                   the sha256 of meta's canonical form (or "-" when there is no meta)
+  registration     REGISTER_TAG, an operator's approval of one agent's public key: name,
+                   the sha256 of identity and of the key, signed_at
+
+Domain separation: an el-ipc payload starts with a channel name (1-64 of
+[A-Za-z0-9._-]); both tags hold a ":", which no channel can, so no payload of one kind
+is ever a payload of another, and a signature made for one never verifies as another.
+The v1 tags were valid channel names; el-ipc signatures on those channels are refused.
+
+Canonical meta (the same bytes from Python and from jq 1.6, bin/lib/agent-bus.sh
+BUS_SIGN_JQ): one line per key, in the order of the keys' UTF-8 bytes:
+  base64(key) SP value LF
+where value is "s" + base64(UTF-8 string), "n" + the number, "t", "f" or "z" (null).
+A number is the decimal value of its JSON text: an integer exactly, any other number as
+the shortest decimal that reads back as the same double (what Python's repr and jq 1.6
+print alike), in one layout: DIGITSeEXPONENT with no leading or trailing zeros in DIGITS
+("15e-1" for 1.5, "1e3" for 1000 and 1000.0), and "0" for zero. So 1 and 1.0 sign
+alike (the same JSON number), and two different numbers never do.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import math
 import os
 import tempfile
 
@@ -21,8 +39,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-NATIVE_TAG = "agent-bus-send-v1"
-REGISTER_TAG = "agent-bus-register-v1"
+NATIVE_TAG = "agent-bus:send:v2"
+REGISTER_TAG = "agent-bus:register:v2"
+# The v1 tags: valid channel names, so an el-ipc signature on such a channel could be a
+# captured v1 native or registration signature. Never verified again.
+RETIRED_TAGS = ("agent-bus-send-v1", "agent-bus-register-v1")
+NO_META = "-"
 MAX_SKEW_MS = 5 * 60 * 1000     # a signature older or newer than this is refused
 
 
@@ -122,14 +144,68 @@ def elipc_payload(channel: str, sender: str, content: str) -> bytes:
 
 
 def native_payload(channel: str, sender: str, to: str, signed_at_ms: int, key: str,
-                   body: str) -> bytes:
-    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
-    return "\n".join([NATIVE_TAG, channel, sender, to, str(signed_at_ms), key, digest]).encode("utf-8")
+                   body: str, meta: dict | None) -> bytes:
+    """What a native send's signature covers; SigningError if meta cannot be signed."""
+    return "\n".join([NATIVE_TAG, channel, sender, to, str(signed_at_ms), key, _sha256(body),
+                      meta_digest(meta)]).encode("utf-8")
+
+
+def meta_digest(meta: dict | None) -> str:
+    if meta is None:
+        return NO_META
+    return _sha256(canonical_meta(meta))
+
+
+def canonical_meta(meta: dict) -> str:
+    """meta's canonical form (see the module's docstring); SigningError if it has none."""
+    lines = []
+    for name in sorted(meta, key=lambda k: k.encode("utf-8")):
+        lines.append(f"{_b64(name)} {_canonical_value(name, meta[name])}\n")
+    return "".join(lines)
+
+
+def _canonical_value(name: str, value: object) -> str:
+    if value is None:
+        return "z"
+    if value is True:
+        return "t"
+    if value is False:
+        return "f"
+    if isinstance(value, str):
+        return "s" + _b64(value)
+    if isinstance(value, int):
+        return "n" + canonical_number(str(value))
+    if isinstance(value, float) and math.isfinite(value):
+        return "n" + canonical_number(repr(value))
+    raise SigningError(f"meta[{name!r}] is not a string, finite number, boolean or null")
+
+
+def canonical_number(text: str) -> str:
+    """A number printed as the shortest round-trip decimal ("1e-05", "1.5e+16", "-0.0",
+    "100") in the one canonical layout DIGITSeEXPONENT."""
+    sign = "-" if text.startswith("-") else ""
+    mantissa, _, exponent = text.lstrip("-").lower().partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    significant = digits.rstrip("0")
+    if not significant:
+        return "0"
+    power = int(exponent or 0) - len(fraction) + len(digits) - len(significant)
+    return f"{sign}{significant}e{power}"
 
 
 def register_payload(name: str, identity: str, public_key: str, signed_at_ms: int) -> bytes:
-    return "\n".join([REGISTER_TAG, name, identity, public_key.strip(),
+    # identity is free text: hashed, so no newline in it can shift the fields after it.
+    return "\n".join([REGISTER_TAG, name, _sha256(identity), _sha256(public_key.strip()),
                       str(signed_at_ms)]).encode("utf-8")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 def looks_like_private_key(value: object) -> bool:

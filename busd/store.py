@@ -177,6 +177,13 @@ class Store(abc.ABC):
                              registered_by: str | None) -> None: ...
 
     @abc.abstractmethod
+    async def register_agent_signed(self, name: str, identity: str, public_key: str,
+                                    registered_by: str, signed_at_ms: int) -> bool:
+        """Register (or rotate) agent `name`'s key as approved by an operator at
+        `signed_at_ms`; False, and nothing changes, when its current registration was
+        signed at that time or later (a replay, or an older one) or `name` is an operator."""
+
+    @abc.abstractmethod
     async def get_flag(self, name: str) -> str | None: ...
 
     @abc.abstractmethod

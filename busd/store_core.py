@@ -380,6 +380,12 @@ class SQLStore(Store):
         await self._write(self.sql.register, (name, identity, public_key, role, registered_by,
                                               time.time()), changes_identity=True)
 
+    async def register_agent_signed(self, name: str, identity: str, public_key: str,
+                                    registered_by: str, signed_at_ms: int) -> bool:
+        return bool(await self._write(self.sql.register_signed, (
+            name, identity, public_key, registered_by, time.time(), signed_at_ms),
+            changes_identity=True))
+
     async def get_flag(self, name: str) -> str | None:
         return await self._identity_value(("flag", name), self.sql.get_flag, (name,))
 

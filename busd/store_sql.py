@@ -165,6 +165,18 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (message_id, agent)
     ){without_rowid};
     """,
+    # 5: `signed` means verified. Until now an unverifiable signature (a sender with no
+    # registered key, on a bus without an operator) was kept and shown as signed: keep a
+    # stored signature only where its sender had a registered key when it was sent, the
+    # only case in which the bus verified it. And each agent's registration remembers
+    # when its operator signed it, so a replayed or older registration is refused.
+    """
+    ALTER TABLE agents ADD COLUMN registration_signed_at {bigint};
+    UPDATE messages SET signature = NULL
+        WHERE signature IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM agents WHERE agents.name = messages.from_name
+                                   AND agents.created_at <= messages.ts);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -298,6 +310,16 @@ class Queries:
                 "created_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET "
                 "identity = excluded.identity, public_key = excluded.public_key, "
                 "role = excluded.role, registered_by = excluded.registered_by")
+    # A registration takes effect only over an older one (or none), never over an operator.
+    register_signed = (
+        "INSERT INTO agents (name, identity, public_key, role, registered_by, created_at, "
+        "registration_signed_at) VALUES (%s, %s, %s, 'agent', %s, %s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET identity = excluded.identity, "
+        "public_key = excluded.public_key, role = excluded.role, "
+        "registered_by = excluded.registered_by, "
+        "registration_signed_at = excluded.registration_signed_at "
+        "WHERE agents.role = 'agent' AND (agents.registration_signed_at IS NULL "
+        "OR agents.registration_signed_at < excluded.registration_signed_at)")
     agents = ("SELECT name, identity, role, registered_by, created_at FROM agents "
               "ORDER BY created_at")
     get_flag = "SELECT value FROM meta WHERE key = %s"

@@ -31,7 +31,10 @@ def main(out: str) -> int:
         admin = subprocess.run(agent_bus_cmd("token", "create", "boss", "--admin", "--db", bus.db),
                                capture_output=True, env=repo_env(), check=True).stdout.decode().strip()
         spool = os.path.join(tmp, "spool")
-        daemons = {name: AgentProcess(name, spool, bus.url, AGENT_BUS_TOKEN=tokens[name])
+        shared = os.path.join(tmp, "shared")
+        os.makedirs(shared)
+        daemons = {name: AgentProcess(name, spool, bus.url, AGENT_BUS_TOKEN=tokens[name],
+                                      AGENT_BUS_SHARED=shared)
                    for name in ("spark", "dell", "hopper", "lovelace")}
         try:
             for daemon in daemons.values():
@@ -53,8 +56,6 @@ def main(out: str) -> int:
                                                    AGENT_BUS_TOKEN=tokens[sender]))
                 return done.stdout
 
-            shared = os.path.join(tmp, "shared")
-            os.makedirs(shared)
             hits = os.path.join(shared, "hits.csv")
             with open(hits, "w") as handle:
                 handle.write("chr1,1204,A>G\nchr2,88120,C>T\nchr7,5530,G>A\nchr9,771,T>C\n")
@@ -84,7 +85,7 @@ def main(out: str) -> int:
                 browser.wait_for_event("Page.loadEventFired")
                 settled = ("[...document.querySelectorAll('#feed tr')].length === 8 && "
                            "[...document.querySelectorAll('#feed td.handoff .badge')]"
-                           ".filter((b) => b.textContent !== 'not checked').length === 2")
+                           ".filter((b) => b.textContent !== 'no report').length === 2")
                 if not browser.evaluate(wait_in_page(settled, 15000)):
                     print("the console did not settle", file=sys.stderr)
                     return 1

@@ -39,19 +39,26 @@ class BusServer:
 
     LISTENING = re.compile(r"listening on (https?://\S+)")
 
-    def __init__(self, db: str | Path, *extra_args: str, port: int = 0):
+    def __init__(self, db: str | Path, *extra_args: str, port: int = 0,
+                 command: list[str] | None = None, env: dict[str, str] | None = None):
+        """`command` and `env` replace the usual `agent-bus serve --port --db` and its
+        environment (a test of how serve finds its settings, or of an installed copy)."""
         self.db = str(db)
         self.extra_args = list(extra_args)
         self.port = port
+        self.command = command
+        self.env = env
         self.url = ""
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
         self._drain: threading.Thread | None = None
 
     def start(self, timeout: float = 10.0) -> "BusServer":
-        cmd = agent_bus_cmd("serve", "--port", str(self.port), "--db", self.db, *self.extra_args)
+        cmd = self.command or agent_bus_cmd("serve", "--port", str(self.port), "--db", self.db,
+                                            *self.extra_args)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env=repo_env(), start_new_session=True)
+                                     text=True, env=self.env or repo_env(),
+                                     start_new_session=True)
         started = threading.Event()
 
         def drain() -> None:

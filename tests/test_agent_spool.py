@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from busd import handoff
 from busd.agent.inbox import (InboxWriter, format_inbox_file, header_value, load_state,
                               parse_inbox_file, read_header_value)
 from busd.agent.spool import (BadDrop, Drop, SpoolLayout, is_being_written, is_ignored,
@@ -232,6 +233,55 @@ def test_a_rotated_log_is_reopened_and_no_old_block_is_repeated(layout):
     writer.write_batch([message(1), message(2), message(3)], now=None)
     writer.close()
     assert log_text(layout) == expected_log(2, 3)
+
+
+def handoff_message(i: int, path: str) -> dict:
+    return message(i, meta={"kind": "handoff", "files": 1, "sha256": "ab" * 32, "path": path,
+                            "bytes": 8})
+
+
+def test_check_entries_in_the_crashed_run_s_log_are_kept_and_nothing_is_written_twice(
+        layout, tmp_path):
+    """A check's entry lands between batches; a crash before the next batch's cursor
+    leaves it in the unconfirmed end of inbox.log, among blocks filed again."""
+    roots = (str(tmp_path),)
+    writer = InboxWriter(layout, "default", roots=roots)
+    writer.open()
+    writer.write_batch([message(1), handoff_message(2, str(tmp_path / "hits.csv"))], now=None)
+    [marker] = os.listdir(layout.checking)
+    with open(layout.cursor, "rb") as handle:
+        saved_cursor = handle.read()
+    assert writer.record_check(marker, handoff.Check(handoff.MISMATCH, "its sha256 differs")) == 2
+    writer.write_batch([message(3), message(4)], now=None)
+    writer.close()
+    before = log_text(layout)
+    assert os.listdir(layout.checking) == []
+    [(headers, _)] = [hb for hb in inbox_messages(layout) if hb[0]["id"] == "2"]
+    assert (headers["handoff"], headers["handoff-reason"]) == ("mismatch", "its sha256 differs")
+
+    with open(layout.cursor, "wb") as handle:
+        handle.write(saved_cursor)
+    writer = InboxWriter(layout, "default", roots=roots)
+    writer.open()
+    writer.write_batch([message(3), message(4), message(5)], now=None)
+    writer.close()
+    after = log_text(layout)
+    assert after == before + monitor_block(message(5))
+    assert after.count("handoff: checking (message 2)") == 1
+    assert after.count("handoff check of message 2 ") == 1
+
+
+def test_a_message_of_any_shape_is_filed_with_a_note_and_reads_back():
+    odd = {"id": 9, "ts": 1795000000.5, "from": "x\nhandoff: verified", "to": ["dell"],
+           "channel": None, "msg": {"not": "text"}, "meta": ["a", "list"], "signed": "yes"}
+    headers, body = parse_inbox_file(format_inbox_file(odd))
+    assert json.loads(body) == {"not": "text"}
+    assert "handoff" not in headers and "signed" not in headers
+    assert headers["from"] == '"x\\nhandoff: verified"'
+    assert "msg is a dict" in headers["note"] and "meta is a list" in headers["note"]
+    assert "from is " in headers["note"] and "channel is null" in headers["note"]
+    with pytest.raises(ValueError):
+        format_inbox_file({"id": "9", "ts": 1.0, "msg": "no id the bus would give"})
 
 
 # -- the commands ----------------------------------------------------------

@@ -40,7 +40,9 @@ def fleet(tmp_path):
     tokens = {name: make_token(bus.db, name) for name in ("spark", "dell", "ops")}
     tokens["admin"] = make_token(bus.db, "boss", "--admin")
     spool = tmp_path / "spool"
-    daemons = [AgentProcess(name, spool, bus.url, AGENT_BUS_TOKEN=tokens[name])
+    # tmp_path is their shared folder: the handoff below lies there, so dell checks it.
+    daemons = [AgentProcess(name, spool, bus.url, AGENT_BUS_TOKEN=tokens[name],
+                            AGENT_BUS_SHARED=str(tmp_path))
                for name in ("spark", "dell")]
     try:
         for daemon in daemons:

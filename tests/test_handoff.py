@@ -12,6 +12,8 @@ import uuid
 import pytest
 
 from busd import handoff
+from busd.agent.inbox import format_inbox_file
+from busd.agent.spool import SpoolLayout
 from tests.agent_support import AgentProcess, inbox_messages
 from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
 
@@ -146,45 +148,62 @@ def test_hashing_a_2gb_sparse_file_stays_under_64mb(tmp_path):
     print(f"hashing a 2 GB sparse file: peak RSS {peak_kb / 1024:.1f} MB")
 
 
-def _handoff_arrival(bus, tmp_path, change):
+def _handoff_arrival(bus, tmp_path, change, *daemon_args):
     """spark hands off a file to dell while dell's daemon is down; `change` touches the
-    file before dell's daemon starts; returns dell's inbox headers, its log and the check
-    its daemon reported to the bus."""
+    file before dell's daemon starts (with `daemon_args`); returns dell's inbox headers,
+    its log and the check its daemon reported to the bus."""
     spool, shared = tmp_path / "spool", tmp_path / "shared"
     shared.mkdir()
     hits = shared / "hits.csv"
     hits.write_text("a,1\nb,2\n")
-    with AgentProcess("dell", spool, bus.url) as dell:
+    with AgentProcess("dell", spool, bus.url, *daemon_args) as dell:
         assert dell.stop() == 0
         sent = cli("handoff", "--to", "dell", str(hits), AGENT_BUS_URL=bus.url, AGENT_NAME="spark")
         assert sent.returncode == 0, sent.stderr
         change(hits)
         dell.start()
-        # The file is filed first, its block logged right after: wait for the block.
-        wait_until(lambda: os.path.exists(dell.layout.inbox_log)
-                   and open(dell.layout.inbox_log, encoding="utf-8").read().endswith("---\n"),
-                   what="the handoff's block in dell's inbox.log")
-        [(headers, _)] = inbox_messages(dell.layout)
-        log_text = open(dell.layout.inbox_log, encoding="utf-8").read()
-        # The daemon also tells the bus, which shows it to the sender and the console.
+        # The daemon tells the bus, which shows it to the sender and the console.
+        [(headers, _)] = wait_until(lambda: inbox_messages(dell.layout), what="the handoff filed")
         status = wait_until(lambda: bus.get(f"/status?id={headers['id']}").json()
                             ["messages"][0].get("handoff"),
                             what="dell's daemon to report its check to the bus")
+        [(headers, _)] = inbox_messages(dell.layout)
+        log_text = open(dell.layout.inbox_log, encoding="utf-8").read()
         assert dell.stop() == 0
     return headers, log_text, status
 
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda path: None, "verified"),
-    (lambda path: path.write_text("a,1\nb,3\n"), "mismatch"),
-    (lambda path: path.unlink(), "unreachable"),
+@pytest.mark.parametrize("change, expected, reason", [
+    (lambda path: None, "verified", ""),
+    (lambda path: path.write_text("a,1\nb,3\n"), "mismatch", " (its sha256 differs)"),
+    (lambda path: path.write_text("a,1\n"), "mismatch",
+     " (its size is 4 bytes, not the 8 handed off)"),
+    (lambda path: path.unlink(), "not checked", " (it cannot be read here)"),
 ])
-def test_the_receiving_daemon_checks_a_handoff_on_arrival(bus, tmp_path, change, expected):
-    headers, log_text, reported = _handoff_arrival(bus, tmp_path, change)
+def test_the_receiving_daemon_checks_a_handoff_under_its_shared_roots(bus, tmp_path, change,
+                                                                      expected, reason):
+    headers, log_text, reported = _handoff_arrival(bus, tmp_path, change,
+                                                   "--shared", str(tmp_path / "shared"))
     assert headers["handoff"] == expected
+    assert headers.get("handoff-reason", "") == reason.strip(" ()")
+    assert headers["checked"].endswith("Z")
     assert reported == {"dell": expected}
-    assert log_text.endswith(f"\nhandoff: {expected}\n---\n")
-    assert log_text.count("handoff: ") == 1
+    # Filed at once with the check running; its result follows as an entry of its own.
+    message_id = headers["id"]
+    assert f"\nhandoff: checking (message {message_id})\n---\n" in log_text
+    assert log_text.endswith(f"] handoff check of message {message_id} from spark:\n"
+                             f"handoff: {expected}{reason}\n---\n")
+    assert log_text.count("handoff: ") == 2
+
+
+def test_without_shared_roots_no_handoff_is_checked(bus, tmp_path):
+    headers, log_text, reported = _handoff_arrival(bus, tmp_path, lambda path: None)
+    assert headers["handoff"] == "not checked"
+    assert headers["handoff-reason"] == "no folder is shared: see agent-bus init --shared"
+    assert "checked" not in headers
+    assert reported == {"dell": "not checked"}
+    assert log_text.endswith("\nhandoff: not checked (no folder is shared: see agent-bus "
+                             "init --shared)\n---\n")
 
 
 def test_a_dropped_secret_goes_to_failed_unless_allowed(bus, tmp_path):
@@ -221,3 +240,41 @@ def test_the_server_can_enforce_the_guard(tmp_path):
         assert guarded.post("/send", json={"from": "a", "to": "b",
                                            "msg": "plain words"}).status_code == 200
         assert guarded.stop() == 0
+
+
+def test_verify_and_fetch_never_open_a_fifo_or_a_device_and_never_read_past_the_size(tmp_path):
+    """A person asking explicitly may name any path, but only a regular file is read,
+    without blocking, and never beyond the size the handoff announced."""
+    fifo, big = tmp_path / "pipe", tmp_path / "big.bin"
+    os.mkfifo(fifo)
+    with open(big, "wb") as handle:
+        handle.truncate(10 * 1024 ** 3)   # reading it would take a long while
+    digest = "ab" * 32
+    for path in (fifo, "/dev/zero", tmp_path):
+        done = cli("verify", str(path), digest)   # cli() gives up after 60 s
+        assert (done.returncode, done.stdout) == (3, f"unreachable\t{path}\n".encode())
+
+    spool = tmp_path / "spool"
+    layout = SpoolLayout.for_agent(str(spool), "dell")
+    layout.create()
+    cases = {1: (str(fifo), 8), 2: ("/dev/zero", 10 ** 12), 3: (str(big), 8)}
+    for message_id, (path, size) in cases.items():
+        meta = {"kind": "handoff", "files": 1, "sha256": digest, "path": path, "host": "h",
+                "bytes": size}
+        message = {"id": message_id, "ts": 1795000000.0 + message_id, "from": "spark",
+                   "to": "dell", "msg": "x", "meta": meta}
+        with open(os.path.join(layout.inbox, f"{message['ts']:.6f}-{message_id}-spark.msg"),
+                  "wb") as handle:
+            handle.write(format_inbox_file(message))
+    env = {"AGENT_BUS_SPOOL": str(spool), "AGENT_NAME": "dell"}
+    assert cli("verify", "1", **env).stdout == f"unreachable\t{fifo}\n".encode()
+    assert cli("verify", "2", **env).stdout == b"unreachable\t/dev/zero\n"
+    mismatch = cli("verify", "3", **env)   # 10 GB where 8 bytes were announced: not read
+    assert (mismatch.returncode, mismatch.stdout) == (1, f"mismatch\t{big}\n".encode())
+    into = tmp_path / "into"
+    into.mkdir()
+    for message_id, text in ((1, b"it is not a regular file"), (2, b"it is not a regular file"),
+                             (3, b"its size is 10737418240 bytes, not the 8 handed off")):
+        refused = cli("fetch", str(message_id), "--to", str(into), **env)
+        assert refused.returncode == 1 and text in refused.stderr, refused.stderr
+    assert os.listdir(into) == []

@@ -33,9 +33,10 @@ def test_a_recipient_reports_its_check_and_status_shows_it(server, names):
 def test_only_a_recipient_may_report_and_only_on_a_handoff(server, names):
     spark, dell, other = names("spark", "dell", "other")
     ack = server.send(spark, dell, "hits.csv: lines=2", meta=HANDOFF_META)
+    # Not a recipient: the same answer as for no such message (nothing told about it).
     refused = report(server, ack["id"], other)
-    assert refused.status_code == 403 and "not a recipient" in refused.json()["error"]
-    assert report(server, ack["id"], spark).status_code == 403     # the sender is not one either
+    assert refused.status_code == 404 and refused.json()["code"] == 40402
+    assert report(server, ack["id"], spark).status_code == 404     # the sender is not one either
     plain = server.send(spark, dell, "hello")
     assert report(server, plain["id"], dell).json()["code"] == 40016
     assert report(server, 2 ** 62, dell).json()["code"] == 40402
@@ -43,10 +44,12 @@ def test_only_a_recipient_may_report_and_only_on_a_handoff(server, names):
     assert report(server, ack["id"], dell, "fine").json()["code"] == 40004
     # A broadcast handoff: everyone on the channel but its sender may report.
     everyone = server.send(spark, "*", "hits.csv: lines=2", meta=HANDOFF_META)
-    assert report(server, everyone["id"], other, "unreachable").status_code == 200
-    assert report(server, everyone["id"], spark).status_code == 403
+    assert report(server, everyone["id"], other, "not checked").status_code == 200
+    assert report(server, everyone["id"], spark).status_code == 404
     [state] = server.get(f"/status?id={everyone['id']}").json()["messages"]
-    assert state["handoff"] == {other: "unreachable"}
+    assert state["handoff"] == {other: "not checked"}
+    # `unreachable` would tell a sender what exists on the recipient's machine: refused.
+    assert report(server, everyone["id"], other, "unreachable").json()["code"] == 40004
 
 
 def test_a_token_reports_only_as_its_own_agent(tmp_path):
@@ -58,7 +61,7 @@ def test_a_token_reports_only_as_its_own_agent(tmp_path):
         assert report(bus, ack["id"], "dell").status_code == 401
         as_dell = report(bus, ack["id"], "dell", headers=bearer(tokens["eve"]))
         assert as_dell.status_code == 403 and "cannot read dell's" in as_dell.json()["error"]
-        assert report(bus, ack["id"], "eve", headers=bearer(tokens["eve"])).status_code == 403
+        assert report(bus, ack["id"], "eve", headers=bearer(tokens["eve"])).status_code == 404
         assert report(bus, ack["id"], "dell", headers=bearer(tokens["dell"])).status_code == 200
         # The sender follows it with its own token.
         [state] = bus.get(f"/status?id={ack['id']}", headers=bearer(tokens["spark"])

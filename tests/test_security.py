@@ -178,7 +178,7 @@ def test_native_signatures_refuse_replays_and_stale_times(secure):
     body = {"from": "spark", "to": "dell", "msg": "pay 5", "channel": "default", "key": "k2",
             "signed_at": signed_at,
             "signature": signing.sign(key, signing.native_payload(
-                "default", "spark", "dell", signed_at, "k2", "pay 5"))}
+                "default", "spark", "dell", signed_at, "k2", "pay 5", None))}
     first = bus.post("/send", json=body)
     assert first.status_code == 200
     replay = bus.post("/send", json=body)
@@ -195,7 +195,8 @@ def test_native_signatures_refuse_replays_and_stale_times(secure):
     stale_at = int((time.time() - 600) * 1000)
     stale = bus.post("/send", json={**body, "key": "k4", "signed_at": stale_at, "signature":
                                     signing.sign(key, signing.native_payload(
-                                        "default", "spark", "dell", stale_at, "k4", "pay 5"))})
+                                        "default", "spark", "dell", stale_at, "k4", "pay 5",
+                                        None))})
     assert stale.status_code == 403 and stale.json()["code"] == 40305
 
 
@@ -241,7 +242,8 @@ def test_a_registration_signed_by_a_non_operator_is_refused(secure):
     bus, folder = secure
     forged = cli("register", "eve", "--pubkey", str(folder / "spark.pub"), "--as", "spark",
                  "--key", str(folder / "spark.key"), AGENT_BUS_URL=bus.url)
-    assert forged.returncode == 1 and b"not an operator" in forged.stderr
+    assert forged.returncode == 1
+    assert b"the registration is not signed by an operator of this bus" in forged.stderr
 
 
 def test_non_loopback_needs_auth_and_starts_with_a_token_store(tmp_path):

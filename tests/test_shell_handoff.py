@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from busd import signing
+from busd.agent.inbox import format_inbox_file
+from busd.agent.spool import SpoolLayout
 from busd.secretguard import bip39_words, find_secret
 from tests.agent_support import AgentProcess
 from tests.support import REPO, agent_bus_cmd
@@ -233,6 +235,41 @@ def test_verify_prints_and_exits_as_python(server, names, tmp_path):
         assert both(*args).returncode == code, args
 
 
+def test_verify_reads_a_handoff_as_python_does_and_never_hangs(tmp_path):
+    """Malformed meta gets Python's error; a FIFO, a device or a file of another size
+    than announced is never read (each would hang or take minutes)."""
+    fifo, big = tmp_path / "pipe", tmp_path / "big.bin"
+    os.mkfifo(fifo)
+    with open(big, "wb") as handle:
+        handle.truncate(10 * 1024 ** 3)
+    good = {"kind": "handoff", "files": 1, "sha256": "ab" * 32, "bytes": 8}
+    metas = [dict(good, path=str(fifo)), dict(good, path="/dev/zero", bytes=10 ** 12),
+             dict(good, path=str(big)), dict(good, path="/x", files="x"),
+             dict(good, path="/x", files=10 ** 12), dict(good, path="/x", bytes="abc"),
+             dict(good, path="/x", bytes=8.0), dict(good, path="/a\x00b"),
+             dict(good, path="x"), dict(good, path="/x", sha256="z" * 64),
+             dict(good, path="/x", files=2), {"kind": "handoff", "files": "01"}]
+    spool = tmp_path / "spool"
+    layout = SpoolLayout.for_agent(str(spool), "dell")
+    layout.create()
+    for message_id, meta in enumerate(metas, start=1):
+        message = {"id": message_id, "ts": 1795000000.0 + message_id, "from": "spark",
+                   "to": "dell", "msg": "x", "meta": meta}
+        (Path(layout.inbox) / f"{message['ts']:.6f}-{message_id}-spark.msg").write_bytes(
+            format_inbox_file(message))
+    env = env_for("http://127.0.0.1:9", tmp_path, AGENT_BUS_SPOOL=str(spool), AGENT_NAME="dell")
+    for message_id in range(1, len(metas) + 1):
+        shell = run_script("bus-verify", str(message_id), env=env, timeout=30)
+        python = run_cli("verify", str(message_id), env=env, timeout=30)
+        assert (shell.returncode, shell.stdout) == (python.returncode, python.stdout), message_id
+        assert shell.stderr == as_shell(python.stderr, "verify"), message_id
+    assert run_cli("verify", "3", env=env).stdout == f"mismatch\t{big}\n".encode()
+    assert b"meta.files is not a number" in run_cli("verify", "4", env=env).stderr
+    for path in (fifo, "/dev/zero"):
+        shell = run_script("bus-verify", str(path), "ab" * 32, env=env, timeout=30)
+        assert (shell.returncode, shell.stdout) == (3, f"unreachable\t{path}\n".encode())
+
+
 # -- the secret guard ---------------------------------------------------------------
 
 
@@ -352,21 +389,12 @@ def test_bus_send_signs_as_the_python_client_does(secure, script_tmpdir):  # noq
     bus, folder = secure
     env = env_for(bus.url, folder, AGENT_NAME="spark", AGENT_BUS_KEY=str(folder / "spark.key"))
     # What bus-send posts, seen by a real HTTP server that records the request.
-    bodies: list[bytes] = []
     with BrokenProxy(200, b'{"ok": true, "ts": 1.5, "channel": "default", "id": 1}',
                      "application/json") as recorder:
-        def record(handler):
-            bodies.append(handler.rfile.read(int(handler.headers["Content-Length"])))
-            handler.send_response(200)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", "2")
-            handler.end_headers()
-            handler.wfile.write(b"{}")
-
-        recorder.httpd.RequestHandlerClass.do_POST = record
         for args in ((), ("--key", "k-1", "--channel", "ops")):
             ok(run_script("bus-send", "dell", *args, env=dict(env, AGENT_BUS_URL=recorder.url),
                           stdin="pay 5 ✓\n".encode()))
+    bodies = recorder.bodies
     first, second = (json.loads(b) for b in bodies)
     assert re.fullmatch("[0-9a-f]{32}", first["key"])   # a fresh nonce when none is given
     assert second["key"] == "k-1" and second["channel"] == "ops"
@@ -375,12 +403,12 @@ def test_bus_send_signs_as_the_python_client_does(secure, script_tmpdir):  # noq
         assert isinstance(body["signed_at"], int) and abs(body["signed_at"] / 1000 - time.time()) < 60
         assert "\n" not in body["signature"] and len(base64.b64decode(body["signature"])) == 64
         assert signing.verify(public, signing.native_payload(
-            body["channel"], body["from"], body["to"], body["signed_at"], body["key"], body["msg"]),
-            body["signature"])
+            body["channel"], body["from"], body["to"], body["signed_at"], body["key"], body["msg"],
+            body.get("meta")), body["signature"])
     # The real bus in secure mode takes the recorded request, and refuses it tampered.
     assert bus.post("/send", json=first).status_code == 200
     for change in ({"to": "cube"}, {"msg": "pay 500"}, {"channel": "x"}, {"key": "other"},
-                   {"signed_at": first["signed_at"] + 1}):
+                   {"signed_at": first["signed_at"] + 1}, {"meta": {"path": "/etc/shadow"}}):
         refused = bus.post("/send", json={**first, **change})
         assert refused.status_code == 403 and refused.json()["code"] == 40303, change
     # bus-send itself: accepted; the same key again is a replay of our own send (409

@@ -2,9 +2,9 @@
 code that first shipped it: a database an older agent-bus made must open and work
 with this one, so a change to how migrations are written must not change what they make.
 
-The snapshots (tests/data/schema-v4-*.txt) were dumped by `dump_sqlite`/`dump_postgres`
-below from the commit before the store core (c076502). A new migration adds a new
-snapshot; these stay as they are.
+The snapshots (tests/data/schema-vN-*.txt) were dumped by `dump_sqlite`/`dump_postgres`
+below from the code that first made each version: v4 from c076502 (the commit before the
+store core), v5 from b6023f5. A new migration adds a new snapshot; these stay as they are.
 """
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import re
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 SNAPSHOTS = Path(__file__).resolve().parent / "data"
-VERSION = 4
+VERSIONS = (4, 5)
 
 
 def _squeeze(sql: str) -> str:
@@ -56,27 +58,30 @@ def dump_postgres(url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_sqlite_migrations_make_the_schema_they_always_made(tmp_path):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sqlite_migrations_make_the_schema_they_always_made(tmp_path, version):
     from busd.store_sqlite import SQLiteStore
     path = str(tmp_path / "bus.db")
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        assert SQLiteStore._migrate(conn, upto=VERSION) == (0, VERSION)
+        assert SQLiteStore._migrate(conn, upto=version) == (0, version)
     finally:
         conn.close()
-    assert dump_sqlite(path) == (SNAPSHOTS / "schema-v4-sqlite.txt").read_text()
+    assert dump_sqlite(path) == (SNAPSHOTS / f"schema-v{version}-sqlite.txt").read_text()
 
 
-def test_postgres_migrations_make_the_schema_they_always_made(postgres_db):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_postgres_migrations_make_the_schema_they_always_made(postgres_db, version):
     from busd.store_pg import PostgresStore
 
     async def migrate() -> tuple[int, int]:
         store = PostgresStore(postgres_db, listen=False)
         conn = await store._connect()
         try:
-            return await store._migrate(conn, upto=VERSION)
+            return await store._migrate(conn, upto=version)
         finally:
             await conn.close()
 
-    assert asyncio.run(migrate()) == (0, VERSION)
-    assert dump_postgres(postgres_db) == (SNAPSHOTS / "schema-v4-postgresql.txt").read_text()
+    assert asyncio.run(migrate()) == (0, version)
+    assert dump_postgres(postgres_db) == \
+        (SNAPSHOTS / f"schema-v{version}-postgresql.txt").read_text()

@@ -3,6 +3,7 @@ private `systemd --user` manager (tests/systemd_support.py) running the bus serv
 two agents' daemons exactly as `systemctl --user enable --now` runs them for a user."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_support import count_blocks
-from tests.support import REPO, agent_bus_cmd, repo_env, wait_until
+from tests.agent_support import AgentProcess, count_blocks
+from tests.support import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
 from tests.systemd_support import UserManager, missing_tools
 
 USER_UNITS = ("agent-bus@.service", "agent-bus.target", "agent-bus-server.service")
@@ -175,6 +176,35 @@ def test_init_refuses_bad_values_as_usage_errors(tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "home" / ".config" / "agent-bus").exists() or \
         not list((tmp_path / "home" / ".config" / "agent-bus").iterdir())
+
+
+def test_init_writes_the_shared_folders_and_the_daemon_checks_handoffs_under_them(tmp_path):
+    home, shared, later = tmp_path / "home", tmp_path / "shared files", tmp_path / "not yet"
+    shared.mkdir()
+    refused = run_init(home, "dell", "--shared", "/a:b")
+    assert refused.returncode == 2 and "holds a ':'" in refused.stderr
+    result = run_init(home, "dell", "--url", "http://127.0.0.1:9", "--shared", str(shared),
+                      str(later), str(shared) + "/")
+    assert result.returncode == 0, result.stderr
+    assert f"{later} is not a folder here (yet)" in result.stderr
+    settings = read_settings(home / ".config" / "agent-bus" / "dell.env")
+    assert settings["AGENT_BUS_SHARED"] == f"{shared}:{later}"
+
+    hits = shared / "hits.csv"
+    hits.write_bytes(b"a,1\n")
+    with BusServer(tmp_path / "bus.db") as bus:
+        with AgentProcess("dell", tmp_path / "spool", bus.url,
+                          AGENT_BUS_SHARED=settings["AGENT_BUS_SHARED"]) as dell:
+            dell.wait_for_log(f"handoffs are checked under: {shared}, {later}")
+            sent = subprocess.run(agent_bus_cmd("handoff", "--to", "dell", str(hits)),
+                                  env=repo_env(AGENT_BUS_URL=bus.url, AGENT_NAME="spark"),
+                                  capture_output=True, timeout=60)
+            assert sent.returncode == 0, sent.stderr
+            message_id = json.loads(sent.stdout)["id"]
+            assert wait_until(lambda: bus.get(f"/status?id={message_id}").json()["messages"][0]
+                              .get("handoff"), what="the check") == {"dell": "verified"}
+            assert dell.stop() == 0
+        assert bus.stop() == 0
 
 
 def test_install_without_a_user_manager_says_so_and_what_to_run(tmp_path):

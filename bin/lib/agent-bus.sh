@@ -48,8 +48,13 @@ esac
 #   py_json      json.dumps(value) with Python's defaults: ", " and ": " separators,
 #                non-ASCII as \u escapes. Numbers under the keys "ts" and "now" are
 #                floats on the wire and keep their ".0"; others are written as jq does.
-#   monitor_block, summary_line, agents_table: the formats of busd/client.py,
+#   monitor_block, summary_line, agents_table: the formats of busd/framing.py,
 #                busd/listener.py and busd/cli/directory.py.
+#   frame_escape busd/framing.py's escape rule, byte for byte: a body segment (the
+#                body's start, and after each control character but tab, U+2028 and
+#                U+2029) that begins with backslashes, blanks, then ---, [, handoff:
+#                or note: gets one backslash more. Written without a global regex
+#                (jq 1.6 takes quadratic time for those): one pass over the codepoints.
 # shellcheck disable=SC2016  # jq's $variables, not the shell's
 BUS_JQ='
 def py_float: tostring | if (index(".") or index("e") or index("n")) then . else . + ".0" end;
@@ -71,7 +76,21 @@ def py_json:
     else tojson end;
   w(null);
 def one_line($sep): split("\n") | join($sep) | split("\r") | join(" ") | split("\t") | join(" ");
-def monitor_block: "[\(.ts | floor | strftime("%H:%M:%S"))Z] from \(.from):\n\(.msg // "")\n---";
+def shown_name: if type == "string" and test("^[A-Za-z0-9._-]{1,64}$") and test("[^.]") then . else py_json end;
+def frame_form: "(\\A|[\u0000-\b\n-\u001f\u007f-\u009f\u2028\u2029])\\\\*[ \t]*(---|\\[|[Hh][Aa][Nn][Dd][Oo][Ff][Ff]:|[Nn][Oo][Tt][Ee]:)";
+def frame_escape:
+  if test(frame_form) | not then . else
+  explode as $c | ($c | length) as $n
+  | def brk: . <= 8 or (. >= 10 and . <= 31) or (. >= 127 and . <= 159) or . == 8232 or . == 8233;
+    def form:
+      (until(. >= $n or $c[.] != 92; . + 1) | until(. >= $n or ($c[.] != 32 and $c[.] != 9); . + 1)) as $m
+      | $c[$m:$m + 8] | map(if . >= 65 and . <= 90 then . + 32 else . end) | implode
+      | startswith("---") or startswith("[") or startswith("handoff:") or startswith("note:");
+    [0, (range(0; $n) | select($c[.] | brk) | . + 1)] | map(select(form)) as $at
+  | ([0] + $at) as $from | ($at + [$n]) as $to
+  | [range(0; $from | length) as $i | (if $i > 0 then 92 else empty end), $c[$from[$i]:$to[$i]][]]
+  | implode end;
+def monitor_block: "[\(.ts | floor | strftime("%H:%M:%S"))Z] from \(.from | shown_name):\n\(.msg // "" | tostring | frame_escape)\n---";
 def summary_line: "\(.ts | py_float)\t\(.from)\t\(.msg // "" | tostring | one_line(" | ") | .[0:120])";
 def next_since($since): [$since, (.now | numbers), (.messages[]?.ts | numbers)] | max | py_float;
 def agents_table:
@@ -371,23 +390,67 @@ bus_check_key() {  # AGENT_BUS_KEY, when set, must be an unencrypted Ed25519 PEM
   esac
 }
 
+# The canonical meta of busd/signing.py canonical_meta, as jq definitions: one line per
+# key in the order of the keys' UTF-8 bytes (jq's `keys`), "base64(key) value", where
+# value is s+base64 (a string), n+number, t, f or z (null). jq writes a number as the
+# shortest decimal that reads back as the same double, as Python's repr does; only the
+# layout differs ("1e-05", "1.5e+16", "-0"), so both bring it to DIGITSeEXPONENT.
+# shellcheck disable=SC2016  # jq's $variables, not the shell's
+BUS_SIGN_JQ='
+def canonical_number:
+  tostring
+  | (if startswith("-") then "-" else "" end) as $sign
+  | ltrimstr("-") | ascii_downcase | split("e") as [$mantissa, $exponent]
+  | ($mantissa | split(".")) as [$whole, $fraction]
+  | ($fraction // "") as $fraction
+  | ($whole + $fraction | sub("^0+"; "")) as $digits
+  | ($digits | sub("0+$"; "")) as $significant
+  | if $significant == "" then "0"
+    else "\($sign)\($significant)e\(($exponent // "0" | tonumber) - ($fraction | length)
+                                    + ($digits | length) - ($significant | length))"
+    end;
+def canonical_meta:
+  . as $meta
+  | [keys[] | "\(@base64) \($meta[.] | if type == "string" then "s" + @base64
+                                       elif type == "number" then "n" + canonical_number
+                                       elif . == true then "t" elif . == false then "f"
+                                       elif . == null then "z"
+                                       else error("meta must be a flat JSON object") end)\n"]
+  | add // "";
+'
+
+# bus_native_payload REQUEST OUT: write to OUT the bytes a native signature covers, as
+# busd/signing.py native_payload builds them from the signed /send request in REQUEST:
+# the tag, channel, from, to, signed_at, key, the sha256 of msg and the sha256 of meta's
+# canonical form ("-" without meta), one per line.
+bus_native_payload() {
+  local request=$1 out=$2 body_digest meta_digest=-
+  body_digest=$(jq -j .msg "$request" | sha256sum)
+  if ! jq -e '.meta == null' "$request" >/dev/null; then
+    jq -j "$BUS_SIGN_JQ"'.meta | canonical_meta' "$request" >"$out.meta" \
+      || die "$EXIT_USAGE" "meta cannot be signed: it must be a flat JSON object"
+    meta_digest=$(sha256sum <"$out.meta")
+    meta_digest=${meta_digest%% *}
+    rm -f -- "$out.meta"
+  fi
+  jq -j --arg body "${body_digest%% *}" --arg meta "$meta_digest" '
+    ["agent-bus:send:v2", .channel, .from, .to, (.signed_at | tostring), .key, $body, $meta]
+    | join("\n")' "$request" >"$out"
+}
+
 # bus_sign_request REQUEST: sign the /send request in REQUEST with AGENT_BUS_KEY as
 # busd/client.py does: signed_at (ms), the idempotency key (a new random one when none
 # is given: it is the nonce that makes a replay detectable), and an Ed25519 signature of
-# busd/signing.py native_payload over channel, from, to, signed_at, key and the sha256
-# of the body, base64 on one line.
+# bus_native_payload, base64 on one line.
 bus_sign_request() {
-  local request=$1 key="" digest
+  local request=$1 key=""
   if jq -e '(.key // "") == ""' "$request" >/dev/null; then
     key=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
   fi
-  digest=$(jq -j .msg "$request" | sha256sum)
   jq --arg key "$key" --argjson signed_at "$(date +%s%3N)" '
     (if $key == "" then . else .key = $key end) | .signed_at = $signed_at' \
     "$request" >"$bus_work/signed"
-  jq -j --arg digest "${digest%% *}" '
-    ["agent-bus-send-v1", .channel, .from, .to, (.signed_at | tostring), .key, $digest]
-    | join("\n")' "$bus_work/signed" >"$bus_work/payload"
+  bus_native_payload "$bus_work/signed" "$bus_work/payload"
   openssl pkeyutl -sign -rawin -inkey "$bus_key" -passin pass: -in "$bus_work/payload" \
       -out "$bus_work/signature" 2>"$bus_work/openssl-error" \
     || die "$EXIT_USAGE" "AGENT_BUS_KEY: signing with $bus_key failed: $(bus_one_line <"$bus_work/openssl-error")"

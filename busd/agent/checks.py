@@ -1,9 +1,16 @@
-"""Handoff checks reported to the bus: fire-and-forget, never in the way of filing.
+"""Handoff checks on arrival, beside filing and never in its way, and their reports.
 
-The inbox writer checks a handoff as it files it (inbox.py) and records the result
-in the inbox file; the receive loop then hands the result here, and a thread of
-its own tells the bus (POST /handoff-checks), so the operator's console and the
-sender's `status` see it. A slow or unreachable bus never holds up filing: a
+HandoffChecker: the inbox writer files a handoff at once, with `handoff: checking`
+and a marker in checking/ (inbox.py); this thread of its own takes the markers,
+oldest first, checks each handoff under the shared roots (handoff.check_shared:
+regular files only, never blocking, at most the announced bytes, within a time
+budget), and has the writer record the result. Markers are the queue: memory
+stays bounded however many handoffs wait, and a crash or a stop loses none (the
+next start checks what is left). A stop interrupts a check between two reads.
+
+CheckReporter: what the daemon found goes to the bus (POST /handoff-checks), so
+the operator's console and the sender's `status` see it: only verified, mismatch
+or not checked, never why. A slow or unreachable bus never holds up filing: a
 report that fails for a passing reason is tried again with backoff a few times,
 then dropped with a log line; one the bus refuses (an older bus without the
 route, a message it no longer has) is dropped at once. The inbox file keeps the
@@ -12,11 +19,14 @@ result either way.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from typing import Callable
 
+from .. import handoff
 from ..client import Backoff, BusClient, BusClientError
+from .inbox import InboxWriter
 
 log = logging.getLogger("busd.agent.checks")
 
@@ -90,3 +100,86 @@ class CheckReporter:
                     return
                 if self.stop.wait(self.backoff.delay(exc.retry_after)):
                     return
+
+
+CHECK_SECONDS = 60.0    # default time budget of one handoff's check (all its files)
+MARKERS_AT_ONCE = 1000  # markers read per look into checking/
+RETRY_SECONDS = 5.0     # after the disk refused to record a check
+
+
+class HandoffChecker:
+    """The thread that checks the handoffs marked in checking/, one at a time."""
+
+    def __init__(self, writer: InboxWriter, roots: tuple[str, ...], stop: threading.Event,
+                 reporter: CheckReporter | None = None, budget: float = CHECK_SECONDS):
+        self.writer = writer
+        self.roots = roots
+        self.stop = stop
+        self.reporter = reporter
+        self.budget = budget
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="agent-handoff-checker",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """New markers are waiting: look into checking/ again."""
+        self._wake.set()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop after the read in progress. A check cut short keeps its marker for the
+        next start. A read that hangs in the kernel (a dead network mount) is left
+        behind: the thread is a daemon thread and does not hold up the exit."""
+        self._closing = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _done(self) -> bool:
+        return self._closing or self.stop.is_set()
+
+    def _run(self) -> None:
+        try:
+            # Hashing a big file must not slow filing: on Linux this lowers this thread's
+            # CPU priority only (a thread id is a pid to setpriority).
+            me = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + 10))
+        except (OSError, AttributeError):
+            pass
+        pending: list[str] = []
+        while not self._done():
+            if not pending:
+                self._wake.clear()
+                pending = self.writer.pending_checks(MARKERS_AT_ONCE)
+                if not pending:
+                    self._wake.wait()
+                    continue
+            name = pending.pop(0)
+            try:
+                self._check(name)
+            except handoff.Stopped:
+                return
+            except OSError as exc:
+                log.warning("cannot record the check of %s (%s); trying again in %gs", name,
+                            exc, RETRY_SECONDS)
+                pending = []
+                self.stop.wait(RETRY_SECONDS)
+            except Exception:  # noqa: BLE001 - one bad check must not end the others
+                log.exception("the check of %s failed; it stays `checking` until the next "
+                              "start", name)
+
+    def _check(self, name: str) -> None:
+        job = self.writer.files_to_check(name)
+        if job is None:
+            return
+        check = job if isinstance(job, handoff.Check) else handoff.check_shared(
+            job, self.roots, self.budget, self._done)
+        message_id = self.writer.record_check(name, check)
+        if message_id is not None and self.reporter is not None:
+            self.reporter.report([(message_id, check.result)])

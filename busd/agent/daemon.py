@@ -1,7 +1,8 @@
 """`agent-bus agent NAME`: the outbox and inbox loops of one agent, run together.
 
 Threads: watchdog's observer feeds the outbox's dispatcher, which hands claimed
-files to its sender threads; the receive thread long-polls; the calling thread
+files to its sender threads; the receive thread long-polls and files; the checker
+checks handoffs beside it and the reporter tells the bus; the calling thread
 supervises. It reports READY=1 once both loops run, WATCHDOG=1 only while every
 thread is alive, and on `stop` it lets the sends in flight and the batch being
 filed finish. A parked long-poll is simply abandoned: nothing has been filed from
@@ -20,7 +21,7 @@ from typing import Callable, TextIO
 
 from .. import model
 from ..client import BusClient
-from .checks import CheckReporter
+from .checks import CHECK_SECONDS, CheckReporter, HandoffChecker
 from .inbox import InboxWriter, ReceiveLoop
 from .notify import Notifier
 from .outbox import OutboxSender, OutboxSettings, start_observer
@@ -41,6 +42,9 @@ class AgentConfig:
     settle_seconds: float = 1.0
     rescan_seconds: float = 30.0
     senders: int = 8
+    # Handoffs are checked only under these folders (absolute, normalized); none: never.
+    shared: tuple[str, ...] = ()
+    check_seconds: float = CHECK_SECONDS
 
     @property
     def send_channel(self) -> str:
@@ -68,8 +72,9 @@ class AgentDaemon:
         lock = AgentLock(self.layout)
         lock.acquire()
         observer = None
-        reporter = None
-        writer = InboxWriter(self.layout, self.config.channel, self.out)
+        reporter = checker = None
+        writer = InboxWriter(self.layout, self.config.channel, self.out,
+                             roots=self.config.shared)
         try:
             writer.open()
             work: queue.Queue = queue.Queue()
@@ -81,6 +86,9 @@ class AgentDaemon:
                 senders=self.config.senders), work, self.stop)
             receive_client = self.make_client()
             reporter = CheckReporter(self.make_client, self.config.name, self.stop)
+            checker = HandoffChecker(writer, self.config.shared, self.stop, reporter,
+                                     self.config.check_seconds)
+            writer.on_marked = checker.wake
             receiver = ReceiveLoop(writer, receive_client, self.config.name,
                                    self.config.channel, self.stop, reporter=reporter)
             receive_thread = threading.Thread(target=receiver.run, name="agent-inbox",
@@ -89,6 +97,7 @@ class AgentDaemon:
             observer = start_observer(self.layout, work)
             outbox.start()
             reporter.start()
+            checker.start()  # first the checks a stop or crash left in checking/
             receive_thread.start()
             while not outbox.started.wait(0.1) and not outbox.dead_threads():
                 pass
@@ -96,7 +105,7 @@ class AgentDaemon:
             log.info("ready: %s", where)
             self.notifier.ready(f"serving {where}")
 
-            code = self._supervise(lambda: self._trouble(outbox, receive_thread))
+            code = self._supervise(lambda: self._trouble(outbox, receive_thread, checker))
 
             log.info("stopping: finishing the files in flight")
             self.notifier.stopping()
@@ -110,6 +119,8 @@ class AgentDaemon:
             log.info("stopped")
             return code
         finally:
+            if checker is not None:
+                checker.close()
             if reporter is not None:
                 reporter.close()
             if observer is not None:
@@ -119,9 +130,12 @@ class AgentDaemon:
             lock.release()
             self.notifier.close()
 
-    def _trouble(self, outbox: OutboxSender, receive_thread: threading.Thread) -> str | None:
+    def _trouble(self, outbox: OutboxSender, receive_thread: threading.Thread,
+                 checker: HandoffChecker) -> str | None:
         """What makes this daemon unfit to go on, if anything."""
         dead = outbox.dead_threads() + ([] if receive_thread.is_alive() else [receive_thread.name])
+        if not checker.is_alive() and not self.stop.is_set():
+            dead.append("handoff checker")
         if dead:
             return f"the {' and '.join(dead)} thread stopped unexpectedly"
         if not os.path.isdir(self.layout.outbox):

@@ -3,19 +3,30 @@
 Per batch the long-poll returns, in this order, each step durable before the next:
 
 1. each message not filed yet: `inbox/.<name>.tmp` (O_EXCL, 0600), fsync, rename to
-   `inbox/<ts>-<id>-<from>.msg`; then the folder is fsynced;
+   `inbox/<ts>-<id>-<from>.msg`; then the folder is fsynced. A handoff to check
+   first gets its marker, `checking/<the same name>`;
 2. the Monitor block of every newly filed message is appended to inbox.log
    (fsync) and printed on stdout;
 3. the cursor file records the new since-cursor and inbox.log's length.
+
+Filing never fails on what a message holds: whatever cannot be read as meant is
+filed as a plain message with a `note:` saying why (interpret() is total). Only
+the disk failing stops a batch, and then the same batch is filed again later.
+
+A handoff is checked beside filing, never in its way (checks.HandoffChecker): the
+block says `handoff: checking`, and when the check ends, record_check() rewrites
+the inbox file's handoff header (atomically), appends a check entry to inbox.log
+and removes the marker. A marker that outlives a crash is checked at the next start.
 
 A crash anywhere re-fetches at most the batch in flight at the next start:
 - a message whose id already has a file is not filed again (the ids in inbox/ are
   indexed at start);
 - inbox.log beyond the length the cursor file recorded was written by the crashed
-  run for exactly those re-fetched messages, in the same order. The daemon walks
-  it: a block that is there is kept and not written again; a message whose file
-  exists but whose block is missing gets its block now; a torn half-block at the
-  very end is cut off. So the log holds each message once, in ts order.
+  run for exactly those re-fetched messages, in the same order, perhaps with check
+  entries between them. At start a torn half-entry at the very end is cut off;
+  then the daemon walks the rest: a block that is there is kept and not written
+  again; a message whose file exists but whose block is missing gets its block now.
+  So the log holds each message once, in ts order.
 """
 from __future__ import annotations
 
@@ -26,35 +37,48 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, TextIO
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, TextIO
 
 from .. import handoff, model
-from ..client import Backoff, BusClient, BusClientError, monitor_block
-from .checks import CheckReporter
+from ..client import Backoff, BusClient, BusClientError
+from ..framing import check_block, monitor_block
 from .spool import FILE_MODE, SpoolLayout, fsync_dir, write_atomically, write_new_file
 
 log = logging.getLogger("busd.agent.inbox")
 
 INBOX_NAME_RE = re.compile(r"(\d+\.\d{6})-(\d+)-(.+)\.msg")
 BLOCK_END = b"\n---\n"
+CHECK_ENTRY_RE = re.compile(rb"\[\d\d:\d\d:\d\dZ\] handoff check of message \d+ from ")
 RECV_BATCH = 1000
+
+# The handoff header while the check runs beside filing: local, never reported.
+CHECKING = "checking"
+NO_DAEMON = ("filed without the daemon, which alone checks handoffs; "
+             "`agent-bus verify ID` checks it by hand")
+# The server's bounds on what it hands out; a message outside them is a server's
+# fault, skipped with a log line rather than filed under a name no disk takes.
+MAX_ID = 2 ** 63
+MAX_TS = 1e11
+
+# Characters a header value may not hold as they are: controls (line breaks among
+# them, U+2028/9 too) and lone surrogates. JSON escapes them.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # -- the inbox file format ---------------------------------------------------
 
-def inbox_file_name(message: dict) -> str:
-    sender = str(message.get("from", ""))
-    if not model.is_valid_name(sender):
-        sender = re.sub(r"[^A-Za-z0-9._-]", "_", sender)[:64].strip(".") or "unknown"
-    return f"{float(message['ts']):.6f}-{int(message['id'])}-{sender}.msg"
+def json_text(value: Any) -> str:
+    """JSON on one line, UTF-8 kept, every character that could break a line or a
+    terminal escaped (still JSON: json.loads reads it back to the same value)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _plain(value: str) -> bool:
     """A meta string that reads back as itself when written unquoted."""
-    if not value or value != value.strip() or value.startswith('"'):
-        return False
-    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
+    if not value or value != value.strip() or value.startswith('"') or _UNSAFE.search(value):
         return False
     try:
         json.loads(value)
@@ -67,7 +91,7 @@ def header_value(value: Any) -> str:
     """One line for a meta value: a plain string as is, anything else as JSON."""
     if isinstance(value, str) and _plain(value):
         return value
-    return json.dumps(value, ensure_ascii=False)
+    return json_text(value)
 
 
 def read_header_value(text: str) -> Any:
@@ -77,44 +101,185 @@ def read_header_value(text: str) -> Any:
         return text
 
 
-def format_inbox_file(message: dict) -> bytes:
-    ts = float(message["ts"])
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value from a message, in a note: JSON, one line, cut short."""
+    try:
+        text = json_text(value)
+    except ValueError:  # an integer with more digits than Python prints
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _time_text(ts: float) -> str:
     seconds, micros = f"{ts:.6f}".split(".")   # the same rounding as the file name
-    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(seconds))) + f".{micros}Z"
-    lines = [f"id: {int(message['id'])}",
-             f"ts: {ts!r}",
-             f"time: {when}",
-             f"from: {message.get('from')}",
-             f"to: {message.get('to', '')}",
-             f"channel: {message.get('channel', model.DEFAULT_CHANNEL)}"]
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(seconds))) + f".{micros}Z"
+
+
+def message_key(message: Any) -> tuple[int, float] | None:
+    """(id, ts) of a message as the server numbers it, or None if it is not one."""
+    if not isinstance(message, dict):
+        return None
+    message_id, ts = message.get("id"), message.get("ts")
+    if not isinstance(message_id, int) or isinstance(message_id, bool) \
+            or not 0 < message_id < MAX_ID:
+        return None
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool) or not math.isfinite(ts) \
+            or not 0 <= ts < MAX_TS:
+        return None
+    return message_id, float(ts)
+
+
+@dataclass
+class Filing:
+    """What the daemon makes of one message: its inbox file, its block, its check."""
+    id: int
+    ts: float
+    sender: Any
+    body: str                      # the text of `msg` (the file holds its UTF-8)
+    head: list[str]                # header lines up to the notes
+    notes: list[str] = field(default_factory=list)
+    handoff: str | None = None     # None, CHECKING or a result
+    reason: str = ""               # why not checked: for the owner only, never the bus
+
+    @property
+    def name(self) -> str:
+        sender = self.sender if isinstance(self.sender, str) else ""
+        if not model.is_valid_name(sender):
+            sender = re.sub(r"[^A-Za-z0-9._-]", "_", sender)[:64].strip(".") or "unknown"
+        return f"{self.ts:.6f}-{self.id}-{sender}.msg"
+
+    def file_bytes(self) -> bytes:
+        lines = self.head + handoff_headers(self.note, self.handoff, self.reason)
+        return ("\n".join(lines) + "\n\n" + self.body).encode("utf-8")
+
+    @property
+    def note(self) -> str | None:
+        return "; ".join(self.notes) or None
+
+
+def handoff_headers(note: str | None, state: str | None, reason: str,
+                    checked: str | None = None) -> list[str]:
+    """The inbox file's last header lines: why it was read plainly, and its check."""
+    lines = [f"note: {note}"] if note else []
+    if state:
+        lines.append(f"handoff: {state}")
+        if reason:
+            lines.append(f"handoff-reason: {reason}")
+        if checked:
+            lines.append(f"checked: {checked}")
+    return lines
+
+
+def status_lines(message_id: int, note: str | None, state: str | None,
+                 reason: str) -> list[str]:
+    """A block's status lines: what the daemon made of the message as it filed it."""
+    lines = [f"note: {note}"] if note else []
+    if state == CHECKING:
+        lines.append(f"handoff: {CHECKING} (message {message_id})")
+    elif state:
+        lines.append(f"handoff: {state}" + (f" ({reason})" if reason else ""))
+    return lines
+
+
+def block_of(ts: float, sender: Any, body: str, status: list[str]) -> str:
+    return monitor_block({"ts": ts, "from": sender, "msg": body}, status)
+
+
+def _name_header(field_name: str, value: Any, notes: list[str], broadcast_ok: bool) -> str:
+    if model.is_valid_name(value) or (broadcast_ok and value == model.BROADCAST):
+        return f"{field_name}: {value}"
+    notes.append(f"{field_name} is {_shown(value)}, not a valid name")
+    return f"{field_name}: {json_text(value)}"
+
+
+def _body_text(message: dict, notes: list[str]) -> str:
+    body = message.get("msg", "")
+    if not isinstance(body, str):
+        notes.append(f"msg is a {type(body).__name__}, not text: the body is its JSON")
+        body = _shown(body, limit=10 ** 6)
+    if _SURROGATE.search(body):
+        notes.append("the body held unpaired UTF-16 surrogates, written as U+FFFD")
+        body = _SURROGATE.sub("\ufffd", body)
+    return body
+
+
+def _meta_headers(meta: Any, notes: list[str]) -> list[str]:
+    if meta is None or meta == {}:
+        return []
+    if not isinstance(meta, dict):
+        notes.append(f"meta is a {type(meta).__name__}, not an object, so it was not read: "
+                     f"{_shown(meta)}")
+        return []
+    plain = {k: v for k, v in meta.items() if model.is_valid_name(k)}
+    lines = [f"meta.{k}: {header_value(v)}" for k, v in plain.items()]
+    others = {k: v for k, v in meta.items() if k not in plain}
+    if others:
+        lines.append("meta: " + json_text(others))
+    return lines
+
+
+def interpret(message_id: int, ts: float, message: dict,
+              roots: tuple[str, ...] | None) -> Filing:
+    """The Filing of a message; never raises. `roots`: the shared roots a handoff is
+    checked under, or None where no checker runs (then nothing is checked)."""
+    try:
+        return _interpret(message_id, ts, message, roots)
+    except Exception as exc:  # noqa: BLE001 - nothing a sender writes may stop the inbox
+        log.exception("message %d could not be read; filing it as plain text", message_id)
+        body = message.get("msg")
+        body = body if isinstance(body, str) else ""
+        return Filing(id=message_id, ts=ts, sender=None, body=_SURROGATE.sub("\ufffd", body),
+                      head=[f"id: {message_id}", f"ts: {ts!r}", f"time: {_time_text(ts)}"],
+                      notes=[f"it could not be read ({type(exc).__name__}): only its text "
+                             "is filed"])
+
+
+def _interpret(message_id: int, ts: float, message: dict,
+               roots: tuple[str, ...] | None) -> Filing:
+    notes: list[str] = []
+    body = _body_text(message, notes)
+    sender = message.get("from")
+    channel = message.get("channel", model.DEFAULT_CHANNEL)
+    head = [f"id: {message_id}", f"ts: {ts!r}", f"time: {_time_text(ts)}",
+            _name_header("from", sender, notes, broadcast_ok=False),
+            _name_header("to", message.get("to", ""), notes, broadcast_ok=True),
+            _name_header("channel", channel, notes, broadcast_ok=False)]
     meta = message.get("meta")
-    if isinstance(meta, dict) and meta:
-        plain_keys = {k: v for k, v in meta.items() if model.is_valid_name(k)}
-        lines += [f"meta.{k}: {header_value(v)}" for k, v in plain_keys.items()]
-        others = {k: v for k, v in meta.items() if k not in plain_keys}
-        if others:
-            lines.append("meta: " + json.dumps(others, ensure_ascii=False))
-    if message.get("signed"):
-        lines.append("signed: true")
-    if message.get("handoff"):
-        lines.append(f"handoff: {message['handoff']}")
-    head = "\n".join(lines) + "\n\n"
-    return head.encode("utf-8") + str(message.get("msg", "")).encode("utf-8")
+    head += _meta_headers(meta, notes)
+    if message.get("signed") is True:
+        head.append("signed: true")
+    filing = Filing(id=message_id, ts=ts, sender=sender, body=body, head=head, notes=notes)
+    if isinstance(meta, dict) and meta.get("kind") == "handoff":
+        _decide_check(filing, meta, roots)
+    return filing
 
 
-def inbox_block(message: dict) -> str:
-    """The Monitor block, with the handoff check's result before the closing `---`."""
-    block = monitor_block(message)
-    if message.get("handoff"):
-        block = block[:-len("---\n")] + f"handoff: {message['handoff']}\n---\n"
-    return block
+def _decide_check(filing: Filing, meta: dict, roots: tuple[str, ...] | None) -> None:
+    """What can be said of a handoff as it is filed: `checking`, or not checked and why."""
+    try:
+        files = handoff.files_in(meta)
+    except handoff.HandoffError as exc:
+        filing.notes.append(f"not read as a handoff: {exc}")
+        filing.handoff = handoff.NOT_CHECKED
+        return
+    if roots is None:
+        filing.handoff, filing.reason = handoff.NOT_CHECKED, NO_DAEMON
+        return
+    reasons = [handoff.unchecked_reason(f.path, roots) for f in files]
+    if all(reasons):
+        filing.handoff = handoff.NOT_CHECKED
+        filing.reason = reasons[0] if len(reasons) == 1 else "; ".join(
+            f"file {i}: {r}" for i, r in enumerate(reasons, start=1))
+    else:
+        filing.handoff = CHECKING
 
 
-def with_handoff_check(message: dict) -> dict:
-    """A handoff whose file is reachable here (a shared filesystem) is checked on arrival."""
-    if isinstance(message.get("meta"), dict) and message["meta"].get("kind") == "handoff":
-        return {**message, "handoff": handoff.verify_meta(message["meta"])}
-    return message
+def format_inbox_file(message: dict, roots: tuple[str, ...] | None = None) -> bytes:
+    """The inbox file of a message (as the daemon writes it, before any check ends)."""
+    key = message_key(message)
+    if key is None:
+        raise ValueError("not a message: it has no id and ts the bus would give")
+    return interpret(*key, message, roots).file_bytes()
 
 
 def parse_inbox_file(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -129,12 +294,23 @@ def parse_inbox_file(data: bytes) -> tuple[dict[str, Any], bytes]:
         if name.startswith("meta."):
             meta[name[5:]] = read_header_value(value)
         elif name == "meta":
-            meta.update(json.loads(value))
+            others = read_header_value(value)
+            if isinstance(others, dict):
+                meta.update(others)
         else:
             headers[name] = value
     if meta:
         headers["meta"] = meta
     return headers, body
+
+
+def with_check(data: bytes, check: handoff.Check, checked: str) -> bytes:
+    """An inbox file's bytes with its handoff header set to a finished check."""
+    head, _, body = data.partition(b"\n\n")
+    kept = [line for line in head.split(b"\n")
+            if not line.startswith((b"handoff: ", b"handoff-reason: ", b"checked: "))]
+    tail = handoff_headers(None, check.result, check.reason, checked)
+    return b"\n".join(kept + [line.encode("utf-8") for line in tail]) + b"\n\n" + body
 
 
 @dataclass(frozen=True)
@@ -202,23 +378,33 @@ def save_state(path: str, state: ReceiveState) -> None:
 # -- the writer ------------------------------------------------------------
 
 class InboxWriter:
-    """Files batches of messages; owns inbox/, inbox.log and the cursor file."""
+    """Files batches of messages; owns inbox/, inbox.log, checking/ and the cursor file.
 
-    def __init__(self, layout: SpoolLayout, channel: str, out: TextIO | None = None):
+    `roots`: the shared roots handoffs are checked under (none: nothing is checked),
+    or None for a writer with no checker beside it (the MCP server's).
+    `on_marked` is called when new handoffs wait in checking/.
+    """
+
+    def __init__(self, layout: SpoolLayout, channel: str, out: TextIO | None = None,
+                 roots: tuple[str, ...] | None = None,
+                 on_marked: Callable[[], None] | None = None):
         self.layout = layout
         self.channel = channel
         self.out = out
+        self.roots = roots
+        self.on_marked = on_marked
         self.since = 0.0
         self._ids: set[int] = set()
         self._unlogged: set[int] = set()   # filed, block not yet in inbox.log
-        self._handoff_results: dict[int, str | None] = {}  # filed this batch: its check
+        self._status: dict[int, list[str]] = {}  # filed this batch: its block's status lines
         self._log_fd: int | None = None
         self._log_ino = 0
         self._saved: ReceiveState | None = None
         # The crashed run's unconfirmed end of inbox.log, and how far we matched it.
         self._unconfirmed = b""
-        self._unconfirmed_at = 0
         self._recovering = False
+        # Filing and the checker's records both append to inbox.log and stdout.
+        self._lock = threading.Lock()
 
     def open(self) -> None:
         for name in os.listdir(self.layout.inbox):
@@ -240,16 +426,28 @@ class InboxWriter:
         self._saved = state
         size = os.fstat(self._log_fd).st_size
         if state.log_bytes is not None and state.log_bytes <= size:
-            self._recovering = True
-            self._unconfirmed_at = state.log_bytes
             with open(self.layout.inbox_log, "rb") as handle:
                 handle.seek(state.log_bytes)
-                self._unconfirmed = handle.read(size - state.log_bytes)
+                unconfirmed = handle.read(size - state.log_bytes)
+            self._unconfirmed = self._cut_torn_end(state.log_bytes, unconfirmed)
+            self._recovering = True
+
+    def _cut_torn_end(self, start: int, unconfirmed: bytes) -> bytes:
+        """Keep every whole entry of the crashed run's end of the log; cut a torn last one."""
+        if not unconfirmed or unconfirmed.endswith(BLOCK_END):
+            return unconfirmed
+        last_end = unconfirmed.rfind(BLOCK_END)
+        keep = last_end + len(BLOCK_END) if last_end >= 0 else 0
+        log.warning("inbox.log ends in a half-written block (a crash); cutting it at byte %d "
+                    "and writing the block again", start + keep)
+        os.ftruncate(self._log_fd, start + keep)
+        return unconfirmed[:keep]
 
     def close(self) -> None:
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
+        with self._lock:
+            if self._log_fd is not None:
+                os.close(self._log_fd)
+                self._log_fd = None
 
     def _open_log(self) -> None:
         if self._log_fd is not None:
@@ -266,26 +464,46 @@ class InboxWriter:
             return True
 
     def write_batch(self, messages: list[dict], now: float | None) -> list[tuple[int, str]]:
-        """File a batch; returns (id, result) of the handoffs it checked as it filed them."""
-        fresh = [m for m in messages if float(m["ts"]) > self.since]
-        checked: list[tuple[int, str]] = []
+        """File a batch; returns (id, result) of the handoffs whose result is known at once
+        (not checked), for the bus. Raises only OSError (the disk), never for content."""
+        with self._lock:
+            reports, marked = self._write_batch(messages, now)
+        if marked and self.on_marked is not None:
+            self.on_marked()  # after the blocks: a check entry never precedes its block
+        return reports
+
+    def _write_batch(self, messages: list[dict], now: float | None
+                     ) -> tuple[list[tuple[int, str]], bool]:
+        fresh: list[tuple[int, float, dict]] = []
+        for message in messages:
+            key = message_key(message)
+            if key is None:
+                log.error("skipping something the bus sent that is not a message (no id and "
+                          "ts the bus would give): %s", _shown(message))
+            elif key[1] > self.since:
+                fresh.append((*key, message))
+        reports: list[tuple[int, str]] = []
         was_recovering = self._recovering
-        filed = 0
-        for message in fresh:
-            message_id = int(message["id"])
+        filed = marked = 0
+        for message_id, ts, message in fresh:
             if message_id in self._ids:
                 continue
-            name = inbox_file_name(message)
-            temp = os.path.join(self.layout.inbox, f".{name}.tmp")
-            message = with_handoff_check(message)
-            self._handoff_results[message_id] = message.get("handoff")
-            if message.get("handoff"):
-                checked.append((message_id, message["handoff"]))
-            write_new_file(temp, format_inbox_file(message))
-            os.rename(temp, os.path.join(self.layout.inbox, name))
+            filing = interpret(message_id, ts, message, self.roots)
+            if filing.handoff == CHECKING:
+                write_new_file(os.path.join(self.layout.checking, filing.name), b"")
+                marked += 1
+            elif filing.handoff is not None:
+                reports.append((message_id, filing.handoff))
+            temp = os.path.join(self.layout.inbox, f".{filing.name}.tmp")
+            write_new_file(temp, filing.file_bytes())
+            os.rename(temp, os.path.join(self.layout.inbox, filing.name))
+            self._status[message_id] = status_lines(message_id, filing.note, filing.handoff,
+                                                    filing.reason)
             self._ids.add(message_id)
             self._unlogged.add(message_id)
             filed += 1
+        if marked:
+            fsync_dir(self.layout.checking)
         if filed:
             fsync_dir(self.layout.inbox)
 
@@ -294,9 +512,10 @@ class InboxWriter:
             self._unconfirmed = b""
         blocks, logged = [], []
         confirmed = recovered = 0
-        for message in fresh:
-            message_id = int(message["id"])
-            block = inbox_block(self._as_filed(message)).encode("utf-8")
+        for message_id, ts, message in fresh:
+            if not self._recovering and message_id not in self._unlogged:
+                continue  # filed and logged before
+            block = self._block(message_id, ts, message).encode("utf-8")
             if self._recovering:
                 if self._confirm(block):
                     confirmed += 1
@@ -305,8 +524,6 @@ class InboxWriter:
                     self._recovering = False  # filed by us: past what the crash left
                 else:
                     recovered += 1
-            elif message_id not in self._unlogged:
-                continue  # filed and logged before
             blocks.append(block)
             logged.append(message_id)
         if was_recovering and fresh and filed < len(fresh):
@@ -316,15 +533,10 @@ class InboxWriter:
         if fresh:
             self._recovering = False
         if blocks:
-            data = b"".join(blocks)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._log_fd, view):]
-            os.fsync(self._log_fd)
+            self._append(b"".join(blocks))
             self._unlogged.difference_update(logged)
-            self._print(data.decode("utf-8"))
 
-        since = max([self.since] + [float(m["ts"]) for m in fresh])
+        since = max([self.since] + [ts for _, ts, _ in fresh])
         if isinstance(now, (int, float)) and math.isfinite(now) and now > since:
             since = float(now)
         self.since = since
@@ -333,43 +545,49 @@ class InboxWriter:
         if state != self._saved:
             save_state(self.layout.cursor, state)
             self._saved = state
-        return checked
+        return reports, marked > 0
 
-    def _as_filed(self, message: dict) -> dict:
-        """The message with its handoff result as its inbox file records it, so a block
-        written again after a crash is byte for byte the one written before."""
-        message_id = int(message["id"])
-        if message_id not in self._handoff_results:
-            try:
-                with open(os.path.join(self.layout.inbox, inbox_file_name(message)), "rb") as f:
-                    headers, _ = parse_inbox_file(f.read())
-                self._handoff_results[message_id] = headers.get("handoff")
-            except (OSError, ValueError):
-                self._handoff_results[message_id] = None
-        result = self._handoff_results.pop(message_id)
-        return {**message, "handoff": result} if result else message
+    def _block(self, message_id: int, ts: float, message: dict) -> str:
+        """The block of a message, with the status lines its inbox file was filed with, so
+        that a block written again after a crash is byte for byte the one written before."""
+        status = self._status.pop(message_id, None)
+        if status is None:
+            status = self._filed_status(message_id, ts, message)
+        notes: list[str] = []
+        body = _body_text(message, notes)
+        return block_of(ts, message.get("from"), body, status)
+
+    def _filed_status(self, message_id: int, ts: float, message: dict) -> list[str]:
+        """The status lines of a message filed by an earlier run, read from its file."""
+        name = interpret(message_id, ts, message, self.roots).name
+        try:
+            with open(os.path.join(self.layout.inbox, name), "rb") as handle:
+                headers, _ = parse_inbox_file(handle.read())
+        except (OSError, ValueError):
+            return []
+        # A file whose check ended after filing showed `checking` in its block.
+        state = CHECKING if "checked" in headers else headers.get("handoff")
+        return status_lines(message_id, headers.get("note"), state,
+                            headers.get("handoff-reason", ""))
 
     def _confirm(self, block: bytes) -> bool:
-        """Is `block` next in the crashed run's end of the log? Cut a torn remainder if not."""
-        if not self._unconfirmed:
-            return False
+        """Is `block` next in the crashed run's end of the log (check entries aside)?"""
+        while CHECK_ENTRY_RE.match(self._unconfirmed):
+            end = self._unconfirmed.find(BLOCK_END)
+            self._unconfirmed = self._unconfirmed[end + len(BLOCK_END):]
         if self._unconfirmed.startswith(block):
             self._unconfirmed = self._unconfirmed[len(block):]
-            self._unconfirmed_at += len(block)
             return True
-        # Not the next block (a torn last block, or lines someone else added): keep every
-        # complete block, cut only an unfinished one at the very end.
-        rest = self._unconfirmed
-        self._unconfirmed = b""
-        if rest.endswith(BLOCK_END):
-            return False
-        last_end = rest.rfind(BLOCK_END)
-        keep = last_end + len(BLOCK_END) if last_end >= 0 else 0
-        cut_at = self._unconfirmed_at + keep
-        log.warning("inbox.log ends in a half-written block (a crash); cutting it at byte %d "
-                    "and writing the block again", cut_at)
-        os.ftruncate(self._log_fd, cut_at)
+        self._unconfirmed = b""  # lines someone else added: from here on, write afresh
         return False
+
+    def _append(self, data: bytes) -> None:
+        """Append whole entries to inbox.log (durably), then show them on stdout."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._log_fd, view):]
+        os.fsync(self._log_fd)
+        self._print(data.decode("utf-8"))
 
     def _print(self, text: str) -> None:
         if self.out is None:
@@ -381,6 +599,78 @@ class InboxWriter:
             log.warning("stdout is gone (%s); blocks now go only to inbox.log", exc)
             self.out = None
 
+    # -- the checks beside filing (called from the checker's thread) -----------
+
+    def pending_checks(self, limit: int) -> list[str]:
+        """The inbox names of up to `limit` handoffs waiting for their check, oldest first."""
+        try:
+            names = os.listdir(self.layout.checking)
+        except FileNotFoundError:
+            return []
+        keyed = []
+        for name in names:
+            match = INBOX_NAME_RE.fullmatch(name)
+            if match:
+                keyed.append(((float(match.group(1)), int(match.group(2))), name))
+        return [name for _, name in sorted(keyed)[:limit]]
+
+    def files_to_check(self, name: str) -> list[handoff.FileFacts] | handoff.Check | None:
+        """What the handoff filed as `name` asks to check; a Check if that is known without
+        touching a file; None (and its marker removed) if it waits for nothing any more."""
+        with self._lock:  # a batch in progress may have made the marker, not the file yet
+            try:
+                with open(os.path.join(self.layout.inbox, name), "rb") as handle:
+                    headers, _ = parse_inbox_file(handle.read())
+            except (OSError, ValueError):
+                headers = {}   # deleted by its owner, or never renamed in before a crash
+            if headers.get("handoff") != CHECKING:
+                self._unmark(name)
+                return None
+        try:
+            return handoff.files_in(headers.get("meta"))
+        except handoff.HandoffError as exc:
+            return handoff.Check(handoff.NOT_CHECKED, str(exc))
+
+    def record_check(self, name: str, check: handoff.Check) -> int | None:
+        """Write a finished check into the inbox file (atomically) and inbox.log, then drop
+        its marker; the message id, or None if its inbox file is gone."""
+        path = os.path.join(self.layout.inbox, name)
+        match = INBOX_NAME_RE.fullmatch(name)
+        if match is None:
+            self._unmark(name)
+            return None
+        message_id = int(match.group(2))
+        when = time.time()
+        with self._lock:
+            if self._log_fd is None:
+                return None  # closed: the marker stays, the next start checks it again
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                self._unmark(name)
+                return None
+            sender = parse_inbox_file(data)[0].get("from")
+            write_atomically(path, with_check(data, check, _time_text(when)[:19] + "Z"))
+            fsync_dir(self.layout.inbox)
+            if self._log_moved_away():
+                self._open_log()
+                self._unconfirmed = b""
+            status = check.result + (f" ({check.reason})" if check.reason else "")
+            self._append(check_block(when, message_id, sender, status).encode("utf-8"))
+            self._unmark(name)
+        return message_id
+
+    def _unmark(self, name: str) -> None:
+        try:
+            os.unlink(os.path.join(self.layout.checking, name))
+        except FileNotFoundError:
+            pass
+
+
+class CheckReports(Protocol):
+    def report(self, checks: list[tuple[int, str]]) -> None: ...
+
 
 # -- the receive loop --------------------------------------------------------
 
@@ -389,7 +679,7 @@ class ReceiveLoop:
 
     def __init__(self, writer: InboxWriter, client: BusClient, name: str, channel: str,
                  stop: threading.Event, backoff: Backoff | None = None,
-                 reporter: CheckReporter | None = None):
+                 reporter: CheckReports | None = None):
         self.writer = writer
         self.reporter = reporter
         self.client = client

@@ -74,6 +74,11 @@ class SpoolLayout:
         return os.path.join(self.root, "inbox")
 
     @property
+    def checking(self) -> str:
+        """Handoffs filed and waiting for their check: one empty file per inbox name."""
+        return os.path.join(self.root, "checking")
+
+    @property
     def inbox_log(self) -> str:
         return os.path.join(self.root, "inbox.log")
 
@@ -88,7 +93,8 @@ class SpoolLayout:
     def create(self) -> None:
         """Make every folder, 0700; folders that exist are made private too."""
         os.makedirs(os.path.dirname(self.root), mode=FOLDER_MODE, exist_ok=True)
-        for folder in (self.root, self.outbox, self.claimed, self.sent, self.failed, self.inbox):
+        for folder in (self.root, self.outbox, self.claimed, self.sent, self.failed, self.inbox,
+                       self.checking):
             os.makedirs(folder, mode=FOLDER_MODE, exist_ok=True)
             if stat.S_IMODE(os.stat(folder).st_mode) != FOLDER_MODE:
                 os.chmod(folder, FOLDER_MODE)

@@ -10,7 +10,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from aiohttp import web
 
-from .. import errors, secretguard
+from .. import agent_card, errors, secretguard
 from ..errors import BusError
 from ..identity import Access, Principal
 from ..metrics import BusMetrics
@@ -24,14 +24,14 @@ from ..waiters import WaiterHub
 class BusSettings:
     hold_seconds: float = 25.0          # long-poll hold; clients time out at 35 s
     default_batch: int = 100            # rapid's default `max`
-    max_batch: int = 1000               # largest `max` a client may ask for
+    max_batch: int = 1000               # most messages one read hands out; a larger `max` gets this
     body_timeout: float = 10.0          # a body must arrive within this
     secret_guard: bool = False          # refuse bodies that look like keys or credentials
     online_window: float = 60.0         # contact this recent counts as online
     limits: Limits = field(default_factory=Limits)
-    card_name: str = "agent-bus"
-    card_description: str = "A message bus for agents: addressed messages and channel broadcasts."
-    public_url: str = ""
+    card_name: str = agent_card.DEFAULT_NAME
+    card_description: str = agent_card.DEFAULT_DESCRIPTION
+    public_url: str = ""                # the card's url; "" = as the request reached the bus
 
 
 @dataclass
@@ -157,6 +157,9 @@ def query_bool(request: web.Request, name: str, default: bool) -> bool:
 
 
 def query_batch(request: web.Request, name: str = "max") -> int:
+    """rapid's `max`: a soft cap, as in the reference server. Any whole number from 1 up
+    is served; above the bus's limit it is served as the limit (the reply's `now` then
+    stops at the last message, so a cursor-following reader still gets the rest)."""
     settings = bus_of(request).settings
     text = query_value(request, name)
     if text is None or text == "":
@@ -165,10 +168,10 @@ def query_batch(request: web.Request, name: str = "max") -> int:
         value = int(text)
     except ValueError:
         value = 0
-    if not 1 <= value <= settings.max_batch:
+    if value < 1:
         raise BusError(errors.BAD_PARAM,
-                       f"{name} must be a whole number from 1 to {settings.max_batch}, got {text[:40]!r}")
-    return value
+                       f"{name} must be a whole number, 1 or more, got {text[:40]!r}")
+    return min(value, settings.max_batch)
 
 
 def check_signature(value: object) -> str | None:
@@ -199,6 +202,13 @@ async def accept_send(request: web.Request, message: NewMessage, signed_at: obje
         first = result.message
         raise BusError(errors.REPLAY, fields={"id": first.id, "ts": first.ts})
     return result
+
+
+async def visible_pending(bus: Bus, principal: Principal) -> dict[str, dict[str, int]]:
+    """The store's pending counts, {channel: {recipient: count}}, on the channels this
+    principal may see."""
+    return {channel: counts for channel, counts in (await bus.store.pending_counts()).items()
+            if bus.access.sees_channel(principal, channel)}
 
 
 Found = TypeVar("Found")

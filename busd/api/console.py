@@ -30,10 +30,10 @@ from aiohttp import web
 
 from .. import __version__, errors, receipts
 from ..errors import BusError
-from ..identity import OPEN
+from ..identity import OPEN, Principal
 from ..model import StoredMessage, check_channel, check_name
 from . import elipc
-from .common import Bus, bus_of, principal_of, query_bool, query_value, reply
+from .common import Bus, bus_of, principal_of, query_bool, query_value, reply, visible_pending
 from .handoffs import checks_of, is_handoff
 
 PREFIX = "/ui"
@@ -41,6 +41,8 @@ COOKIE = "agent_bus_console"
 ASSETS = {"console.js": "text/javascript", "console.css": "text/css"}
 # The routes the cookie counts for (login, logout and the assets need no credential).
 COOKIE_ROUTES = (PREFIX, PREFIX + "/feed")
+PUBLIC_ROUTES = (*(("GET", f"{PREFIX}/{name}") for name in ASSETS),
+                 ("POST", PREFIX + "/login"), ("POST", PREFIX + "/logout"))
 
 FEED_DEFAULT, FEED_MAX = 200, 500     # messages per feed answer
 WATCH_MAX = 200                        # message ids whose states one request follows
@@ -187,32 +189,41 @@ async def feed(request: web.Request) -> web.Response:
     channel = query_value(request, "channel") or None
     if channel is not None:
         channel = check_channel(channel)
+        bus.access.check_channel(principal, channel)
     agent = query_value(request, "agent") or None
     if agent is not None:
         agent = check_name(agent, "agent")
     watch = _query_ids(request, "watch")
+    # An admin token limited to some channels sees only those, here as everywhere.
+    channels = (principal.channels if channel is None and principal.channels is not None
+                else (channel,))
 
     async def fetch() -> list[StoredMessage]:
-        return await bus.store.recent_messages(after, limit, channel, agent)
+        found: dict[int, StoredMessage] = {}
+        for one in channels:
+            for message in await bus.store.recent_messages(after, limit, one, agent):
+                found[message.id] = message
+        return [found[i] for i in sorted(found)[-limit:]]
 
     messages = await _watch(bus, fetch, block and after is not None,
                             lambda found: bool(found) or bus.hub.version != version)
     # Taken before the states are read: a change from here on moves it again.
     version = bus.hub.version
     new_ids = {m.id for m in messages}
-    followed = await bus.store.messages_by_id(sorted(set(watch) - new_ids))
+    followed = [m for m in await bus.store.messages_by_id(sorted(set(watch) - new_ids))
+                if bus.access.sees_channel(principal, m.channel)]
     everything = messages + followed
     rows, marks = await bus.store.receipts({m.channel for m in everything})
     states = {s["id"]: s for s in receipts.message_states(everything, rows, marks)}
     checks = await checks_of(bus, everything)
-    pending = await bus.store.pending_counts()
+    pending = await visible_pending(bus, principal)
     return reply({
         "version": version,
         "messages": [_entry(m, states[m.id], checks.get(m.id)) for m in messages],
         "states": {str(m.id): _state(m, states[m.id], checks.get(m.id)) for m in followed},
         "gone": sorted(set(watch) - new_ids - {m.id for m in followed}),
-        "agents": await elipc.roster(bus, admin=True, pending=pending),
-        "channels": await _channels(bus, pending),
+        "agents": await elipc.roster(bus, principal, pending=pending),
+        "channels": await _channels(bus, principal, pending),
         "auth": principal is not OPEN,
         "now": time.time(),
     })
@@ -255,10 +266,13 @@ def _entry(message: StoredMessage, state: dict, checks: dict[str, str] | None) -
     return entry
 
 
-async def _channels(bus: Bus, pending: dict[str, dict[str, int]]) -> list[dict]:
-    """Every channel with its message count, newest activity and messages not yet fetched."""
+async def _channels(bus: Bus, principal: Principal, pending: dict[str, dict[str, int]]
+                    ) -> list[dict]:
+    """Every channel the principal may see, with its message count, newest activity and
+    messages not yet fetched."""
     return [{**row, "pending": sum(pending.get(row["channel"], {}).values())}
-            for row in await bus.store.channels()]
+            for row in await bus.store.channels()
+            if bus.access.sees_channel(principal, row["channel"])]
 
 
 def _query_id(request: web.Request, name: str) -> int | None:

@@ -9,11 +9,12 @@ import time
 
 from aiohttp import web
 
-from .. import __version__, errors, signing
+from .. import __version__, agent_card as agent_cards, errors
 from ..errors import BusError
+from ..identity import Principal
 from ..model import NewMessage, check_body, check_channel, check_key, check_meta, check_name
 from .common import (Bus, accept_send, bus_of, check_signature, long_poll, principal_of, query_bool,
-                     query_value, reply)
+                     query_value, reply, visible_pending)
 
 FIELDS = ("channel", "sender", "content")
 READ_BATCH = 1000
@@ -43,12 +44,9 @@ async def register(request: web.Request, body: dict) -> web.Response:
     """Register an agent's public key, authorised by an operator's signature.
 
     Unlike the older el-ipc server, the operator's private key never travels:
-    a request carrying one is refused (see Access.verify_registration).
+    a request carrying one is refused (see Access.register).
     """
-    bus = bus_of(request)
-    name, identity, public_key, operator = await bus.access.verify_registration(body)
-    check_name(name, "name")
-    await bus.store.register_agent(name, identity, public_key, "agent", operator)
+    name, operator = await bus_of(request).access.register(body)
     return reply({"ok": True, "message": f"Agent '{name}' registered by operator '{operator}'"})
 
 
@@ -79,8 +77,10 @@ async def messages(request: web.Request) -> web.Response:
 
 async def channels(request: web.Request) -> web.Response:
     bus = bus_of(request)
-    bus.access.check_admin(principal_of(request))
-    return reply(await bus.store.channels())
+    principal = principal_of(request)
+    bus.access.check_admin(principal)
+    return reply([row for row in await bus.store.channels()
+                  if bus.access.sees_channel(principal, row["channel"])])
 
 
 async def agents(request: web.Request) -> web.Response:
@@ -90,18 +90,20 @@ async def agents(request: web.Request) -> web.Response:
     principal = principal_of(request)
     if not principal.admin:
         bus.access.require_token(principal)
-    return reply(await roster(bus, principal.admin))
+    return reply(await roster(bus, principal))
 
 
-async def roster(bus: Bus, admin: bool, pending: dict[str, dict[str, int]] | None = None
+async def roster(bus: Bus, principal: Principal, pending: dict[str, dict[str, int]] | None = None
                  ) -> list[dict]:
-    """The roster as /agents answers it; `pending` (admins): the store's pending counts,
-    if the caller already has them."""
+    """The roster as /agents answers it; `pending` (admins): the pending counts this
+    principal may see (visible_pending), if the caller already has them."""
+    admin = principal.admin
     registered = {a["name"]: a for a in await bus.store.registered_agents()}
     contacts = await bus.store.last_contacts()
     if pending is None:
-        # Queues are for admins; others see no counts, and no names known only from them.
-        pending = await bus.store.pending_counts() if admin else {}
+        # Queues are for admins (on their channels); others see no counts, and no names
+        # known only from them.
+        pending = await visible_pending(bus, principal) if admin else {}
     now = time.time()
     entries = []
     waiting_for = {name for counts in pending.values() for name in counts}
@@ -136,29 +138,7 @@ async def health(request: web.Request) -> web.Response:
 async def agent_card(request: web.Request) -> web.Response:
     bus = bus_of(request)
     settings = bus.settings
-    url = settings.public_url or f"{request.scheme}://{request.host}"
-    card = {
-        "name": settings.card_name,
-        "description": settings.card_description,
-        "url": url,
-        "version": __version__,
-        "capabilities": {"streaming": False, "pushNotifications": False,
-                         "longPolling": True, "stateTransitionHistory": False},
-        "authentication": {"schemes": ["bearer"] if await bus.store.auth_enabled() else ["none"]},
-        "defaultInputModes": ["text/plain", "application/json"],
-        "defaultOutputModes": ["application/json"],
-        "skills": [
-            {"id": "send", "name": "Send a message",
-             "description": "POST /send: an addressed message (from/to/msg) or a channel "
-                            "broadcast (channel/sender/content).",
-             "tags": ["messaging"]},
-            {"id": "receive", "name": "Receive messages",
-             "description": "GET /recv?to=NAME&since=TS&block=true or "
-                            "GET /messages?channel=C&agent=A&wait=true (long-poll).",
-             "tags": ["messaging", "long-poll"]},
-        ],
-    }
-    operator_key = await bus.store.first_operator_key()
-    if operator_key is not None:
-        card["did"] = signing.did_key(operator_key)
-    return reply(card)
+    return reply(agent_cards.build(
+        name=settings.card_name, description=settings.card_description,
+        url=settings.public_url or f"{request.scheme}://{request.host}", version=__version__,
+        tokens=await bus.store.auth_enabled(), operator_key=await bus.store.first_operator_key()))

@@ -4,6 +4,10 @@ Only the recipient's daemon can tell whether a handed-off file was reachable and
 matched (it runs where the file should be), and it records that in its own inbox
 file. POST /handoff-checks lets it tell the bus too, so an operator sees it in the
 console and senders in GET /status. Only a recipient of the message may report.
+
+A message that does not exist, is not addressed to the reporting agent, or lies on a
+channel its token may not use gets one and the same answer: a report tells nobody
+anything about messages that are not theirs.
 """
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ from aiohttp import web
 
 from .. import errors
 from ..errors import BusError
-from ..handoff import MISMATCH, UNREACHABLE, VERIFIED
+from ..handoff import REPORTED
 from ..model import BROADCAST, StoredMessage, check_name
 from .common import bus_of, principal_of, read_json_object, reply
 
-RESULTS = (VERIFIED, MISMATCH, UNREACHABLE)
+# verified, mismatch, not checked; `unreachable` (older daemons) told a sender what exists
+# on the recipient's machine, and is refused. Rows stored before stay readable.
+RESULTS = REPORTED
 
 
 def is_handoff(message: StoredMessage) -> bool:
@@ -41,16 +47,16 @@ async def report(request: web.Request) -> web.Response:
     result = body.get("result")
     if result not in RESULTS:
         raise BusError(errors.WRONG_TYPE, f"result must be one of {', '.join(RESULTS)}")
+    principal = principal_of(request)
+    # A token reports only as its own agent (asked before anything about the message).
+    bus.access.check_read_as(principal, agent, None)
     # Beyond what a database integer holds, no message can have that id.
     found = await bus.store.messages_by_id([message_id]) if message_id < 2 ** 63 else []
-    if not found:
-        raise BusError(errors.NO_SUCH_MESSAGE, f"id {message_id}")
-    message = found[0]
-    # A token reports only as its own agent, on its own channels.
-    bus.access.check_read_as(principal_of(request), agent, message.channel)
-    if not is_recipient(message, agent):
-        raise BusError(errors.FORBIDDEN, f"{agent} is not a recipient of message {message_id}; "
-                                         "only a recipient's daemon reports its check")
+    message = found[0] if found else None
+    if (message is None or not is_recipient(message, agent)
+            or not bus.access.sees_channel(principal, message.channel)):
+        raise BusError(errors.NO_SUCH_MESSAGE, f"{agent} has no message with id {message_id}; "
+                                               "only a recipient's daemon reports its check")
     if not is_handoff(message):
         raise BusError(errors.NOT_A_HANDOFF, f"id {message_id}")
     await bus.store.record_handoff_check(message_id, agent, result)

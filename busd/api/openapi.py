@@ -112,9 +112,35 @@ def _operation(summary: str, ok: dict, parameters: list | None = None,
 
 
 BOOL_TEXT = {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"]}
+STRINGS = {"type": "array", "items": {"type": "string"}}
+AGENT_CARD = {
+    "type": "object",
+    "required": ["name", "description", "supportedInterfaces", "version", "capabilities",
+                 "defaultInputModes", "defaultOutputModes", "skills", "url", "authentication"],
+    "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"},
+        "version": {"type": "string"}, "url": {"type": "string"},
+        "supportedInterfaces": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["url", "protocolBinding", "protocolVersion"],
+            "properties": {"url": {"type": "string"}, "protocolBinding": {"type": "string"},
+                           "protocolVersion": {"type": "string"}}}},
+        "capabilities": {"type": "object", "properties": {
+            "streaming": {"type": "boolean"}, "pushNotifications": {"type": "boolean"}}},
+        "defaultInputModes": STRINGS, "defaultOutputModes": STRINGS,
+        "skills": {"type": "array", "items": {
+            "type": "object", "required": ["id", "name", "description", "tags"],
+            "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                           "description": {"type": "string"}, "tags": STRINGS}}},
+        "authentication": {"type": "object", "required": ["schemes"],
+                           "properties": {"schemes": STRINGS}},
+        "did": {"type": "string", "pattern": "^did:key:z"},
+    },
+}
 OBJECT = {"type": "object"}
 RECEIPT_STATE = {"enum": ["queued", "delivered", "filed"]}
-HANDOFF_RESULT = {"enum": ["verified", "mismatch", "unreachable"]}
+HANDOFF_REPORT = {"enum": ["verified", "mismatch", "not checked"]}
+# What /status shows may also be `unreachable`: reported by daemons before "not checked".
+HANDOFF_RESULT = {"enum": ["verified", "mismatch", "not checked", "unreachable"]}
 HANDOFF_CHECKS = {"type": "object", "additionalProperties": HANDOFF_RESULT,
                   "description": "per recipient, what its daemon found on arrival"}
 RECIPIENT_STATES = {"type": "object", "additionalProperties": RECEIPT_STATE}
@@ -169,7 +195,9 @@ def document(version: str) -> dict:
                                   "now": TIMESTAMP}}),
             [_query("to", NAME, True), _query("since", {"type": "number"}),
              _query("block", BOOL_TEXT), _query("channel", CHANNEL_OR_ALL),
-             _query("max", {"type": "integer", "minimum": 1, "maximum": 1000}),
+             _query("max", {"type": "integer", "minimum": 1},
+                    description="a soft cap on the batch (default 100): more than 1000 is "
+                                "served as 1000, and then `now` is the last message's ts"),
              _query("filed", BOOL_TEXT,
                     description="true from a daemon: since also says its files are durable")])},
         "/inbox": {"get": _operation(
@@ -246,11 +274,9 @@ def document(version: str) -> dict:
                                  "signature": {"type": "string"},
                                  "signed_at": {"type": "integer"}}})},
         "/.well-known/agent-card.json": {"get": _operation(
-            "A2A agent card; carries the first operator's did:key",
-            _json({"type": "object",
-                   "required": ["name", "description", "url", "version", "capabilities",
-                                "authentication", "skills"],
-                   "properties": {"did": {"type": "string", "pattern": "^did:key:z"}}}))},
+            "A2A v1.0 agent card, with el-ipc's url, authentication.schemes and (once an "
+            "operator exists) the first operator's did:key",
+            _json(AGENT_CARD))},
         "/metrics": {"get": _operation(
             "Prometheus metrics (admin)",
             {"content": {"text/plain": {"schema": {"type": "string"}}}})},
@@ -261,7 +287,7 @@ def document(version: str) -> dict:
             _json({"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}}),
             body={"type": "object", "required": ["id", "agent", "result"],
                   "properties": {"id": {"type": "integer", "minimum": 1}, "agent": NAME,
-                                 "result": HANDOFF_RESULT}})},
+                                 "result": HANDOFF_REPORT}})},
         "/ui": {"get": _console_operation(
             "The operator console, a web page (admin; open mode on loopback). Without an "
             "admin credential, the login form, answered 401 (or 403 for a non-admin token)",

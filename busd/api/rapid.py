@@ -11,7 +11,7 @@ from ..model import (NewMessage, check_body, check_channel, check_key, check_met
                      check_name, check_recipient)
 from .handoffs import checks_of
 from .common import (accept_send, bus_of, check_signature, long_poll, principal_of, query_batch,
-                     query_bool, query_float, query_value, reply)
+                     query_bool, query_float, query_value, reply, visible_pending)
 
 FIELDS = ("from", "to", "msg")
 
@@ -78,9 +78,10 @@ async def recv(request: web.Request) -> web.Response:
 
 async def inbox(request: web.Request) -> web.Response:
     bus = bus_of(request)
-    bus.access.check_admin(principal_of(request))
+    principal = principal_of(request)
+    bus.access.check_admin(principal)
     now = await bus.store.now()
-    return reply({"recipients": await bus.store.pending_counts(), "now": now})
+    return reply({"recipients": await visible_pending(bus, principal), "now": now})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -108,8 +109,10 @@ async def status(request: web.Request) -> web.Response:
     # An id no database integer can hold is simply unknown (the stores cannot look it up).
     stored_range = sorted({i for i in ids if 0 < i < 2 ** 63})
     found = [m for m in await bus.store.messages_by_id(stored_range)
-             # A sender may follow its own messages; admins follow everyone's.
-             if principal.admin or m.sender == principal.name]
+             # A sender may follow its own messages; admins follow everyone's; both only
+             # on the channels their token may see.
+             if (principal.admin or m.sender == principal.name)
+             and bus.access.sees_channel(principal, m.channel)]
     rows, marks = await bus.store.receipts({m.channel for m in found})
     states = {s["id"]: s for s in receipts.message_states(found, rows, marks)}
     # A handoff's checks, as its recipients' daemons reported them.
@@ -122,9 +125,11 @@ async def undelivered(request: web.Request) -> web.Response:
     """Dead letters: addressed messages nobody fetched for a while, or sent to a name
     that has never talked to the bus."""
     bus = bus_of(request)
-    bus.access.check_admin(principal_of(request))
+    principal = principal_of(request)
+    bus.access.check_admin(principal)
     older = query_float(request, "older", 600.0)
     if older < 0:
         raise BusError(errors.BAD_PARAM, "older must be 0 or more seconds")
     found = await bus.store.undelivered(time.time() - older)
-    return reply({"messages": found})
+    return reply({"messages": [entry for entry in found
+                               if bus.access.sees_channel(principal, entry["channel"])]})

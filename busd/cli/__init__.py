@@ -41,10 +41,18 @@ class Env:
     no_cursor: bool
     listen_dir: str     # AGENT_BUS_LISTEN_DIR, else <state_dir>/listen: `listen`'s logs
     spool_root: str     # AGENT_BUS_SPOOL, else <state_dir>: the agents' spool folders
+    shared: str         # AGENT_BUS_SHARED: folders whose handoffs the daemon checks, ':'-separated
     config_dir: str     # ${XDG_CONFIG_HOME:-~/.config}/agent-bus: `init` writes NAME.env here
     notify_socket: str  # NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID: set by systemd
     watchdog_usec: str
     watchdog_pid: str
+    # el-ipc's settings, honoured where they mean the same here (README, "From el-ipc").
+    db: str             # IPC_DB_PATH, else <state_dir>/bus.db: the server's database
+    port: str           # IPC_PORT: serve's port
+    card_name: str      # IPC_AGENT_NAME, IPC_AGENT_DESC, IPC_AGENT_URL: the agent card
+    card_description: str
+    card_url: str
+    ipc_api_key: bool   # IPC_API_KEY is set: el-ipc's shared key, which serve refuses
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "Env":
@@ -65,11 +73,18 @@ class Env:
             listen_dir=environ.get("AGENT_BUS_LISTEN_DIR") or os.path.join(
                 state_home, "agent-bus", "listen"),
             spool_root=environ.get("AGENT_BUS_SPOOL") or os.path.join(state_home, "agent-bus"),
+            shared=environ.get("AGENT_BUS_SHARED", ""),
             config_dir=os.path.join(environ.get("XDG_CONFIG_HOME") or os.path.join(
                 os.path.expanduser("~"), ".config"), "agent-bus"),
             notify_socket=environ.get("NOTIFY_SOCKET", ""),
             watchdog_usec=environ.get("WATCHDOG_USEC", ""),
             watchdog_pid=environ.get("WATCHDOG_PID", ""),
+            db=environ.get("IPC_DB_PATH") or os.path.join(state_home, "agent-bus", "bus.db"),
+            port=environ.get("IPC_PORT", ""),
+            card_name=environ.get("IPC_AGENT_NAME", ""),
+            card_description=environ.get("IPC_AGENT_DESC", ""),
+            card_url=environ.get("IPC_AGENT_URL", ""),
+            ipc_api_key=bool(environ.get("IPC_API_KEY")),
         )
 
     def client(self) -> BusClient:
@@ -97,14 +112,16 @@ def exit_code_for(exc: BusClientError) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import agent, directory, handoff, init, listen, mcp, messaging, security, serve
+    from . import (agent, directory, discovery, handoff, init, listen, mcp, messaging, security,
+                   serve)
 
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, messaging, listen, directory, agent, security, handoff, init, mcp):
+    for module in (serve, messaging, listen, directory, discovery, agent, security, handoff, init,
+                   mcp):
         module.register(commands)
     return parser
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import time
 
 from .. import model
 from ..agent import spool
+from ..agent.checks import CHECK_SECONDS
 from ..agent.daemon import AgentConfig, AgentDaemon
 from ..agent.inbox import list_inbox, parse_inbox_file
 from ..agent.notify import Notifier
@@ -17,6 +19,8 @@ from ..agent.spool import AgentLocked, BadDrop, SpoolLayout
 from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
 
 PREVIEW_CHARS = 120
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+SHARED_SEPARATOR = ":"   # AGENT_BUS_SHARED lists folders as PATH lists them
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -36,6 +40,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     agent.add_argument("--senders", type=int, default=8, metavar="N",
                        help="files sent at once (default 8); 1 keeps strict drop order even "
                             "within a burst, at a lower rate")
+    agent.add_argument("--shared", action="append", default=None, metavar="DIR",
+                       help="a folder shared with the senders (repeat for more): handoffs of "
+                            "files under it are checked on arrival; every other handoff is "
+                            "'not checked' (default $AGENT_BUS_SHARED, ':'-separated; none)")
+    agent.add_argument("--check-seconds", type=float, default=CHECK_SECONDS, metavar="S",
+                       help="the most time one handoff's check may take (default "
+                            f"{CHECK_SECONDS:g}); a slower one is 'not checked'")
     agent.set_defaults(func=_agent)
 
     drop = commands.add_parser(
@@ -54,7 +65,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     inbox = commands.add_parser(
         "inbox", help="list NAME's inbox, or print one message",
         description="List the messages in NAME's inbox/, oldest first, one line each: "
-                    "id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | '). "
+                    "id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', "
+                    "other control characters as spaces). "
                     "With --read ID, print that message's file: headers, a blank line, "
                     "the body.")
     inbox.add_argument("name", nargs="?", default=None, help="agent name (default $AGENT_NAME)")
@@ -72,6 +84,25 @@ def _layout(env: Env, name: str) -> SpoolLayout:
         raise CommandError(str(exc), EXIT_USAGE) from None
 
 
+def shared_roots(folders: list[str], source: str, relative_ok: bool) -> tuple[str, ...]:
+    """The shared roots as the daemon takes them: absolute, normalized, each once."""
+    roots: list[str] = []
+    for folder in folders:
+        if not folder:
+            continue
+        if SHARED_SEPARATOR in folder or any(c in folder for c in "\n\r\0"):
+            raise CommandError(f"{source}: {folder!r} holds a ':' or a line break, which "
+                               "AGENT_BUS_SHARED cannot carry; share it under another path",
+                               EXIT_USAGE)
+        if not os.path.isabs(folder) and not relative_ok:
+            raise CommandError(f"{source}: {folder!r} is not an absolute path; write the "
+                               "shared folders as /abs/path:/other/path", EXIT_USAGE)
+        root = os.path.normpath(os.path.abspath(folder))
+        if root not in roots:
+            roots.append(root)
+    return tuple(roots)
+
+
 def _agent(args: argparse.Namespace, env: Env) -> int:
     name = env.agent_name(args.name)
     channel = args.channel or env.channel
@@ -82,14 +113,25 @@ def _agent(args: argparse.Namespace, env: Env) -> int:
         raise CommandError("--max-msg-bytes must be at least 1", EXIT_USAGE)
     if not 1 <= args.senders <= 64:
         raise CommandError("--senders must be from 1 to 64", EXIT_USAGE)
+    if not 0 < args.check_seconds <= 86400:
+        raise CommandError("--check-seconds must be more than 0 and at most 86400", EXIT_USAGE)
+    if args.shared is not None:
+        shared = shared_roots(args.shared, "--shared", relative_ok=True)
+    else:
+        shared = shared_roots(env.shared.split(SHARED_SEPARATOR), "AGENT_BUS_SHARED",
+                              relative_ok=False)
     env.client().close()  # fails early, with the usual message, if AGENT_BUS_URL is unset
     _layout(env, name)
     os.umask(0o077)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"agent-bus agent {name}: %(message)s")
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    logging.getLogger("busd.agent").info(
+        "handoffs are checked under: %s", ", ".join(shared) if shared else
+        "no folder (none is shared: every handoff is 'not checked')")
     config = AgentConfig(name=name, spool_root=env.spool_root, channel=channel,
-                         max_msg_bytes=args.max_msg_bytes, senders=args.senders)
+                         max_msg_bytes=args.max_msg_bytes, senders=args.senders,
+                         shared=shared, check_seconds=args.check_seconds)
     daemon = AgentDaemon(config, env.client,
                          Notifier(env.notify_socket, env.watchdog_usec, env.watchdog_pid),
                          out=sys.stdout)
@@ -144,6 +186,8 @@ def _inbox(args: argparse.Namespace, env: Env) -> int:
             except FileNotFoundError:
                 continue  # deleted while we listed
             preview = body.decode("utf-8", "replace").replace("\n", " | ")[:PREVIEW_CHARS]
+            # One line that cannot redraw the terminal (a carriage return, an escape).
+            preview = _CONTROL.sub(" ", preview)
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
             out.write(f"{entry.id}\t{when}\t{entry.sender}\t{preview}\n")
         out.flush()

@@ -33,6 +33,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "verify", help="check a handed-off file: verified, mismatch or unreachable",
         description="Recompute a handed-off file's sha256. Give an inbox message id (the "
                     "handoff as the daemon filed it), or a FILE and the expected SHA256. "
+                    "Only a regular file is read, without blocking; with an id, a file whose "
+                    "size is not the one handed off is a mismatch without being read, and no "
+                    "more than that size is ever read. "
                     "Exit 0 verified, 1 mismatch, 3 unreachable.")
     check.add_argument("target", help="an inbox message id, or a file path")
     check.add_argument("sha256", nargs="?", default=None, help="expected sha256 (with a FILE)")
@@ -82,12 +85,19 @@ def _handoff_meta(env: Env, name: str | None, message_id: int) -> dict:
     raise CommandError(f"no message {message_id} in {layout.inbox}", EXIT_USAGE)
 
 
+def _files(env: Env, name: str | None, message_id: int) -> list[handoff.FileFacts]:
+    try:
+        return handoff.files_in(_handoff_meta(env, name, message_id))
+    except handoff.HandoffError as exc:
+        raise CommandError(f"message {message_id}: {exc}", EXIT_USAGE) from None
+
+
 def _verify(args: argparse.Namespace, env: Env) -> int:
     if args.sha256 is not None:
         results = [(args.target, handoff.verify_file(args.target, args.sha256))]
     elif args.target.isdigit():
-        files = handoff.files_in(_handoff_meta(env, args.name, int(args.target)))
-        results = [(f.path, handoff.verify_file(f.path, f.sha256)) for f in files]
+        files = _files(env, args.name, int(args.target))
+        results = [(f.path, handoff.verify_file(f.path, f.sha256, f.bytes)) for f in files]
     else:
         raise CommandError("give an inbox message id, or a FILE and its SHA256", EXIT_USAGE)
     for path, result in results:
@@ -98,7 +108,7 @@ def _verify(args: argparse.Namespace, env: Env) -> int:
 def _fetch(args: argparse.Namespace, env: Env) -> int:
     if not os.path.isdir(args.folder):
         raise CommandError(f"{args.folder} is not a folder", EXIT_USAGE)
-    files = handoff.files_in(_handoff_meta(env, args.name, args.id))
+    files = _files(env, args.name, args.id)
     worst = EXIT_OK
     for facts in files:
         try:

@@ -10,6 +10,7 @@ import tempfile
 from .. import model
 from ..agent.spool import SpoolLayout
 from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+from .agent import SHARED_SEPARATOR, shared_roots
 
 DEFAULT_URL = "http://127.0.0.1:9876"
 # A value made only of these needs no quotes, in a systemd EnvironmentFile or in sh.
@@ -33,6 +34,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     init.add_argument("--token", default=None, metavar="T",
                       help="NAME's bearer token; '-' reads it from standard input, which keeps "
                            "it out of ps and your shell history (default: none)")
+    init.add_argument("--shared", action="extend", nargs="+", default=[], metavar="DIR",
+                      help="folders shared with the senders (a network or common filesystem): "
+                           "handoffs of files under them are checked on arrival; every other "
+                           "handoff is 'not checked' (default: none)")
     init.add_argument("--force", action="store_true",
                       help="replace an existing settings file")
     init.set_defaults(func=_init)
@@ -49,7 +54,8 @@ def _quote(key: str, value: str) -> str:
     return f"{key}='{value}'"
 
 
-def _settings(name: str, url: str, channel: str, token: str, spool_root: str) -> str:
+def _settings(name: str, url: str, channel: str, token: str, spool_root: str,
+              shared: tuple[str, ...]) -> str:
     lines = [
         f"# agent-bus settings for {name}: read by the systemd unit agent-bus@{name}",
         "# (EnvironmentFile=) and by a shell: set -a; . THIS_FILE; set +a",
@@ -63,6 +69,12 @@ def _settings(name: str, url: str, channel: str, token: str, spool_root: str) ->
         lines.append(_quote("AGENT_BUS_TOKEN", token))
     else:
         lines.append("# AGENT_BUS_TOKEN=   the agent's bearer token, once the bus has tokens")
+    if shared:
+        lines.append("# Handoffs of files under these folders are checked on arrival:")
+        lines.append(_quote("AGENT_BUS_SHARED", SHARED_SEPARATOR.join(shared)))
+    else:
+        lines.append("# AGENT_BUS_SHARED=  folders shared with the senders, ':'-separated: "
+                     "handoffs under them are checked")
     lines += [
         "# AGENT_BUS_KEY=     the agent's Ed25519 private key file: every send is signed",
         "# AGENT_BUS_CA=      a CA certificate file to trust for an https:// bus",
@@ -114,10 +126,16 @@ def _init(args: argparse.Namespace, env: Env) -> int:
     if any(c.isspace() for c in token):
         raise CommandError("--token holds a space or newline; a token is one word", EXIT_USAGE)
 
+    shared = shared_roots(args.shared, "--shared", relative_ok=True)
+    for root in shared:
+        if not os.path.isdir(root):
+            print(f"agent-bus init: note: {root} is not a folder here (yet); handoffs under "
+                  "it are 'not checked' until it is", file=sys.stderr)
+
     spool_root = os.path.abspath(env.spool_root)
     layout = SpoolLayout.for_agent(spool_root, name)
     path = os.path.join(env.config_dir, f"{name}.env")
-    text = _settings(name, url, channel, token, spool_root)
+    text = _settings(name, url, channel, token, spool_root, shared)
     os.umask(0o077)
     try:
         os.makedirs(env.config_dir, mode=0o700, exist_ok=True)
@@ -132,7 +150,8 @@ def _init(args: argparse.Namespace, env: Env) -> int:
     except OSError as exc:
         raise CommandError(f"cannot write {path}: {exc.strerror}", EXIT_USAGE) from None
     print(f"wrote {path}: {name} at {url}, channel {channel}"
-          + (", with a token" if token else ""))
+          + (", with a token" if token else "")
+          + (f", checking handoffs under {', '.join(shared)}" if shared else ""))
     print(f"spool folder: {layout.root}/ (drop files in outbox/<to>/; tail -f inbox.log)")
     print(f"start it now and at every login: systemctl --user enable --now agent-bus@{name}")
     return EXIT_OK

@@ -81,7 +81,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _db(args: argparse.Namespace, env: Env) -> str:
-    path = args.db or os.path.join(env.state_dir, "bus.db")
+    path = args.db or env.db
     if not path.startswith(("postgresql://", "postgres://")) and not os.path.exists(path):
         raise CommandError(f"no bus database at {path}; start the server once (agent-bus serve) "
                            "or pass --db", EXIT_USAGE)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from urllib.parse import urlsplit
 
 from ..identity import LEGACY_SIGNATURES
 from ..model import Limits
 
 
 DB_HELP = ("a SQLite database path, or a postgresql://USER@HOST:PORT/DATABASE URL that several "
-           "servers may share (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus/bus.db)")
+           "servers may share (default $IPC_DB_PATH, else "
+           "${XDG_STATE_HOME:-~/.local/state}/agent-bus/bus.db)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -23,8 +25,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other address "
                              "needs authentication or --insecure-open)")
-    parser.add_argument("--port", type=int, default=9876,
-                        help="port to listen on (default 9876; 0 picks a free one)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port to listen on (default $IPC_PORT, else 9876; 0 picks a free one)")
     parser.add_argument("--db", default=None, help=DB_HELP)
     parser.add_argument("--insecure-open", action="store_true",
                         help="allow a non-loopback address with no authentication")
@@ -63,6 +65,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                              "only read ones (default 0: no cap)")
     parser.add_argument("--retention-every", type=float, default=60.0, metavar="SECONDS",
                         help="how often retention runs (default 60)")
+    parser.add_argument("--card-name", default=None, metavar="NAME",
+                        help="the agent card's name (default $IPC_AGENT_NAME, else agent-bus)")
+    parser.add_argument("--card-description", default=None, metavar="TEXT",
+                        help="the agent card's description (default $IPC_AGENT_DESC)")
+    parser.add_argument("--card-url", default=None, metavar="URL",
+                        help="the public URL the agent card gives, e.g. a reverse proxy's "
+                             "(default $IPC_AGENT_URL, else the URL the card was fetched at)")
     parser.set_defaults(func=_serve)
 
     migrate = commands.add_parser(
@@ -76,6 +85,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace, env) -> int:
     # Imported here: every other command starts faster and smaller without aiohttp.
+    from .. import agent_card
     from ..agent.notify import Notifier
     from ..api.common import BusSettings
     from ..server import ServerConfig, run
@@ -87,11 +97,26 @@ def _serve(args: argparse.Namespace, env) -> int:
         die("--body-timeout must be more than 0 seconds")
     if args.max_msg_bytes < 1:
         die("--max-msg-bytes must be at least 1")
+    if env.ipc_api_key:
+        # el-ipc's shared key would leave this bus open to anyone without it; say so, and
+        # stop, rather than run open while its operator believes it is closed.
+        die("IPC_API_KEY is set, but agent-bus has no shared API key: make a token per agent "
+            "(agent-bus token create NAME; clients send it as 'Authorization: Bearer', as "
+            "they sent IPC_API_KEY), then unset IPC_API_KEY")
+    port = args.port if args.port is not None else _port(env.port)
+    card_url = args.card_url if args.card_url is not None else env.card_url
+    if card_url and not _absolute_http_url(card_url):
+        die(f"--card-url / IPC_AGENT_URL must be an absolute http:// or https:// URL, "
+            f"got {card_url!r}")
     os.umask(0o077)
-    db = args.db or os.path.join(env.state_dir, "bus.db")
+    db = args.db or env.db
     settings = BusSettings(hold_seconds=args.hold, body_timeout=args.body_timeout,
                            secret_guard=args.secret_guard, online_window=args.online_window,
-                           limits=Limits(max_msg_bytes=args.max_msg_bytes))
+                           limits=Limits(max_msg_bytes=args.max_msg_bytes),
+                           card_name=args.card_name or env.card_name or agent_card.DEFAULT_NAME,
+                           card_description=(args.card_description or env.card_description
+                                             or agent_card.DEFAULT_DESCRIPTION),
+                           public_url=card_url)
     if args.online_window <= 0:
         die("--online-window must be more than 0 seconds")
     if args.idle_timeout <= 0:
@@ -100,7 +125,7 @@ def _serve(args: argparse.Namespace, env) -> int:
         die("--rate must be 0 or more and --burst at least 1")
     if args.retain_days < 0 or args.retain_per_queue < 0 or args.retention_every <= 0:
         die("--retain-days and --retain-per-queue must be 0 or more, --retention-every above 0")
-    config = ServerConfig(host=args.host, port=args.port, db=db,
+    config = ServerConfig(host=args.host, port=port, db=db,
                           insecure_open=args.insecure_open, settings=settings,
                           tls_cert=args.tls_cert, tls_key=args.tls_key,
                           allow_hosts=tuple(args.allow_host),
@@ -119,13 +144,33 @@ def _serve(args: argparse.Namespace, env) -> int:
         notifier.close()
 
 
+def _port(text: str) -> int:
+    """IPC_PORT, el-ipc's port setting; 9876 (both seeds' port) when unset."""
+    from . import die
+
+    if not text:
+        return 9876
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        die(f"IPC_PORT must be a port number (0-65535), got {text[:40]!r}")
+    return port
+
+
+def _absolute_http_url(text: str) -> bool:
+    parts = urlsplit(text)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
 def _migrate(args: argparse.Namespace, env) -> int:
     from ..store_factory import open_store
     from ..store import StoreError, shown_database
     from . import EXIT_OK, die
 
     os.umask(0o077)
-    db = args.db or os.path.join(env.state_dir, "bus.db")
+    db = args.db or env.db
 
     async def apply() -> tuple[int, int]:
         store = open_store(db, exclusive=False)

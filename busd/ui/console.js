@@ -12,7 +12,8 @@
   const PER_ANSWER = 200;     // messages asked for per feed answer
   const MIN_GAP_MS = 300;     // between feed requests, however busy the bus is
   const STATES = ["queued", "delivered", "filed"];
-  const CHECKS = ["verified", "mismatch", "unreachable"];
+  // "unreachable": what daemons reported before "not checked" took its place.
+  const CHECKS = ["verified", "mismatch", "not checked", "unreachable"];
 
   const $ = (id) => document.getElementById(id);
   const feedBody = $("feed");
@@ -209,15 +210,15 @@
     }
     const checks = Object.entries(m.handoff);
     if (!checks.length) {
-      cell.replaceChildren(el("span", "badge", "not checked"));
+      cell.replaceChildren(el("span", "badge", "no report"));
       cell.title = "no recipient's daemon has reported its check yet";
       return;
     }
     const results = checks.map(([, result]) => oneOf(result, CHECKS, "unknown"));
-    // One word for all: a mismatch anywhere matters most, then an unreachable copy.
-    const overall = results.includes("mismatch") ? "mismatch"
-      : results.includes("unreachable") ? "unreachable" : results[0];
-    cell.replaceChildren(el("span", `badge ${overall}`, overall));
+    // One word for all: a mismatch anywhere matters most, then a copy not checked.
+    const overall = ["mismatch", "unreachable", "not checked"].find((r) => results.includes(r))
+      || results[0];
+    cell.replaceChildren(el("span", `badge ${overall.replace(" ", "-")}`, overall));
     cell.title = checks.map(([name, result]) => `${name}: ${result}`).join("\n");
   }
 

@@ -1,0 +1,108 @@
+"""How a message is framed as lines of text, so that no body can pass for the frame.
+
+A *block* is what `agent-bus recv`, the daemon's stdout and inbox.log show per message:
+
+    [20:45:55Z] from spark:        the header
+    4/4 hits checked               the body, escaped (below)
+    handoff: verified              status lines (`note:`, `handoff:`): only the daemon's
+    ---                            the boundary
+
+The daemon also writes, after a handoff's block, the result of its check:
+
+    [20:45:56Z] handoff check of message 42 from spark:
+    handoff: verified
+    ---
+
+The escape rule, the one rule every writer of blocks applies (bin/lib/agent-bus.sh
+applies the same in jq, byte for byte):
+
+  A body is cut into *segments*: one starts at the beginning of the body and after
+  every control character but tab -- U+0000-U+0008, U+000A-U+001F, U+007F-U+009F --
+  and after U+2028 and U+2029. (These are all the line breaks any reader knows,
+  str.splitlines' included, and the carriage returns, backspaces and escape
+  sequences with which a terminal moves its cursor back to a line's start.)
+  A segment that begins with the *frame form* -- any number of backslashes, any
+  number of spaces and tabs, then `---`, `[`, `handoff:` or `note:` (these two in
+  any mix of case) -- gets one backslash more in front. Nothing else changes.
+
+  The inverse: a segment that begins with a backslash followed by the frame form
+  loses that one backslash.
+
+So a body line reads as a boundary, a header or a status line never: each of those
+starts a segment with no backslash, and every body segment that could be read so
+begins with one. A body with no such segment is shown exactly as it is.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from .model import is_valid_name
+
+# The characters after which a segment starts: kept as a regex class body, the same
+# text bin/lib/agent-bus.sh puts in its jq filter.
+SEGMENT_BREAKS = "\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029"
+# What a frame line begins with; "handoff:" and "note:" in any case, spelled out so
+# that no regex engine's Unicode case folding ("ﬀ" for "ff") widens or narrows it.
+FRAME_WORDS = r"---|\[|[Hh][Aa][Nn][Dd][Oo][Ff][Ff]:|[Nn][Oo][Tt][Ee]:"
+FRAME_FORM = rf"\\*[ \t]*(?:{FRAME_WORDS})"
+
+_ESCAPE = re.compile(rf"(\A|[{SEGMENT_BREAKS}])({FRAME_FORM})")
+_UNESCAPE = re.compile(rf"(\A|[{SEGMENT_BREAKS}])\\({FRAME_FORM})")
+_SEGMENTS = re.compile(rf"[{SEGMENT_BREAKS}]")
+_BARE_FRAME = re.compile(rf"[ \t]*(?:{FRAME_WORDS})")
+
+BOUNDARY = "---"
+STATUS_WORDS = ("handoff", "note")
+HEADER_RE = re.compile(r"\[\d\d:\d\d:\d\dZ\] (.*):")
+
+
+def escape_body(body: str) -> str:
+    """The body as a block shows it (the rule above)."""
+    return _ESCAPE.sub(r"\1\\\2", body)
+
+
+def unescape_body(shown: str) -> str:
+    """The body a block showed: escape_body's exact inverse."""
+    return _UNESCAPE.sub(r"\1\2", shown)
+
+
+def segments(text: str) -> list[str]:
+    """`text` cut where the escape rule cuts it."""
+    return _SEGMENTS.split(text)
+
+
+def reads_as_frame(segment: str) -> bool:
+    """Could a reader take this segment for a boundary, a header or a status line?"""
+    return _BARE_FRAME.match(segment) is not None
+
+
+def shown_name(value: object) -> str:
+    """A sender's name as a header shows it: a valid name as it is, anything else as
+    JSON (quoted, its control characters escaped), so it can never break the line."""
+    if isinstance(value, str) and is_valid_name(value):
+        return value
+    try:
+        return json.dumps(value)
+    except ValueError:  # an integer with more digits than Python prints
+        return json.dumps(f"a {type(value).__name__}")
+
+
+def stamp(ts: float) -> str:
+    """`[HH:MM:SSZ]`: a block header's time, UTC."""
+    return "[" + time.strftime("%H:%M:%S", time.gmtime(float(ts))) + "Z]"
+
+
+def monitor_block(message: dict, status: list[str] | None = None) -> str:
+    """The block of one message: header, escaped body, the status lines given, boundary."""
+    lines = [f"{stamp(message.get('ts', 0))} from {shown_name(message.get('from'))}:",
+             escape_body(str(message.get("msg", "")))]
+    lines += status or []
+    return "\n".join(lines) + f"\n{BOUNDARY}\n"
+
+
+def check_block(ts: float, message_id: int, sender: object, status: str) -> str:
+    """The entry that follows a handoff's block once the daemon has checked it."""
+    return (f"{stamp(ts)} handoff check of message {int(message_id)} from "
+            f"{shown_name(sender)}:\nhandoff: {status}\n{BOUNDARY}\n")
