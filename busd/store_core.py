@@ -21,7 +21,7 @@ from . import errors
 from .errors import BusError
 from .model import NewMessage, SendResult, StoredMessage
 from .receipts import ReceiptRow, WatermarkRow
-from .store import Store, StoreError, TokenRecord
+from .store import Received, Store, StoreError, TokenRecord
 from .store_sql import SCHEMA_VERSION, PostgresDialect, Queries
 
 # Last contact is written at most this often per agent: presence needs no finer grain.
@@ -112,6 +112,7 @@ class SQLStore(Store):
         self._forming = Group()
         self._in_flight: Group | None = None
         self._kick_scheduled = False
+        self._look = False
         self._idle = asyncio.Event()
         # What this server acknowledged and when it last noted each contact: the
         # database may not have it yet, and repeats are not written again.
@@ -153,21 +154,33 @@ class SQLStore(Store):
         """The forming group, committed as soon as the writer is free."""
         if not self._open:
             raise BusError(errors.SHUTTING_DOWN)
+        self._schedule_kick()
+        return self._forming
+
+    def _look_for_others(self) -> None:
+        """Another process may have committed: the writer's next transaction looks (an
+        empty one, if nothing else is waiting to be written)."""
+        if self._open:
+            self._look = True
+            self._schedule_kick()
+
+    def _schedule_kick(self) -> None:
         self._idle.clear()
         if not self._kick_scheduled and self._in_flight is None:
             # Let the rest of this loop iteration's requests join the same group.
             self._kick_scheduled = True
             self._loop.call_soon(self._kick)
-        return self._forming
 
     def _kick(self) -> None:
         self._kick_scheduled = False
         if self._in_flight is not None:
             return
         group = self._forming
-        if not group:
+        if not group and not self._look:
             self._idle.set()
             return
+        # Every transaction looks for other processes' commits as it begins.
+        self._look = False
         self._forming = Group()
         self._in_flight = group
         self._start_commit(group)
@@ -214,6 +227,16 @@ class SQLStore(Store):
                              meta=json.loads(row[6]) if row[6] else None, signature=row[7])
 
     # -- the interface -------------------------------------------------------
+
+    async def now(self) -> float:
+        return float(await self._value(self.sql.now))
+
+    async def recv(self, to: str, channel: str, since: float, limit: int) -> Received:
+        params = {"to": to, "channel": channel, "since": since, "limit": limit}
+        rows = await self._rows(self.sql.recv_all_channels_with_now if channel == "*"
+                                else self.sql.recv_with_now, params)
+        return Received([self._message(row[1:]) for row in rows if row[1] is not None],
+                        float(rows[0][0]))
 
     async def append(self, message: NewMessage) -> SendResult:
         group = self._join()

@@ -14,8 +14,15 @@ import re
 from typing import Any, Sequence
 
 
+# PostgreSQL's clock counts whole microseconds; a ts is seconds. Written once: `now` and
+# message stamps must convert alike.
+US_TO_TS = "::float8 / 1000000"
+
+
 class PostgresDialect:
     name = "postgresql"
+    # `now`: the clock as committed (see store.CommitClock).
+    clock_now = f"SELECT last_us{US_TO_TS} AS now FROM clock"
     types = {
         # One row: where ids and ts go on from. Updating it is the lock that orders
         # every message-writing transaction of every replica (store_pg).
@@ -54,8 +61,11 @@ class PostgresDialect:
 
 class SQLiteDialect(PostgresDialect):
     name = "sqlite"
+    # The clock row is `meta`'s "clock", a ts written as repr() text (exact in Python;
+    # SQLite's own REAL-to-text conversion would round it); none yet in a new database.
+    clock_now = "SELECT COALESCE((SELECT value FROM meta WHERE key = 'clock'), '0') AS now"
     types = {
-        "clock_table": "",  # the clock is in-process (store.CommitClock)
+        "clock_table": "",  # the clock row is in `meta` (store_sqlite)
         # AUTOINCREMENT: ids of deleted messages are never given again.
         "message_id": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -187,6 +197,10 @@ _COLUMNS = "id, ts, channel, from_name, to_name, body, meta, signature"
 _RECV = (f"SELECT {_COLUMNS} FROM messages WHERE to_name IN (%(to)s, '*') {{channel}}"
          "AND ts > %(since)s AND NOT (to_name = '*' AND from_name = %(to)s) "
          "ORDER BY ts LIMIT %(limit)s")
+
+# `now` from the same statement, so the same snapshot, as the messages it goes with; one
+# row with no message when none matched.
+_WITH_NOW = "SELECT c.now, m.* FROM ({clock}) c LEFT JOIN ({recv}) m ON TRUE ORDER BY m.ts"
 
 # el-ipc readers see the whole channel's broadcasts (their own included, as the
 # older server did) and what is addressed to them, past their watermark.
@@ -332,3 +346,7 @@ class Queries:
                 setattr(self, name, dialect.render(sql))
         self.migrations = tuple(dialect.render(text.format(**dialect.types))
                                 for text in MIGRATIONS)
+        self.now = dialect.clock_now
+        self.recv_with_now = _WITH_NOW.format(clock=dialect.clock_now, recv=self.recv)
+        self.recv_all_channels_with_now = _WITH_NOW.format(clock=dialect.clock_now,
+                                                           recv=self.recv_all_channels)
