@@ -141,6 +141,11 @@ class Store(abc.ABC):
         """{channel: {recipient: count}} of addressed messages the recipient has not fetched."""
 
     @abc.abstractmethod
+    async def queue_counts(self) -> dict[str, dict[str, int]]:
+        """{channel: {recipient: count}} of the messages the bus holds, read or not (retention
+        aside): rapid's queues. A broadcast is one message, counted under its `to`, "*"."""
+
+    @abc.abstractmethod
     async def enforce_retention(self, max_age: float | None, per_queue: int | None) -> int:
         """Delete messages older than max_age seconds or beyond the newest per_queue of
         their (channel, recipient) queue -- only those already read. Returns how many."""

@@ -343,8 +343,15 @@ class SQLStore(Store):
                  "created_at": r[4]} for r in await self._rows(self.sql.agents)]
 
     async def pending_counts(self) -> dict[str, dict[str, int]]:
+        return await self._counts(self.sql.pending)
+
+    async def queue_counts(self) -> dict[str, dict[str, int]]:
+        return await self._counts(self.sql.queues)
+
+    async def _counts(self, sql: str) -> dict[str, dict[str, int]]:
+        """{channel: {recipient: count}} from rows of (channel, recipient, count)."""
         out: dict[str, dict[str, int]] = {}
-        for channel, recipient, count in await self._scan(self.sql.pending):
+        for channel, recipient, count in await self._scan(sql):
             out.setdefault(channel, {})[recipient] = count
         return out
 

@@ -260,6 +260,8 @@ class Queries:
     receipts = ("SELECT agent, channel, delivered_ts, filed_ts FROM acknowledged "
                 "WHERE channel = ANY(%s)")
     watermarks = "SELECT agent, channel, last_id FROM watermarks WHERE channel = ANY(%s)"
+    # rapid's /inbox: every queue's length, read or not.
+    queues = "SELECT channel, to_name, COUNT(*) FROM messages GROUP BY channel, to_name"
     pending = (f"SELECT m.channel, m.to_name, COUNT(*) FROM messages m WHERE {_NOT_FETCHED} "
                "GROUP BY m.channel, m.to_name")
     undelivered = (f"SELECT m.id, m.ts, m.from_name, m.to_name, m.channel, {_NEVER_SEEN} "
