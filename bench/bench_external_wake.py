@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Benchmark how fast a message written straight into the database by another process
+(el-ipc's CLI mode, `agent-bus send --db`) reaches a long-poll parked on the server.
+
+Starts a real `agent-bus serve` on loopback with a fresh SQLite file (and/or a fresh
+PostgreSQL database), parks a rapid long-poll on it, and stores one message at a time:
+
+  direct    from this process, through the ordinary store opened beside the server
+            (store_factory.open_store(db, exclusive=False).append: what `send --db` runs);
+            the server hears the commit (SQLite: its WAL watch; PostgreSQL: NOTIFY)
+  http      POST /send to the server itself, in the same run, for comparison
+
+Each figure is from the moment the send starts (so a direct write's own durable commit
+is included) to the moment the parked poll's answer arrives; the direct writer's commit
+time alone is printed beside it. Target: direct p50 <= 50 ms. Every loop is bounded.
+
+    python bench/bench_external_wake.py [--sends 100] [--store sqlite|postgresql|both]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_server import KeepAliveClient, percentile  # noqa: E402
+from busd.model import NewMessage  # noqa: E402
+from busd.store_factory import open_store  # noqa: E402
+from tests.support import BusServer, PostgresServer  # noqa: E402
+
+RECIPIENT = "wake"
+
+
+async def measure(url: str, sends: int, send_one) -> tuple[list[float], list[float], int]:
+    """Park a poll, send one message, time its answer; `sends` times. Returns the
+    send-start -> answer latencies, the sends' own durations, and how many were missed."""
+    latencies, durations, missed = [], [], 0
+    async with KeepAliveClient(url) as receiver:
+        since = (await receiver.recv(RECIPIENT, 0.0, block=False))["now"]
+        for i in range(sends):
+            answered: list[float] = []
+
+            async def poll() -> dict:
+                body = await receiver.recv(RECIPIENT, since, block=True)
+                answered.append(time.perf_counter())
+                return body
+
+            parked = asyncio.create_task(poll())
+            await asyncio.sleep(0.005)  # let the poll reach the server and park
+            started = time.perf_counter()
+            stamp = await send_one(i)
+            durations.append(time.perf_counter() - started)
+            body = await asyncio.wait_for(parked, 30)
+            if [m["id"] for m in body["messages"]] != [stamp]:
+                missed += 1  # answered by the hold running out, or with the wrong message
+            latencies.append(answered[0] - started)
+            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
+    return latencies, durations, missed
+
+
+async def run(db: str, sends: int) -> dict:
+    results = {}
+    with BusServer(db, "--hold", "10") as bus:
+        store = open_store(db, exclusive=False)
+        await store.open()
+        try:
+            async def direct(i: int) -> int:
+                result = await store.append(NewMessage(
+                    channel="default", sender="cli", to=RECIPIENT, body=f"direct {i}"))
+                return result.message.id
+
+            results["direct"] = await measure(bus.url, sends, direct)
+        finally:
+            await store.close()
+        async with KeepAliveClient(bus.url) as sender:
+            async def over_http(i: int) -> int:
+                return (await sender.send("web", RECIPIENT, f"http {i}"))["id"]
+
+            results["http"] = await measure(bus.url, sends, over_http)
+        assert bus.stop() == 0, "".join(bus.log)
+    return results
+
+
+def report(store: str, results: dict) -> bool:
+    ok = True
+    for path, (latencies, durations, missed) in results.items():
+        p50, p99 = percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
+        own = percentile(durations, 0.5) * 1e3
+        print(f"{store:<10} {path:<6} send -> parked poll answered: p50 {p50:6.2f} ms, "
+              f"p99 {p99:6.2f} ms   (the send itself: p50 {own:5.2f} ms)   "
+              f"missed {missed} of {len(latencies)}")
+        ok = ok and missed == 0
+    direct_p50 = percentile(results["direct"][0], 0.5) * 1e3
+    verdict = "meets" if direct_p50 <= 50 else "MISSES"
+    print(f"{store:<10} direct p50 {direct_p50:.2f} ms {verdict} the 50 ms target")
+    return ok and direct_p50 <= 50
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sends", type=int, default=100, help="messages per path")
+    parser.add_argument("--store", choices=("sqlite", "postgresql", "both"), default="both")
+    args = parser.parse_args()
+    ok = True
+    if args.store in ("sqlite", "both"):
+        with tempfile.TemporaryDirectory() as folder:
+            ok &= report("sqlite", asyncio.run(run(str(Path(folder) / "bus.db"), args.sends)))
+    if args.store in ("postgresql", "both"):
+        postgres = PostgresServer()
+        problem = postgres.reachable()
+        if problem is not None:
+            print(f"postgresql skipped: {problem}")
+        else:
+            url = postgres.create_database()
+            try:
+                ok &= report("postgresql", asyncio.run(run(url, args.sends)))
+            finally:
+                postgres.drop_database(url)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
