@@ -50,7 +50,10 @@ async def measure(url: str, sends: int, send_one) -> tuple[list[float], list[flo
                 return body
 
             parked = asyncio.create_task(poll())
-            await asyncio.sleep(0.005)  # let the poll reach the server and park
+            # Let the poll reach the server and park, and the server fall idle (its own
+            # commit of the poll's receipt behind it), as before a send that comes
+            # while nothing else happens.
+            await asyncio.sleep(0.02)
             started = time.perf_counter()
             stamp = await send_one(i)
             durations.append(time.perf_counter() - started)

@@ -21,12 +21,13 @@ row, read in the same statement as the messages.
 
 Hearing them. A serving store watches the WAL file with inotify: every commit writes
 to it. The event can come before that commit is visible (frames are written before
-they are synced and published), so it is a cue, not news: the writer's next
-transaction (an empty one if nothing else waits) begins with BEGIN IMMEDIATE, which
-waits for the other process to finish, and its data_version check tells whether
-another process committed. Their new messages wake the long-polls parked on them,
-as a replica's do on PostgreSQL. The server's own commits cue it too: that costs
-one empty transaction when the writer falls idle, nothing while it is busy.
+they are synced and published), so it is a cue, not news: the next transaction the
+writer begins after it (an empty one LOOK_AFTER later, if none began meanwhile) starts
+with BEGIN IMMEDIATE, which waits for the other process to finish, and its
+data_version check tells whether another process committed. Their new messages wake
+the long-polls parked on them, as a replica's do on PostgreSQL. The server's own
+commits cue it too: that costs an empty transaction when the writer stays idle for
+LOOK_AFTER, nothing while sends keep coming.
 """
 from __future__ import annotations
 
@@ -68,6 +69,11 @@ SQL_DATA_VERSION = "PRAGMA data_version"
 # Whom other processes' new messages concern; more pairs than this: wake every poll.
 SQL_NEW_RECIPIENTS = "SELECT DISTINCT channel, to_name FROM messages WHERE id > ? LIMIT ?"
 NOTICE_LIMIT = 1000
+# How long after a WAL write the writer looks for other processes' commits, unless a
+# transaction that began meanwhile has looked (seconds). Most writes are this server's
+# own commits, and a send arriving within this time makes the look free; it also lets
+# the other process finish the commit the event can precede.
+LOOK_AFTER = 0.005
 
 _STOP = object()
 
@@ -182,6 +188,11 @@ class SQLiteStore(SQLStore):
         self._scans: ThreadPoolExecutor | None = None
         self._lock_file: int | None = None
         self._watch: WalWatch | None = None
+        self._look_timer: asyncio.TimerHandle | None = None
+        # On the loop: transactions handed to the writer, and that count at the last
+        # WAL write; a transaction handed over after it looks for that write's commit.
+        self._transactions = 0
+        self._transactions_at_write = 0
         # The writer thread's: the newest stamp committed by anyone as far as it knows,
         # and data_version when it last asked.
         self._floor = NO_STAMP
@@ -232,10 +243,20 @@ class SQLiteStore(SQLStore):
         if self.listen:
             self._watch = self._watch_wal()
 
+    def _wal_written(self) -> None:
+        self._transactions_at_write = self._transactions
+        if self._look_timer is None:
+            self._look_timer = self._loop.call_later(LOOK_AFTER, self._look_unless_looked)
+
+    def _look_unless_looked(self) -> None:
+        self._look_timer = None
+        if self._transactions == self._transactions_at_write:
+            self._look_for_others()
+
     def _watch_wal(self) -> WalWatch | None:
         wal = self.path + "-wal"  # there while any connection is open (ours are)
         try:
-            return WalWatch(wal, self._loop, self._look_for_others)
+            return WalWatch(wal, self._loop, self._wal_written)
         except OSError as exc:
             log.warning("cannot watch %s (%s): messages other processes write into the "
                         "database wake parked long-polls only when this server next "
@@ -303,6 +324,9 @@ class SQLiteStore(SQLStore):
         if self._watch is not None:
             self._watch.close()
             self._watch = None
+        if self._look_timer is not None:
+            self._look_timer.cancel()
+            self._look_timer = None
         if self._writer is not None:
             self._queue.put(_STOP)
             writer, self._writer = self._writer, None
@@ -370,6 +394,7 @@ class SQLiteStore(SQLStore):
         work = [(SQL_INSERT, _insert_params(send)) for send in group.sends]
         work += [(sql, params) for sql, params, _future, _changes_identity in group.statements]
         work += self._receipt_statements(group)
+        self._transactions += 1
         self._queue.put((group, work))
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
@@ -443,6 +468,8 @@ class SQLiteStore(SQLStore):
     def _heard(self, heard: Heard) -> None:
         """On the loop thread: other processes committed; wake whom it concerns."""
         self._clock.raise_floor(heard.floor)
+        if not self.listen:
+            return
         if heard.recipients is None:
             if self.on_commits_missed is not None:
                 self.on_commits_missed()
