@@ -28,13 +28,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 
-# Runs inside one tree (its tests.support and bench.bench_server), prints one JSON line.
+# Runs inside one tree with that tree's harness, prints one JSON line. Revisions from
+# before the harness package kept it in tests/support.py and bench/bench_server.py.
 PROBE = r'''
 import asyncio, json, os, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, os.getcwd())
-from tests.support import BusServer
-from bench.bench_server import KeepAliveClient, measure_latency, measure_throughput, percentile
+try:
+    from harness.bus import BusServer
+    from harness.load import KeepAliveClient, measure_latency, measure_throughput, percentile
+except ImportError:
+    from harness.bus import BusServer
+    from bench.bench_server import KeepAliveClient, measure_latency, measure_throughput, percentile
 
 def cpu_seconds(pid):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()

@@ -8,7 +8,7 @@ commits, the default), then measures:
   throughput  durable sends/s with 1 and with 8 concurrent keep-alive clients
   integrity   the receivers got every acknowledged message once, in order
 
-The load generator is a minimal keep-alive HTTP/1.1 client on asyncio, so the
+The load generator is harness/load.py's minimal keep-alive HTTP/1.1 client, so the
 figures measure the server, not a client library. Every loop is bounded.
 
     python bench/bench_server.py [--messages 500] [--rounds 3]
@@ -17,130 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import BusServer  # noqa: E402
-
-
-class KeepAliveClient:
-    """One persistent HTTP/1.1 connection; requests go one at a time."""
-
-    def __init__(self, url: str):
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def __aenter__(self) -> "KeepAliveClient":
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-        self.writer.write(head.encode() + body)
-        status_line = await self.reader.readuntil(b"\r\n")
-        status = int(status_line.split()[1])
-        length = 0
-        while True:
-            line = await self.reader.readuntil(b"\r\n")
-            if line == b"\r\n":
-                break
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        return status, await self.reader.readexactly(length)
-
-    async def send(self, sender: str, to: str, msg: str) -> dict:
-        status, body = await self.request(
-            "POST", "/send", json.dumps({"from": sender, "to": to, "msg": msg}).encode())
-        if status != 200:
-            raise RuntimeError(f"send answered {status}: {body[:200]!r}")
-        return json.loads(body)
-
-    async def recv(self, to: str, since: float, block: bool) -> dict:
-        status, body = await self.request(
-            "GET", f"/recv?to={to}&since={since!r}&block={'true' if block else 'false'}")
-        if status != 200:
-            raise RuntimeError(f"recv answered {status}: {body[:200]!r}")
-        return json.loads(body)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
-
-
-async def measure_latency(url: str, count: int, receiver_url: str | None = None,
-                          park_seconds: float = 0.003
-                          ) -> tuple[list[float], list[dict], list[dict]]:
-    """Send one message at a time to a receiver already parked in a long-poll (on another
-    server sharing the database, when `receiver_url` is given)."""
-    latencies, acks, received = [], [], []
-    async with KeepAliveClient(url) as sender, \
-            KeepAliveClient(receiver_url or url) as receiver:
-        since = (await receiver.recv("lat", 0.0, block=False))["now"]
-        for i in range(count):
-            parked = asyncio.create_task(receiver.recv("lat", since, block=True))
-            await asyncio.sleep(park_seconds)  # let the poll reach the server and park
-            started = time.perf_counter()
-            acks.append(await sender.send("bench", "lat", f"latency {i}"))
-            body = await asyncio.wait_for(parked, 30)
-            latencies.append(time.perf_counter() - started)
-            received.extend(body["messages"])
-            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
-    return latencies, acks, received
-
-
-async def measure_throughput(url: str, clients: int, per_client: int,
-                             recipient: str) -> tuple[float, list[dict]]:
-    acks: list[dict] = []
-
-    async def one_client(number: int) -> None:
-        async with KeepAliveClient(url) as client:
-            for i in range(per_client):
-                acks.append(await client.send(f"tp{number}", recipient, f"{number}:{i}"))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one_client(n) for n in range(clients)))
-    elapsed = time.perf_counter() - started
-    return clients * per_client / elapsed, acks
-
-
-async def drain(url: str, recipient: str, expected: int) -> list[dict]:
-    """Follow the since-cursor rule with the default batch size until all arrived."""
-    got: list[dict] = []
-    since = 0.0
-    async with KeepAliveClient(url) as client:
-        for _ in range(expected // 50 + 100):
-            body = await client.recv(recipient, since, block=False)
-            got.extend(body["messages"])
-            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
-            if not body["messages"]:
-                break
-    return got
-
-
-def exactly_once_in_order(acks: list[dict], received: list[dict]) -> tuple[int, int, int]:
-    """(lost, duplicated, out of order) counts."""
-    ids = [m["id"] for m in received]
-    lost = len({a["id"] for a in acks} - set(ids))
-    duplicated = len(ids) - len(set(ids))
-    stamps = [m["ts"] for m in received]
-    reordered = sum(1 for a, b in zip(stamps, stamps[1:]) if b <= a)
-    return lost, duplicated, reordered
+from harness.bus import BusServer  # noqa: E402
+from harness.load import (drain, exactly_once_in_order, measure_latency,  # noqa: E402
+                          measure_throughput, percentile)
 
 
 async def run(url: str, messages: int, rounds: int) -> int:

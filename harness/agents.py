@@ -12,7 +12,7 @@ from pathlib import Path
 
 from busd.agent.inbox import parse_inbox_file
 from busd.agent.spool import SpoolLayout
-from tests.support import agent_bus_cmd, repo_env
+from .bus import agent_bus_cmd, repo_env
 
 
 class AgentProcess:

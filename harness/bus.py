@@ -1,4 +1,5 @@
-"""Real components for tests and benchmarks: a bus server process, waiting on events."""
+"""Real components for tests and benchmarks: a bus server process, the tests' PostgreSQL,
+send bursts, and waiting on what a server shows (its log, its /metrics)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,6 +131,28 @@ class BusServer:
         response = self.post("/send", json={"from": sender, "to": to, "msg": msg, **fields})
         assert response.status_code == 200, response.text
         return response.json()
+
+    def metric(self, sample: str, headers: dict | None = None, **labels: str) -> float:
+        """A sample of the server's /metrics (see `metric_value`)."""
+        response = self.get("/metrics", headers=headers)
+        assert response.status_code == 200, response.text
+        return metric_value(response.text, sample, **labels)
+
+    def wait_parked(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Until at least `count` long-polls are parked on this server: its own gauge
+        says so the moment a poll registers, before it looks for messages (a commit
+        from then on wakes it)."""
+        wait_until(lambda: self.metric("agent_bus_parked_waiters") >= count, timeout,
+                   what=f"{count} long-poll(s) to park")
+
+
+def metric_value(exposition: str, sample: str, **labels: str) -> float:
+    """The sum of the samples named `sample` (the full name: `..._total`, `..._sum`)
+    whose labels include `labels`; 0 when there is none yet (a counter with labels
+    appears only once counted)."""
+    return sum(found.value for family in text_string_to_metric_families(exposition)
+               for found in family.samples
+               if found.name == sample and labels.items() <= found.labels.items())
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):

@@ -1,28 +1,18 @@
-#!/usr/bin/env python3
-"""Benchmark: hostile clients must not starve a normal one.
+"""Hostile clients against one server, and a normal client beside them (bench_hostile.py
+and test_hostile.py run it).
 
-Against one server, at once: slowloris connections (a request head trickled one
-header a second), half-open connections (a body promised and never sent; requests
-whose replies are never read), oversized headers, and a flood of 50 clients
-sending as fast as they can. Meanwhile a normal client sends and polls every
-20 ms. Reports whether all of its requests succeeded and their latency p50/p99.
-Bounded: runs --seconds (default 10) and stops.
-
-    python bench/bench_hostile.py [--seconds 10] [--slowloris 300] [--flood 50]
+At once: slowloris connections (a request head trickled one header a second),
+half-open connections (a body promised and never sent; requests whose replies are
+never read), oversized headers, and a flood of clients sending as fast as they can.
+Meanwhile a normal client sends and polls every 20 ms. `run` reports whether all of
+its requests succeeded and their latency p50/p99. Bounded: it runs `seconds` and stops.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.bench_server import KeepAliveClient, percentile  # noqa: E402
-from tests.support import BusServer  # noqa: E402
+from .load import KeepAliveClient, advanced, percentile
 
 
 async def slowloris(host: str, port: int, stop: asyncio.Event) -> None:
@@ -84,7 +74,7 @@ async def normal_client(url: str, stop: asyncio.Event, latencies: list, failures
             try:
                 await client.send("normal-a", "normal-b", "hello")
                 body = await client.recv("normal-b", since, block=False)
-                since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
+                since = advanced(since, body)
                 latencies.append(time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 - every failure counts, whatever it is
                 failures.append(repr(exc))
@@ -120,20 +110,3 @@ async def run(url: str, seconds: float, slow: int, flood: int) -> int:
     for failure in failures[:5]:
         print("  failure:", failure)
     return 0 if latencies and not failures and percentile(latencies, .99) < 1.0 else 1
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--slowloris", type=int, default=300)
-    parser.add_argument("--flood", type=int, default=50)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-hostile-") as folder:
-        with BusServer(Path(folder) / "bus.db", "--body-timeout", "5") as bus:
-            code = asyncio.run(run(bus.url, args.seconds, args.slowloris, args.flood))
-            bus.stop()
-    return code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

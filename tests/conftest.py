@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from busd.store import shown_database  # noqa: E402
-from tests.support import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
+from harness.bus import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
 
 
 def _child_pids() -> set[int]:

@@ -7,9 +7,9 @@ import threading
 import time
 
 from busd.client import BusClient, monitor_block
-from tests.agent_support import (AgentProcess, count_blocks, drop_atomically, drop_in_place,
+from harness.agents import (AgentProcess, count_blocks, drop_atomically, drop_in_place,
                                  files_under, inbox_files, inbox_messages)
-from tests.support import BusServer, wait_until
+from harness.bus import BusServer, wait_until
 
 DROPS = 500
 

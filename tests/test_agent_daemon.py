@@ -11,9 +11,9 @@ import pytest
 
 from busd.agent.spool import claimed_name, idempotency_key, new_token
 from busd.client import monitor_block
-from tests.agent_support import (AgentProcess, drop_atomically, drop_in_place, files_under,
+from harness.agents import (AgentProcess, drop_atomically, drop_in_place, files_under,
                                  inbox_files, inbox_messages)
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.bus import BusServer, agent_bus_cmd, repo_env, wait_until
 
 BODY = "line one\n\n  indented — ünïcödé ✓ 🚀\n\nno trailing newline"
 

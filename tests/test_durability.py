@@ -11,7 +11,7 @@ import time
 import requests
 
 from busd.client import BusClient, CursorFile, listen
-from tests.support import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
+from harness.bus import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
 
 
 class CursorReceiver(threading.Thread):

@@ -13,8 +13,8 @@ import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from tests.agent_support import AgentProcess, inbox_files, inbox_messages
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.agents import AgentProcess, inbox_files, inbox_messages
+from harness.bus import BusServer, agent_bus_cmd, repo_env, wait_until
 
 TOOLS = {"send", "inbox", "read", "wait", "handoff", "verify", "agents", "status"}
 

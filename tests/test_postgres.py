@@ -15,17 +15,7 @@ from contextlib import ExitStack
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.support import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
-
-
-def parked(bus: BusServer) -> float:
-    """How many long-polls are parked on this replica right now."""
-    for family in text_string_to_metric_families(bus.get("/metrics").text):
-        if family.name == "agent_bus_parked_waiters":
-            return family.samples[0].value
-    raise AssertionError("no agent_bus_parked_waiters in /metrics")
+from harness.bus import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
 
 
 def no_tracebacks(bus: BusServer) -> None:
@@ -66,10 +56,10 @@ class Parked(threading.Thread):
 
 
 def park(bus: BusServer, path: str) -> Parked:
-    before = parked(bus)
+    before = bus.metric("agent_bus_parked_waiters")
     poll = Parked(bus.url + path)
     poll.start()
-    wait_until(lambda: parked(bus) > before, what="the long-poll to park")
+    bus.wait_parked(int(before) + 1)
     return poll
 
 

@@ -1,5 +1,5 @@
 """The systemd units and their setup, run for real: install.sh, `agent-bus init`, and a
-private `systemd --user` manager (tests/systemd_support.py) running the bus server and
+private `systemd --user` manager (harness/systemd.py) running the bus server and
 two agents' daemons exactly as `systemctl --user enable --now` runs them for a user."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_support import AgentProcess, count_blocks
-from tests.support import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
-from tests.systemd_support import UserManager, missing_tools
+from harness.agents import AgentProcess, count_blocks
+from harness.bus import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.systemd import UserManager, missing_tools
 
 USER_UNITS = ("agent-bus@.service", "agent-bus.target", "agent-bus-server.service")
 SYSTEM_UNIT = "agent-bus-server.system.service"
