@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +13,8 @@ from urllib.parse import urlsplit
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from .processes import Child
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,7 @@ def agent_bus_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "busd", *args]
 
 
-class BusServer:
+class BusServer(Child):
     """`agent-bus serve` as a child process on loopback, on a real SQLite file or
     PostgreSQL database (`db` is what --db gets)."""
 
@@ -45,15 +46,14 @@ class BusServer:
                  command: list[str] | None = None, env: dict[str, str] | None = None):
         """`command` and `env` replace the usual `agent-bus serve --port --db` and its
         environment (a test of how serve finds its settings, or of an installed copy)."""
+        super().__init__()
         self.db = str(db)
         self.extra_args = list(extra_args)
         self.port = port
         self.command = command
         self.env = env
         self.url = ""
-        self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
-        self._drain: threading.Thread | None = None
 
     def start(self, timeout: float = 10.0) -> "BusServer":
         cmd = self.command or agent_bus_cmd("serve", "--port", str(self.port), "--db", self.db,
@@ -72,41 +72,13 @@ class BusServer:
                     started.set()
             started.set()
 
-        self._drain = threading.Thread(target=drain, name="bus-server-stderr", daemon=True)
-        self._drain.start()
+        self._drains = [threading.Thread(target=drain, name="bus-server-stderr", daemon=True)]
+        self._drains[0].start()
         if not started.wait(timeout) or not self.url:
             self.kill()
             raise RuntimeError("bus server did not start:\n" + "".join(self.log))
         self.port = int(self.url.rsplit(":", 1)[1])
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def _reap(self, timeout: float) -> int:
-        assert self.proc is not None
-        code = self.proc.wait(timeout)
-        if self._drain is not None:
-            self._drain.join(timeout)
-        self.proc.stderr.close()
-        self.proc = None
-        return code
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, and the exit code."""
-        if self.proc is None:
-            return 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self._reap(timeout)
-
-    def kill(self) -> None:
-        """kill -9, as a crash would."""
-        if self.proc is None:
-            return
-        self.proc.kill()
-        self._reap(10)
 
     def restart(self) -> "BusServer":
         self.stop()
