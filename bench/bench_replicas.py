@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests  # noqa: E402
 
-from harness.bus import POSTGRES_URL, BusServer, PostgresServer, metric_value  # noqa: E402
+from harness.bus import BusServer, metric_value  # noqa: E402
+from harness.postgres import POSTGRES_URL, PostgresServer  # noqa: E402
 from harness.load import (drain, exactly_once_in_order, measure_latency,  # noqa: E402
                           measure_throughput, percentile)
 

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,12 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from .processes import Child
 
 REPO = Path(__file__).resolve().parent.parent
-
-# The PostgreSQL server the tests use (a maintenance database on it); each user of
-# it gets a database of its own, made fresh and dropped after.
-POSTGRES_URL = os.environ.get("AGENT_BUS_TEST_POSTGRES",
-                              "postgresql://postgres@127.0.0.1:5432/postgres")
-
 
 def repo_env(**extra: str) -> dict[str, str]:
     """The environment for a child process that must run this checkout's busd."""
@@ -139,45 +132,6 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: s
         time.sleep(interval)
 
 
-class PostgresServer:
-    """The tests' PostgreSQL: hands out fresh databases with unique names, drops them."""
-
-    def __init__(self, url: str = POSTGRES_URL):
-        import psycopg  # only the PostgreSQL tests need it
-        self._psycopg = psycopg
-        self.url = url
-        self.prefix = f"agent_bus_test_{os.getpid()}_{int(time.time())}"
-        self._count = 0
-
-    def reachable(self) -> str | None:
-        """None if it answers, else why not."""
-        try:
-            with self._psycopg.connect(self.url, connect_timeout=3):
-                return None
-        except self._psycopg.Error as exc:
-            return str(exc).strip().splitlines()[0]
-
-    def _admin(self, sql: str) -> None:
-        with self._psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(sql)
-
-    def create_database(self) -> str:
-        """A new, empty database; returns its URL."""
-        self._count += 1
-        name = f"{self.prefix}_{self._count}"
-        self._admin(f'CREATE DATABASE "{name}"')
-        return urlsplit(self.url)._replace(path="/" + name).geturl()
-
-    def drop_database(self, url: str) -> None:
-        name = urlsplit(url).path.lstrip("/")
-        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    def run_sql(self, url: str, sql: str, params: tuple = ()) -> list[tuple]:
-        with self._psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-            cursor = conn.execute(sql, params)
-            return cursor.fetchall() if cursor.description else []
-
-
 class SendBurst:
     """Sender threads posting as fast as they can until stopped or the server dies.
 
@@ -218,3 +172,28 @@ class SendBurst:
         self._stop.set()
         for thread in self._threads:
             thread.join(10)
+
+
+class Parked(threading.Thread):
+    """One blocking request in the background; its reply and when it came."""
+
+    def __init__(self, url: str):
+        super().__init__(name="parked-poll")
+        self.url = url
+        self.body = None
+        self.answered_at = 0.0
+
+    def run(self) -> None:
+        reply = requests.get(self.url, timeout=40)
+        self.answered_at = time.monotonic()
+        assert reply.status_code == 200, reply.text
+        self.body = reply.json()
+
+
+def park(bus: BusServer, path: str) -> Parked:
+    """A long-poll (`path`) started in the background, returned once it is parked."""
+    before = bus.metric("agent_bus_parked_waiters")
+    poll = Parked(bus.url + path)
+    poll.start()
+    bus.wait_parked(int(before) + 1)
+    return poll

@@ -12,7 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from busd.store import shown_database  # noqa: E402
-from harness.bus import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
+from harness.bus import BusServer  # noqa: E402
+from harness.postgres import POSTGRES_URL, PostgresServer  # noqa: E402
 from harness.processes import live_processes  # noqa: E402
 
 

@@ -165,7 +165,7 @@ def _absolute_http_url(text: str) -> bool:
 
 
 def _migrate(args: argparse.Namespace, env) -> int:
-    from ..server import open_store
+    from ..store_factory import open_store
     from ..store import StoreError, shown_database
     from . import EXIT_OK, die
 
