@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.bus import BusServer  # noqa: E402
 from harness.load import (drain, exactly_once_in_order, measure_latency,  # noqa: E402
                           measure_throughput, percentile)
+from harness.revisions import REPO, probe, worktree  # noqa: E402
 
 
 async def run(url: str, messages: int, rounds: int) -> int:
@@ -107,22 +104,10 @@ async def floor_rates() -> dict[int, float]:
         proc.wait(10)
 
 
-# Runs inside one tree with that tree's harness, prints one JSON line. Revisions from
-# before the harness package kept it in tests/support.py and bench/bench_server.py.
+# Runs inside one tree, with that tree's harness (PROBE_PRELUDE), prints one JSON line.
 TREE_PROBE = r'''
-import asyncio, json, os, sys, tempfile
+import asyncio, json, tempfile
 from pathlib import Path
-sys.path.insert(0, os.getcwd())
-try:
-    from harness.bus import BusServer
-    from harness.load import measure_latency, measure_throughput, percentile
-except ImportError:
-    from tests.support import BusServer
-    from bench.bench_server import measure_latency, measure_throughput, percentile
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 async def run(url, pid, messages):
     before = cpu_seconds(pid)
@@ -143,36 +128,13 @@ with tempfile.TemporaryDirectory() as folder:
 '''
 
 
-def probe(tree: Path, messages: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", TREE_PROBE, str(messages)], cwd=tree,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(tree)})
-    if done.returncode != 0:
-        raise SystemExit(f"{tree}: the probe failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@contextlib.contextmanager
-def worktree(revision: str):
-    """`revision` checked out into a temporary git worktree, removed after."""
-    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
-        tree = Path(folder) / "tree"
-        subprocess.run(["git", "-C", str(HERE), "worktree", "add", "-q", "--detach", str(tree),
-                        revision], check=True)
-        try:
-            yield tree
-        finally:
-            subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(tree)],
-                           check=False)
-
-
 def side_by_side(revision: str, messages: int, rounds: int) -> int:
     names = (revision, "this checkout", "bare aiohttp")
     results: dict[str, list[dict]] = {name: [] for name in names}
     with worktree(revision) as baseline:
         for _ in range(rounds):
-            results[revision].append(probe(baseline, messages))
-            results["this checkout"].append(probe(HERE, messages))
+            results[revision].append(probe(baseline, TREE_PROBE, str(messages)))
+            results["this checkout"].append(probe(REPO, TREE_PROBE, str(messages)))
             results["bare aiohttp"].append(
                 {str(k): v for k, v in asyncio.run(floor_rates()).items()})
     print(f"side by side, medians of {rounds} alternating rounds ({messages} latency samples):")
