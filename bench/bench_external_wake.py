@@ -27,10 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_server import KeepAliveClient, percentile  # noqa: E402
 from busd.model import NewMessage  # noqa: E402
 from busd.store_factory import open_store  # noqa: E402
-from tests.support import BusServer, PostgresServer  # noqa: E402
+from harness.bus import BusServer  # noqa: E402
+from harness.load import KeepAliveClient, advanced, percentile  # noqa: E402
+from harness.postgres import PostgresServer  # noqa: E402
 
 RECIPIENT = "wake"
 
@@ -61,7 +62,7 @@ async def measure(url: str, sends: int, send_one) -> tuple[list[float], list[flo
             if [m["id"] for m in body["messages"]] != [stamp]:
                 missed += 1  # answered by the hold running out, or with the wrong message
             latencies.append(answered[0] - started)
-            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
+            since = advanced(since, body)
     return latencies, durations, missed
 
 

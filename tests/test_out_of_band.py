@@ -24,7 +24,8 @@ from busd.errors import BusError
 from busd.model import DEFAULT_MAX_MSG_BYTES, NewMessage
 from busd.store_factory import append_directly
 from busd.store_sqlite import SQLiteStore
-from tests.support import park, repo_env
+from harness.bus import park, repo_env
+from harness.load import advanced
 
 # A child process storing each JSON line of stdin (NewMessage's fields) as a message, as
 # `agent-bus send --db` will; one JSON line per message on stdout: id, ts, duplicate.
@@ -120,7 +121,7 @@ def test_direct_writers_and_http_senders_at_once_lose_and_repeat_nothing(server,
                 body = session.get(f"{server.url}/recv", params={
                     "to": sink, "since": repr(since), "block": "true"}, timeout=40).json()
                 received.extend(body["messages"])
-                since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
+                since = advanced(since, body)
 
     threads = [threading.Thread(target=http_sender, args=(n,)) for n in range(8)]
     threads.append(threading.Thread(target=reader))

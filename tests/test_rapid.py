@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.support import wait_until
+WAKEUPS = "agent_bus_long_poll_wakeups_total"
 
 
 def test_send_reply_shape(server, names):
@@ -132,27 +132,32 @@ def test_block_wakes_on_commit_not_on_a_timer(server, names):
 
     receiver = threading.Thread(target=receive)
     receiver.start()
-    # Give the receiver time to park, then send: it must return promptly, far
-    # sooner than the 2 s hold this test server uses.
-    time.sleep(0.3)
+    server.wait_parked()
+    woken = server.metric(WAKEUPS, reason="commit")
     server.send(a, b, "wake up")
     receiver.join(10)
     assert [m["msg"] for m in result["body"]["messages"]] == ["wake up"]
+    # Woken by the commit, far sooner than the 2 s hold this test server uses.
+    assert server.metric(WAKEUPS, reason="commit") == woken + 1
     assert result["elapsed"] < 1.5
 
 
 def test_block_holds_then_returns_empty(server, names):
     b, = names("b")
     since = server.get("/healthz").json()["now"]
+    timed_out = server.metric(WAKEUPS, reason="timeout")
     started = time.monotonic()
     body = server.get(f"/recv?to={b}&since={since!r}&block=true").json()
     elapsed = time.monotonic() - started
     assert body["messages"] == []
     assert body["now"] >= since
     assert 1.5 < elapsed < 5  # the test server's hold is 2 s
+    assert server.metric(WAKEUPS, reason="timeout") == timed_out + 1
 
 
 def test_block_not_woken_by_other_recipients_or_channels(server, names):
+    """A poll woken for nothing looks again and parks again, and its client sees nothing
+    of it: the server's count of wake-ups is what tells."""
     a, b, c, ch = names("a", "b", "c", "ch")
     since = server.get("/healthz").json()["now"]
     result = {}
@@ -162,11 +167,17 @@ def test_block_not_woken_by_other_recipients_or_channels(server, names):
 
     receiver = threading.Thread(target=receive)
     receiver.start()
-    time.sleep(0.2)
+    server.wait_parked()
+    woken = server.metric(WAKEUPS, reason="commit")
     server.send(a, c, "not for b")
     server.send(a, b, "for b elsewhere", channel=ch)
+    # A send is answered after its commit woke the polls it concerns: a wake-up of
+    # b's poll by either would be counted by now.
+    assert server.metric(WAKEUPS, reason="commit") == woken
+    mine = server.send(a, b, "for b")
     receiver.join(10)
-    assert result["body"]["messages"] == []
+    assert [m["id"] for m in result["body"]["messages"]] == [mine["id"]]
+    assert server.metric(WAKEUPS, reason="commit") == woken + 1
 
 
 def test_inbox_counts_each_queue_read_or_not_and_the_roster_what_is_unread(server, names):
@@ -189,10 +200,11 @@ def test_inbox_counts_each_queue_read_or_not_and_the_roster_what_is_unread(serve
     assert len(got) == 3
     server.get(f"/recv?to={b}&channel={ch}&since={got[-1]['ts']!r}")
     assert server.get("/inbox").json()["recipients"][ch] == {b: 2, "*": 1}
-    # ... while the roster's pending count, what b has not fetched, drops to nothing once
-    # the acknowledgement rides a group commit.
+    # ... while the roster's pending count, what b has not fetched, is nothing. The
+    # acknowledgement joined the group forming when the poll was answered; groups commit
+    # in order, so it is durable once a send made after it is answered.
     server.send(a, b + "x", "nudge the writer", channel=ch)
-    wait_until(lambda: ch not in roster_pending(), timeout=5, what="b's pending count to go")
+    assert ch not in roster_pending()
 
 
 def test_healthz_shape(server):

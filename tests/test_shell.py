@@ -21,7 +21,7 @@ import pytest
 from busd.client import monitor_block
 from busd.cli.directory import agents_table
 from busd.listener import summary_line
-from tests.support import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.bus import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
 
 BIN = REPO / "bin"
 LIB = BIN / "lib" / "agent-bus.sh"
