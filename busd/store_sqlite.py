@@ -145,11 +145,12 @@ class WalWatch:
         loop.add_reader(fd, self._drain)
 
     def _drain(self) -> None:
+        # Events are a few bytes each (the kernel merges repeats): one read takes them,
+        # and the loop calls again if any are left.
         try:
-            while os.read(self._fd, 65536):
-                pass
+            os.read(self._fd, 65536)
         except BlockingIOError:
-            pass
+            return
         self._on_write()
 
     def close(self) -> None:
@@ -458,11 +459,12 @@ class SQLiteStore(SQLStore):
             work = [*work, (self.sql.set_flag, (CLOCK_FLAG, repr(top.ts)))]
         counts = [conn.execute(sql, params).rowcount for sql, params in work]
         duplicates = {}
-        for index, send in enumerate(sends):
-            if counts[index] == 0:  # another process stored this (from, key) first
-                row = conn.execute(self.sql.find_by_key,
-                                   (send.message.sender, send.message.key)).fetchone()
-                duplicates[index] = self._message(row)
+        if 0 in counts[:len(sends)]:  # another process stored one's (from, key) first
+            for index, send in enumerate(sends):
+                if counts[index] == 0:
+                    row = conn.execute(self.sql.find_by_key,
+                                       (send.message.sender, send.message.key)).fetchone()
+                    duplicates[index] = self._message(row)
         return Written(counts[len(sends):], duplicates, top)
 
     def _heard(self, heard: Heard) -> None:
