@@ -26,8 +26,8 @@ writer begins after it (an empty one LOOK_AFTER later, if none began meanwhile) 
 with BEGIN IMMEDIATE, which waits for the other process to finish, and its
 data_version check tells whether another process committed. Their new messages wake
 the long-polls parked on them, as a replica's do on PostgreSQL. The server's own
-commits cue it too: that costs an empty transaction when the writer stays idle for
-LOOK_AFTER, nothing while sends keep coming.
+commits cue it too: that costs one wake-up of the loop per LOOK_AFTER while it writes,
+and an empty transaction when the writer then stays idle for LOOK_AFTER.
 """
 from __future__ import annotations
 
@@ -69,10 +69,11 @@ SQL_DATA_VERSION = "PRAGMA data_version"
 # Whom other processes' new messages concern; more pairs than this: wake every poll.
 SQL_NEW_RECIPIENTS = "SELECT DISTINCT channel, to_name FROM messages WHERE id > ? LIMIT ?"
 NOTICE_LIMIT = 1000
-# How long after a WAL write the writer looks for other processes' commits, unless a
-# transaction that began meanwhile has looked (seconds). Most writes are this server's
-# own commits, and a send arriving within this time makes the look free; it also lets
-# the other process finish the commit the event can precede.
+# How long after seeing a WAL write the writer looks for other processes' commits,
+# unless a transaction that began meanwhile has looked (seconds); writes meanwhile are
+# seen when it ends. Most writes are this server's own commits: a send arriving within
+# this time makes the look free, and a burst of commits costs one wake-up per period.
+# It also lets the other process finish the commit the event can precede.
 LOOK_AFTER = 0.005
 
 _STOP = object()
@@ -119,9 +120,11 @@ class Heard:
 
 
 class WalWatch:
-    """Calls `on_write` on the event loop whenever the file is written (inotify IN_MODIFY):
-    a cue to look, no more. Linux's inotify through ctypes: a file descriptor the loop
-    polls with everything else, so no thread of its own."""
+    """Calls `on_write` on the event loop when the file has been written (inotify
+    IN_MODIFY): a cue to look, no more. After each call it pauses until `resume()`:
+    meanwhile the kernel keeps (and merges) the events, so a burst of writes costs one
+    wake-up. Linux's inotify through ctypes: a file descriptor the loop polls with
+    everything else, so no thread of its own."""
 
     IN_MODIFY = 0x2
 
@@ -139,23 +142,31 @@ class WalWatch:
             error = ctypes.get_errno()
             os.close(fd)
             raise OSError(error, os.strerror(error), path)
-        self._fd = fd
+        self._fd: int | None = fd
         self._loop = loop
         self._on_write = on_write
-        loop.add_reader(fd, self._drain)
+        self._paused = False
+        loop.add_reader(fd, self._written)
 
-    def _drain(self) -> None:
-        # Events are a few bytes each (the kernel merges repeats): one read takes them,
-        # and the loop calls again if any are left.
+    def _written(self) -> None:
         try:
-            os.read(self._fd, 65536)
+            os.read(self._fd, 65536)  # events are a few bytes each; what is left waits
         except BlockingIOError:
             return
+        self._loop.remove_reader(self._fd)
+        self._paused = True
         self._on_write()
+
+    def resume(self) -> None:
+        """Call `on_write` again for writes since the last call (at once if any)."""
+        if self._paused and self._fd is not None:
+            self._paused = False
+            self._loop.add_reader(self._fd, self._written)
 
     def close(self) -> None:
         if self._fd is not None:
-            self._loop.remove_reader(self._fd)
+            if not self._paused:
+                self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
 
@@ -245,14 +256,19 @@ class SQLiteStore(SQLStore):
             self._watch = self._watch_wal()
 
     def _wal_written(self) -> None:
+        """The WAL was written (the watch pauses until `_look_unless_looked`)."""
         self._transactions_at_write = self._transactions
         if self._look_timer is None:
             self._look_timer = self._loop.call_later(LOOK_AFTER, self._look_unless_looked)
 
     def _look_unless_looked(self) -> None:
         self._look_timer = None
+        # A transaction handed to the writer since the write was seen begins after that
+        # write, so it looks for its commit: no empty one is needed then.
         if self._transactions == self._transactions_at_write:
             self._look_for_others()
+        if self._watch is not None:
+            self._watch.resume()
 
     def _watch_wal(self) -> WalWatch | None:
         wal = self.path + "-wal"  # there while any connection is open (ours are)
