@@ -21,13 +21,13 @@ row, read in the same statement as the messages.
 
 Hearing them. A serving store watches the WAL file with inotify: every commit writes
 to it. The event can come before that commit is visible (frames are written before
-they are synced and published), so it is a cue, not news: the next transaction the
-writer begins after it (an empty one LOOK_AFTER later, if none began meanwhile) starts
-with BEGIN IMMEDIATE, which waits for the other process to finish, and its
-data_version check tells whether another process committed. Their new messages wake
-the long-polls parked on them, as a replica's do on PostgreSQL. The server's own
-commits cue it too: that costs one wake-up of the loop per LOOK_AFTER while it writes,
-and an empty transaction when the writer then stays idle for LOOK_AFTER.
+they are synced and published), so it is a cue, not news: LOOK_AFTER later the watch is
+armed again and the next transaction the writer begins (a group's, or an empty one)
+looks. It starts with BEGIN IMMEDIATE, which waits for another process's commit in
+progress, and its data_version check tells whether another process committed. Their
+new messages wake the long-polls parked on them, as a replica's do on PostgreSQL. The
+watch reports one write and then sleeps until it is armed again, so the server's own
+commits (which cue it too) cost at most one event and one look per LOOK_AFTER.
 """
 from __future__ import annotations
 
@@ -69,11 +69,11 @@ SQL_DATA_VERSION = "PRAGMA data_version"
 # Whom other processes' new messages concern; more pairs than this: wake every poll.
 SQL_NEW_RECIPIENTS = "SELECT DISTINCT channel, to_name FROM messages WHERE id > ? LIMIT ?"
 NOTICE_LIMIT = 1000
-# How long after seeing a WAL write the writer looks for other processes' commits,
-# unless a transaction that began meanwhile has looked (seconds); writes meanwhile are
-# seen when it ends. Most writes are this server's own commits: a send arriving within
-# this time makes the look free, and a burst of commits costs one wake-up per period.
-# It also lets the other process finish the commit the event can precede.
+# How long after a WAL write is seen the writer looks for other processes' commits
+# (seconds); the watch sleeps meanwhile. Most writes are this server's own commits: a
+# burst of them costs one event and one look (in a group's transaction, when sends keep
+# coming) per period. It also lets the other process finish the commit the event can
+# precede.
 LOOK_AFTER = 0.005
 
 _STOP = object()
@@ -120,53 +120,50 @@ class Heard:
 
 
 class WalWatch:
-    """Calls `on_write` on the event loop when the file has been written (inotify
-    IN_MODIFY): a cue to look, no more. After each call it pauses until `resume()`:
-    meanwhile the kernel keeps (and merges) the events, so a burst of writes costs one
-    wake-up. Linux's inotify through ctypes: a file descriptor the loop polls with
-    everything else, so no thread of its own."""
+    """Calls `on_write` on the event loop when the file is first written after `arm()`:
+    a cue to look, no more. Linux's inotify through ctypes, one event per arming
+    (IN_MODIFY | IN_ONESHOT): writes after it make no event at all, so the kernel does
+    no work for each of them; whoever arms the watch again must look for what they
+    wrote. A file descriptor the loop polls with everything else: no thread of its own."""
 
-    IN_MODIFY = 0x2
+    MASK = 0x2 | 0x80000000  # IN_MODIFY | IN_ONESHOT
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop, on_write: Callable[[], None]):
         libc = ctypes.CDLL(None, use_errno=True)
         try:
-            init, add_watch = libc.inotify_init1, libc.inotify_add_watch
+            init, self._add_watch = libc.inotify_init1, libc.inotify_add_watch
         except AttributeError:
             raise OSError("inotify is not available on this system") from None
-        add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+        self._add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
         fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        if add_watch(fd, os.fsencode(path), self.IN_MODIFY) < 0:
-            error = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(error, os.strerror(error), path)
         self._fd: int | None = fd
+        self._path = os.fsencode(path)
+        try:
+            self.arm()
+        except OSError:
+            os.close(fd)
+            raise
         self._loop = loop
         self._on_write = on_write
-        self._paused = False
         loop.add_reader(fd, self._written)
+
+    def arm(self) -> None:
+        if self._add_watch(self._fd, self._path, self.MASK) < 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error), os.fsdecode(self._path))
 
     def _written(self) -> None:
         try:
-            os.read(self._fd, 65536)  # events are a few bytes each; what is left waits
+            os.read(self._fd, 4096)  # the write's event and the watch's end (IN_IGNORED)
         except BlockingIOError:
             return
-        self._loop.remove_reader(self._fd)
-        self._paused = True
         self._on_write()
-
-    def resume(self) -> None:
-        """Call `on_write` again for writes since the last call (at once if any)."""
-        if self._paused and self._fd is not None:
-            self._paused = False
-            self._loop.add_reader(self._fd, self._written)
 
     def close(self) -> None:
         if self._fd is not None:
-            if not self._paused:
-                self._loop.remove_reader(self._fd)
+            self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
 
@@ -201,10 +198,6 @@ class SQLiteStore(SQLStore):
         self._lock_file: int | None = None
         self._watch: WalWatch | None = None
         self._look_timer: asyncio.TimerHandle | None = None
-        # On the loop: transactions handed to the writer, and that count at the last
-        # WAL write; a transaction handed over after it looks for that write's commit.
-        self._transactions = 0
-        self._transactions_at_write = 0
         # The writer thread's: the newest stamp committed by anyone as far as it knows,
         # and data_version when it last asked.
         self._floor = NO_STAMP
@@ -256,19 +249,22 @@ class SQLiteStore(SQLStore):
             self._watch = self._watch_wal()
 
     def _wal_written(self) -> None:
-        """The WAL was written (the watch pauses until `_look_unless_looked`)."""
-        self._transactions_at_write = self._transactions
         if self._look_timer is None:
-            self._look_timer = self._loop.call_later(LOOK_AFTER, self._look_unless_looked)
+            self._look_timer = self._loop.call_later(LOOK_AFTER, self._rearm_and_look)
 
-    def _look_unless_looked(self) -> None:
+    def _rearm_and_look(self) -> None:
+        """LOOK_AFTER after a write was seen: watch again, then look, in the next
+        transaction to begin (the forming group's, else an empty one). It begins after
+        every write the watch did not report, so it finds what they committed."""
         self._look_timer = None
-        # A transaction handed to the writer since the write was seen begins after that
-        # write, so it looks for its commit: no empty one is needed then.
-        if self._transactions == self._transactions_at_write:
-            self._look_for_others()
-        if self._watch is not None:
-            self._watch.resume()
+        try:
+            self._watch.arm()
+        except OSError as exc:
+            log.warning("cannot watch %s-wal again (%s); other processes' messages wake "
+                        "parked long-polls only when this server next writes", self.path, exc)
+            self._watch.close()
+            self._watch = None
+        self._look_for_others()
 
     def _watch_wal(self) -> WalWatch | None:
         wal = self.path + "-wal"  # there while any connection is open (ours are)
@@ -411,7 +407,6 @@ class SQLiteStore(SQLStore):
         work = [(SQL_INSERT, _insert_params(send)) for send in group.sends]
         work += [(sql, params) for sql, params, _future, _changes_identity in group.statements]
         work += self._receipt_statements(group)
-        self._transactions += 1
         self._queue.put((group, work))
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:

@@ -22,7 +22,7 @@ import requests
 from busd import errors
 from busd.errors import BusError
 from busd.model import DEFAULT_MAX_MSG_BYTES, NewMessage
-from busd.store_factory import append_directly
+from busd.store_factory import append_directly, open_store
 from busd.store_sqlite import SQLiteStore
 from harness.bus import park, repo_env
 from harness.load import advanced
@@ -32,7 +32,7 @@ from harness.load import advanced
 WRITER = """
 import json, sys
 from busd.model import NewMessage
-from busd.store_factory import append_directly
+from busd.store_factory import append_directly, open_store
 for line in sys.stdin:
     result = append_directly(sys.argv[1], NewMessage(**json.loads(line)))
     print(json.dumps({"id": result.message.id, "ts": result.message.ts,
@@ -87,6 +87,32 @@ def test_a_direct_write_wakes_a_parked_recv_and_a_parked_messages_wait(server, n
     # Woken by the commit: the test server holds a poll 2 s, the write itself takes less
     # than a second, and a poll not woken would have come back empty.
     assert rapid.answered_at - written_at < 1 and elipc.answered_at - written_at < 1
+
+
+def test_a_direct_write_right_after_the_servers_own_commit_wakes_a_parked_poll(server, names):
+    """The server's own commit makes its WAL watch report once and sleep for a few ms:
+    a direct write in that time, with nothing after it, still wakes the poll. (This
+    process is the other one here, its store opened beside the server beforehand, so
+    that its write lands within those milliseconds.)"""
+    sender, bob, other = names("cli", "bob", "other")
+    message = NewMessage(channel="default", sender=sender, to=bob, body="right after")
+
+    async def send_then_write_directly() -> tuple[int, float]:
+        store = open_store(server.db, exclusive=False)
+        await store.open()
+        try:
+            server.send(sender, other, "the server's own")
+            written_at = time.monotonic()
+            return (await store.append(message)).message.id, written_at
+        finally:
+            await store.close()
+
+    since = server.get("/healthz").json()["now"]
+    rapid = park(server, f"/recv?to={bob}&since={since!r}&block=true")
+    stored_id, written_at = asyncio.run(send_then_write_directly())
+    rapid.join(10)
+    assert [m["id"] for m in rapid.body["messages"]] == [stored_id]
+    assert rapid.answered_at - written_at < 1
 
 
 def test_direct_writers_and_http_senders_at_once_lose_and_repeat_nothing(server, names):
