@@ -112,7 +112,6 @@ class SQLStore(Store):
         self._forming = Group()
         self._in_flight: Group | None = None
         self._kick_scheduled = False
-        self._look = False
         self._idle = asyncio.Event()
         # What this server acknowledged and when it last noted each contact: the
         # database may not have it yet, and repeats are not written again.
@@ -154,33 +153,21 @@ class SQLStore(Store):
         """The forming group, committed as soon as the writer is free."""
         if not self._open:
             raise BusError(errors.SHUTTING_DOWN)
-        self._schedule_kick()
-        return self._forming
-
-    def _look_for_others(self) -> None:
-        """Another process may have committed: the writer's next transaction looks (an
-        empty one, if nothing else is waiting to be written)."""
-        if self._open:
-            self._look = True
-            self._schedule_kick()
-
-    def _schedule_kick(self) -> None:
         self._idle.clear()
         if not self._kick_scheduled and self._in_flight is None:
             # Let the rest of this loop iteration's requests join the same group.
             self._kick_scheduled = True
             self._loop.call_soon(self._kick)
+        return self._forming
 
     def _kick(self) -> None:
         self._kick_scheduled = False
         if self._in_flight is not None:
             return
         group = self._forming
-        if not group and not self._look:
+        if not group:
             self._idle.set()
             return
-        # Every transaction looks for other processes' commits as it begins.
-        self._look = False
         self._forming = Group()
         self._in_flight = group
         self._start_commit(group)

@@ -77,6 +77,8 @@ NOTICE_LIMIT = 1000
 LOOK_AFTER = 0.005
 
 _STOP = object()
+# A writer job: a transaction that only looks for other processes' commits.
+_LOOK = object()
 
 
 @contextmanager
@@ -264,7 +266,9 @@ class SQLiteStore(SQLStore):
                         "parked long-polls only when this server next writes", self.path, exc)
             self._watch.close()
             self._watch = None
-        self._look_for_others()
+        # A group that is forming is committed after this: its transaction looks.
+        if self._open and not self._forming:
+            self._queue.put(_LOOK)
 
     def _watch_wal(self) -> WalWatch | None:
         wal = self.path + "-wal"  # there while any connection is open (ours are)
@@ -411,6 +415,10 @@ class SQLiteStore(SQLStore):
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         while (job := self._queue.get()) is not _STOP:
+            if job is _LOOK:
+                if not self._look(conn):
+                    break
+                continue
             group, work = job
             heard: Heard | None = None
             outcome: Written | BusError
@@ -421,10 +429,7 @@ class SQLiteStore(SQLStore):
                 if outcome.top is not None:
                     self._floor = outcome.top
             except sqlite3.Error as exc:
-                if group:
-                    log.error("commit failed, nothing of this group was stored: %s", exc)
-                else:
-                    log.warning("could not look for other processes' commits: %s", exc)
+                log.error("commit failed, nothing of this group was stored: %s", exc)
                 outcome = BusError(errors.STORAGE_UNAVAILABLE, str(exc))
             except Exception as exc:  # a bug: fail the group loudly, keep the writer alive
                 log.exception("unexpected error in the writer")
@@ -436,6 +441,24 @@ class SQLiteStore(SQLStore):
             except RuntimeError:
                 break  # the loop is gone: nobody is waiting for an answer
         conn.close()
+
+    def _look(self, conn: sqlite3.Connection) -> bool:
+        """A transaction of its own that only looks for other processes' commits (it
+        writes nothing, so it makes no WAL write to report). False: the loop is gone."""
+        heard: Heard | None = None
+        try:
+            with _transaction(conn):
+                heard = self._catch_up(conn)
+        except sqlite3.Error as exc:
+            log.warning("could not look for other processes' commits (%s); every parked "
+                        "long-poll re-checks", exc)
+            heard = Heard(self._floor, None)
+        try:
+            if heard is not None:
+                self._loop.call_soon_threadsafe(self._heard, heard)
+        except RuntimeError:
+            return False
+        return True
 
     def _catch_up(self, conn: sqlite3.Connection) -> Heard | None:
         """In the writer's transaction, before it writes: what other processes committed
