@@ -20,14 +20,16 @@ clock row moves to each group's last stamp in its transaction, and `now` is that
 row, read in the same statement as the messages.
 
 Hearing them. A serving store watches the WAL file with inotify: every commit writes
-to it. The event can come before that commit is visible (frames are written before
-they are synced and published), so it is a cue, not news: LOOK_AFTER later the watch is
-armed again and the next transaction the writer begins (a group's, or an empty one)
-looks. It starts with BEGIN IMMEDIATE, which waits for another process's commit in
-progress, and its data_version check tells whether another process committed. Their
-new messages wake the long-polls parked on them, as a replica's do on PostgreSQL. The
-watch reports one write and then sleeps until it is armed again, so the server's own
-commits (which cue it too) cost at most one event and one look per LOOK_AFTER.
+to it. The writer turns the watch off while it holds the write lock (its own writes
+are then no news) and on again after its COMMIT. Another process can only write
+while it holds the lock, so its writes are reported, except in the instant between
+the writer's COMMIT and the watch coming back on: the writer's next transaction (a
+group's, or, if none is waiting, one that only looks) begins after that instant and
+looks. An event can come before the other process's commit is visible (frames are
+written before they are synced and published), so it is a cue, not news: it queues a
+look, whose BEGIN IMMEDIATE waits for that commit to finish, and whose data_version
+check tells whether another process committed. Their new messages wake the
+long-polls parked on them, as a replica's do on PostgreSQL.
 """
 from __future__ import annotations
 
@@ -69,14 +71,10 @@ SQL_DATA_VERSION = "PRAGMA data_version"
 # Whom other processes' new messages concern; more pairs than this: wake every poll.
 SQL_NEW_RECIPIENTS = "SELECT DISTINCT channel, to_name FROM messages WHERE id > ? LIMIT ?"
 NOTICE_LIMIT = 1000
-# How long after a WAL write is seen the writer looks for other processes' commits
-# (seconds); the watch sleeps meanwhile. Most writes are this server's own commits: a
-# burst of them costs one event and one look (in a group's transaction, when sends keep
-# coming) per period. It also lets the other process finish the commit the event can
-# precede.
-LOOK_AFTER = 0.005
-
 _STOP = object()
+# How long the writer waits for its next job before it looks for other processes'
+# commits in a transaction of its own, after one of its own (seconds); see _write_loop.
+LOOK_AFTER = 0.002
 # A writer job: a transaction that only looks for other processes' commits.
 _LOOK = object()
 
@@ -122,13 +120,14 @@ class Heard:
 
 
 class WalWatch:
-    """Calls `on_write` on the event loop when the file is first written after `arm()`:
-    a cue to look, no more. Linux's inotify through ctypes, one event per arming
-    (IN_MODIFY | IN_ONESHOT): writes after it make no event at all, so the kernel does
-    no work for each of them; whoever arms the watch again must look for what they
-    wrote. A file descriptor the loop polls with everything else: no thread of its own."""
+    """Calls `on_write` on the event loop when the file is written while the watch is on
+    (inotify IN_MODIFY): a cue to look, no more. Linux's inotify through ctypes: a file
+    descriptor the loop polls with everything else, so no thread of its own. `on` and
+    `off` may be called from any thread; off, the kernel makes no event for a write."""
 
-    MASK = 0x2 | 0x80000000  # IN_MODIFY | IN_ONESHOT
+    IN_MODIFY = 0x2
+    # Off: only the file's deletion would be reported, which the server's writes never do.
+    IN_DELETE_SELF = 0x400
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop, on_write: Callable[[], None]):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -142,23 +141,32 @@ class WalWatch:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         self._fd: int | None = fd
         self._path = os.fsencode(path)
-        try:
-            self.arm()
-        except OSError:
+        self._failed = False
+        if not self._set(self.IN_MODIFY):
+            error = ctypes.get_errno()
             os.close(fd)
-            raise
+            raise OSError(error, os.strerror(error), path)
         self._loop = loop
         self._on_write = on_write
         loop.add_reader(fd, self._written)
 
-    def arm(self) -> None:
-        if self._add_watch(self._fd, self._path, self.MASK) < 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error), os.fsdecode(self._path))
+    def _set(self, mask: int) -> bool:
+        # The same path again changes the one watch's mask; events already made stay.
+        return self._add_watch(self._fd, self._path, mask) >= 0
+
+    def on(self) -> None:
+        if not self._set(self.IN_MODIFY) and not self._failed:
+            self._failed = True
+            log.warning("cannot watch %s again (%s): messages other processes write into "
+                        "the database wake parked long-polls only when this server next "
+                        "writes", os.fsdecode(self._path), os.strerror(ctypes.get_errno()))
+
+    def off(self) -> None:
+        self._set(self.IN_DELETE_SELF)  # if this fails, the server's writes are reported too
 
     def _written(self) -> None:
         try:
-            os.read(self._fd, 4096)  # the write's event and the watch's end (IN_IGNORED)
+            os.read(self._fd, 4096)  # events are a few bytes each; what is left waits
         except BlockingIOError:
             return
         self._on_write()
@@ -199,7 +207,9 @@ class SQLiteStore(SQLStore):
         self._scans: ThreadPoolExecutor | None = None
         self._lock_file: int | None = None
         self._watch: WalWatch | None = None
-        self._look_timer: asyncio.TimerHandle | None = None
+        # A look is queued for the writer and has not begun (set on the loop, cleared
+        # by the writer as it begins one).
+        self._look_queued = False
         # The writer thread's: the newest stamp committed by anyone as far as it knows,
         # and data_version when it last asked.
         self._floor = NO_STAMP
@@ -243,31 +253,17 @@ class SQLiteStore(SQLStore):
         self._idle = asyncio.Event()
         self._idle.set()
         self._scans = ThreadPoolExecutor(1, thread_name_prefix="busd-sqlite-scan")
+        if self.listen:
+            self._watch = self._watch_wal()
         self._writer = threading.Thread(target=self._write_loop, args=(writer_conn,),
                                         name="busd-sqlite-writer", daemon=True)
         self._writer.start()
         self._open = True
-        if self.listen:
-            self._watch = self._watch_wal()
 
     def _wal_written(self) -> None:
-        if self._look_timer is None:
-            self._look_timer = self._loop.call_later(LOOK_AFTER, self._rearm_and_look)
-
-    def _rearm_and_look(self) -> None:
-        """LOOK_AFTER after a write was seen: watch again, then look, in the next
-        transaction to begin (the forming group's, else an empty one). It begins after
-        every write the watch did not report, so it finds what they committed."""
-        self._look_timer = None
-        try:
-            self._watch.arm()
-        except OSError as exc:
-            log.warning("cannot watch %s-wal again (%s); other processes' messages wake "
-                        "parked long-polls only when this server next writes", self.path, exc)
-            self._watch.close()
-            self._watch = None
-        # A group that is forming is committed after this: its transaction looks.
-        if self._open and not self._forming:
+        """Another process wrote the WAL: the writer looks (once for a run of events)."""
+        if not self._look_queued:
+            self._look_queued = True
             self._queue.put(_LOOK)
 
     def _watch_wal(self) -> WalWatch | None:
@@ -338,16 +334,13 @@ class SQLiteStore(SQLStore):
 
     async def _disconnect(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-        if self._look_timer is not None:
-            self._look_timer.cancel()
-            self._look_timer = None
         if self._writer is not None:
             self._queue.put(_STOP)
             writer, self._writer = self._writer, None
             await loop.run_in_executor(None, writer.join)
+        if self._watch is not None:  # after the writer, which turns it on and off
+            self._watch.close()
+            self._watch = None
         if self._scans is not None:
             scans, self._scans = self._scans, None
             await loop.run_in_executor(None, scans.shutdown)
@@ -414,8 +407,21 @@ class SQLiteStore(SQLStore):
         self._queue.put((group, work))
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
-        while (job := self._queue.get()) is not _STOP:
+        watch = self._watch
+        # Set after a transaction of this writer's: another process may have written
+        # between its COMMIT and the watch coming on again, so the next transaction must
+        # look: the next job's, or, if none comes within LOOK_AFTER, one that only looks.
+        owe_look = False
+        while True:
+            try:
+                job = self._queue.get(timeout=LOOK_AFTER) if owe_look else self._queue.get()
+            except queue.Empty:
+                job = _LOOK
+            owe_look = False
+            if job is _STOP:
+                break
             if job is _LOOK:
+                self._look_queued = False
                 if not self._look(conn):
                     break
                 continue
@@ -424,6 +430,8 @@ class SQLiteStore(SQLStore):
             outcome: Written | BusError
             try:
                 with _transaction(conn):
+                    if watch is not None:
+                        watch.off()  # under the write lock: only this writer writes now
                     heard = self._catch_up(conn)
                     outcome = self._store(conn, group, work)
                 if outcome.top is not None:
@@ -434,12 +442,16 @@ class SQLiteStore(SQLStore):
             except Exception as exc:  # a bug: fail the group loudly, keep the writer alive
                 log.exception("unexpected error in the writer")
                 outcome = BusError(errors.INTERNAL, type(exc).__name__)
+            finally:
+                if watch is not None:
+                    watch.on()
             try:
                 if heard is not None:
                     self._loop.call_soon_threadsafe(self._heard, heard)
                 self._loop.call_soon_threadsafe(self._committed, group, outcome)
             except RuntimeError:
                 break  # the loop is gone: nobody is waiting for an answer
+            owe_look = watch is not None
         conn.close()
 
     def _look(self, conn: sqlite3.Connection) -> bool:

@@ -90,10 +90,10 @@ def test_a_direct_write_wakes_a_parked_recv_and_a_parked_messages_wait(server, n
 
 
 def test_a_direct_write_right_after_the_servers_own_commit_wakes_a_parked_poll(server, names):
-    """The server's own commit makes its WAL watch report once and sleep for a few ms:
-    a direct write in that time, with nothing after it, still wakes the poll. (This
+    """The server turns its WAL watch off while it commits (its own writes are no news):
+    a direct write just after, with nothing after it, still wakes the poll. (This
     process is the other one here, its store opened beside the server beforehand, so
-    that its write lands within those milliseconds.)"""
+    that its write lands within a millisecond or so of the server's commit.)"""
     sender, bob, other = names("cli", "bob", "other")
     message = NewMessage(channel="default", sender=sender, to=bob, body="right after")
 
