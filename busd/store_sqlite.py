@@ -130,7 +130,9 @@ class WalWatch:
     IN_DELETE_SELF = 0x400
 
     def __init__(self, path: str, loop: asyncio.AbstractEventLoop, on_write: Callable[[], None]):
-        libc = ctypes.CDLL(None, use_errno=True)
+        # PyDLL: the calls keep the GIL. They take a microsecond; letting go of the GIL
+        # for each would hand it to the event loop and make the writer wait to get it back.
+        libc = ctypes.PyDLL(None, use_errno=True)
         try:
             init, self._add_watch = libc.inotify_init1, libc.inotify_add_watch
         except AttributeError:
