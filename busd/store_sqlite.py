@@ -71,10 +71,11 @@ SQL_DATA_VERSION = "PRAGMA data_version"
 # Whom other processes' new messages concern; more pairs than this: wake every poll.
 SQL_NEW_RECIPIENTS = "SELECT DISTINCT channel, to_name FROM messages WHERE id > ? LIMIT ?"
 NOTICE_LIMIT = 1000
-_STOP = object()
 # How long the writer waits for its next job before it looks for other processes'
 # commits in a transaction of its own, after one of its own (seconds); see _write_loop.
 LOOK_AFTER = 0.002
+
+_STOP = object()
 # A writer job: a transaction that only looks for other processes' commits.
 _LOOK = object()
 
