@@ -8,6 +8,9 @@ PostgreSQL database), parks a rapid long-poll on it, and stores one message at a
   direct    from this process, through the ordinary store opened beside the server
             (store_factory.open_store(db, exclusive=False).append: what `send --db` runs);
             the server hears the commit (SQLite: its WAL watch; PostgreSQL: NOTIFY)
+  direct, server busy
+            the same while another client keeps the server committing (a send every
+            2 ms): on SQLite its watch is then off and its own transactions look
   http      POST /send to the server itself, in the same run, for comparison
 
 Each figure is from the moment the send starts (so a direct write's own durable commit
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
 import time
@@ -41,7 +45,7 @@ async def measure(url: str, sends: int, send_one) -> tuple[list[float], list[flo
     send-start -> answer latencies, the sends' own durations, and how many were missed."""
     latencies, durations, missed = [], [], 0
     async with KeepAliveClient(url) as receiver:
-        since = (await receiver.recv(RECIPIENT, 0.0, block=False))["now"]
+        since = json.loads((await receiver.request("GET", "/healthz"))[1])["now"]
         for i in range(sends):
             answered: list[float] = []
 
@@ -54,7 +58,7 @@ async def measure(url: str, sends: int, send_one) -> tuple[list[float], list[flo
             # Let the poll reach the server and park, and the server fall idle (its own
             # commit of the poll's receipt behind it), as before a send that comes
             # while nothing else happens.
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
             started = time.perf_counter()
             stamp = await send_one(i)
             durations.append(time.perf_counter() - started)
@@ -78,6 +82,24 @@ async def run(db: str, sends: int) -> dict:
                 return result.message.id
 
             results["direct"] = await measure(bus.url, sends, direct)
+            # The same while the server keeps committing sends of its own (a send every
+            # 2 ms from another client), so its WAL watch is mostly off.
+            stop = asyncio.Event()
+
+            async def other_traffic() -> None:
+                async with KeepAliveClient(bus.url) as other:
+                    for i in range(100_000):
+                        if stop.is_set():
+                            return
+                        await other.send("busy", "elsewhere", f"busy {i}")
+                        await asyncio.sleep(0.002)
+
+            traffic = asyncio.create_task(other_traffic())
+            try:
+                results["direct, server busy"] = await measure(bus.url, sends, direct)
+            finally:
+                stop.set()
+                await traffic
         finally:
             await store.close()
         async with KeepAliveClient(bus.url) as sender:
@@ -94,14 +116,16 @@ def report(store: str, results: dict) -> bool:
     for path, (latencies, durations, missed) in results.items():
         p50, p99 = percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
         own = percentile(durations, 0.5) * 1e3
-        print(f"{store:<10} {path:<6} send -> parked poll answered: p50 {p50:6.2f} ms, "
+        print(f"{store:<10} {path:<19} send -> parked poll answered: p50 {p50:6.2f} ms, "
               f"p99 {p99:6.2f} ms   (the send itself: p50 {own:5.2f} ms)   "
               f"missed {missed} of {len(latencies)}")
         ok = ok and missed == 0
-    direct_p50 = percentile(results["direct"][0], 0.5) * 1e3
-    verdict = "meets" if direct_p50 <= 50 else "MISSES"
-    print(f"{store:<10} direct p50 {direct_p50:.2f} ms {verdict} the 50 ms target")
-    return ok and direct_p50 <= 50
+    for path in ("direct", "direct, server busy"):
+        p50 = percentile(results[path][0], 0.5) * 1e3
+        print(f"{store:<10} {path}: p50 {p50:.2f} ms "
+              f"{'meets' if p50 <= 50 else 'MISSES'} the 50 ms target")
+        ok = ok and p50 <= 50
+    return ok
 
 
 def main() -> int:

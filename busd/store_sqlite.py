@@ -19,16 +19,15 @@ clock row) is read again, and a group stamped at or below it is stamped anew. Th
 clock row moves to each group's last stamp in its transaction, and `now` is that
 row, read in the same statement as the messages.
 
-Hearing them. A serving store watches the WAL file with inotify: every commit writes
-to it. The writer turns the watch off while it holds the write lock (its own writes
-are then no news) and on again after its COMMIT. Another process can only write
-while it holds the lock, so its writes are reported, except in the instant between
-the writer's COMMIT and the watch coming back on: the writer's next transaction (a
-group's, or, if none is waiting, one that only looks) begins after that instant and
-looks. An event can come before the other process's commit is visible (frames are
-written before they are synced and published), so it is a cue, not news: it queues a
-look, whose BEGIN IMMEDIATE waits for that commit to finish, and whose data_version
-check tells whether another process committed. Their new messages wake the
+Hearing them. A serving store watches the WAL file with inotify while its writer is
+idle: another process's commit writes to it, and the event queues a look. The event
+can come before that commit is visible (frames are written before they are synced
+and published), so it is a cue, not news: the look's BEGIN IMMEDIATE waits for the
+commit to finish, and its data_version check tells whether another process
+committed. The writer turns the watch off in its first transaction (its own writes
+are no news) and leaves it off while jobs keep coming: each of their transactions
+checks data_version anyway. Idle for LOOK_AFTER, it turns the watch on and looks once
+more, which covers the time it was off. Other processes' new messages wake the
 long-polls parked on them, as a replica's do on PostgreSQL.
 """
 from __future__ import annotations
@@ -71,11 +70,11 @@ SQL_DATA_VERSION = "PRAGMA data_version"
 # Whom other processes' new messages concern; more pairs than this: wake every poll.
 SQL_NEW_RECIPIENTS = "SELECT DISTINCT channel, to_name FROM messages WHERE id > ? LIMIT ?"
 NOTICE_LIMIT = 1000
-# How long the writer waits for its next job before it looks for other processes'
-# commits in a transaction of its own, after one of its own (seconds); see _write_loop.
-# Only a write in the instant between its COMMIT and the watch coming on needs that
-# look, so it can wait: under steady traffic (a send every 20 ms or more often) the
-# next group's transaction looks instead, at no cost.
+# How long the writer, idle after a transaction of its own, waits for its next job
+# before it turns the WAL watch on again and looks for other processes' commits
+# (seconds): the longest another process's commit waits to be heard while this server
+# writes. Under steady traffic (a job at least this often) the watch stays off and
+# each transaction looks, at no extra cost.
 LOOK_AFTER = 0.02
 
 _STOP = object()
@@ -414,16 +413,22 @@ class SQLiteStore(SQLStore):
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
         watch = self._watch
-        # Set after a transaction of this writer's: another process may have written
-        # between its COMMIT and the watch coming on again, so the next transaction must
-        # look: the next job's, or, if none comes within LOOK_AFTER, one that only looks.
-        owe_look = False
+        # The WAL watch is on only while this writer is idle: it goes off in the first
+        # transaction after (its own writes are no news) and stays off while jobs keep
+        # coming, for each transaction's data_version check sees what other processes
+        # committed meanwhile. When no job comes for LOOK_AFTER, it goes on again and a
+        # transaction that only looks covers the time it was off.
+        watching = watch is not None
         while True:
-            try:
-                job = self._queue.get(timeout=LOOK_AFTER) if owe_look else self._queue.get()
-            except queue.Empty:
-                job = _LOOK
-            owe_look = False
+            if watch is not None and not watching:
+                try:
+                    job = self._queue.get(timeout=LOOK_AFTER)
+                except queue.Empty:
+                    watch.on()
+                    watching = True
+                    job = _LOOK
+            else:
+                job = self._queue.get()
             if job is _STOP:
                 break
             if job is _LOOK:
@@ -436,8 +441,9 @@ class SQLiteStore(SQLStore):
             outcome: Written | BusError
             try:
                 with _transaction(conn):
-                    if watch is not None:
-                        watch.off()  # under the write lock: only this writer writes now
+                    if watching:
+                        watch.off()  # under the write lock: nobody else writes meanwhile
+                        watching = False
                     heard = self._catch_up(conn)
                     outcome = self._store(conn, group, work)
                 if outcome.top is not None:
@@ -448,16 +454,12 @@ class SQLiteStore(SQLStore):
             except Exception as exc:  # a bug: fail the group loudly, keep the writer alive
                 log.exception("unexpected error in the writer")
                 outcome = BusError(errors.INTERNAL, type(exc).__name__)
-            finally:
-                if watch is not None:
-                    watch.on()
             try:
                 if heard is not None:
                     self._loop.call_soon_threadsafe(self._heard, heard)
                 self._loop.call_soon_threadsafe(self._committed, group, outcome)
             except RuntimeError:
                 break  # the loop is gone: nobody is waiting for an answer
-            owe_look = watch is not None
         conn.close()
 
     def _look(self, conn: sqlite3.Connection) -> bool:
