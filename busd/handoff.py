@@ -22,10 +22,11 @@ import re
 import shlex
 import socket
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from .fileio import atomic_file
 
 CHUNK = 1 << 20          # hashing reads 1 MiB at a time: memory stays flat for any size
 FIELDS = ("sha256", "path", "host", "bytes", "lines", "mtime")
@@ -374,24 +375,16 @@ def fetch(facts: FileFacts, folder: str) -> str:
 
 def _copy_checked(source: int, facts: FileFacts, folder: str, target: str) -> None:
     """Copy `facts.bytes` bytes of `source` to `target` if they hash to `facts.sha256`."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{facts.name}.", suffix=".fetching")
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
+        # replace=False: never replaces a file that appeared meanwhile.
+        with atomic_file(target, replace=False) as out:
             for chunk in read_chunks(source, facts.bytes):
                 digest.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if digest.hexdigest() != facts.sha256.lower():
-            raise HandoffError(f"{facts.path}: its sha256 is {digest.hexdigest()}, not the "
-                               f"{facts.sha256} handed off; the file changed, nothing was kept")
-        os.link(tmp, target)  # unlike a rename, never replaces a file that appeared meanwhile
-        os.unlink(tmp)
+            if digest.hexdigest() != facts.sha256.lower():
+                raise HandoffError(f"{facts.path}: its sha256 is {digest.hexdigest()}, not the "
+                                   f"{facts.sha256} handed off; the file changed, nothing was "
+                                   "kept")
     except FileExistsError:
-        os.unlink(tmp)
         raise HandoffError(f"{target} appeared meanwhile; nothing was overwritten") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from busd.client import monitor_block
+from busd.framing import monitor_block
 from busd.cli.directory import agents_table
 from busd.listener import summary_line
 from tests.support import REPO, BusServer, agent_bus_cmd, repo_env, wait_until

@@ -41,9 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TextIO
 
 from .. import handoff, model
-from ..client import Backoff, BusClient, BusClientError
+from ..client import BusClient
 from ..framing import check_block, monitor_block
-from .spool import FILE_MODE, SpoolLayout, fsync_dir, write_atomically, write_new_file
+from ..fileio import FILE_MODE, fsync_dir, write_atomically, write_new_file
+from ..receive import Backoff, Cursor, follow, messages_of
+from .spool import SpoolLayout
 
 log = logging.getLogger("busd.agent.inbox")
 
@@ -393,7 +395,7 @@ class InboxWriter:
         self.out = out
         self.roots = roots
         self.on_marked = on_marked
-        self.since = 0.0
+        self.cursor = Cursor()
         self._ids: set[int] = set()
         self._unlogged: set[int] = set()   # filed, block not yet in inbox.log
         self._status: dict[int, list[str]] = {}  # filed this batch: its block's status lines
@@ -422,7 +424,7 @@ class InboxWriter:
             state = None
         if state is None:
             return
-        self.since = state.since
+        self.cursor.since = state.since
         self._saved = state
         size = os.fstat(self._log_fd).st_size
         if state.log_bytes is not None and state.log_bytes <= size:
@@ -463,24 +465,27 @@ class InboxWriter:
         except FileNotFoundError:
             return True
 
-    def write_batch(self, messages: list[dict], now: float | None) -> list[tuple[int, str]]:
-        """File a batch; returns (id, result) of the handoffs whose result is known at once
+    @property
+    def since(self) -> float:
+        return self.cursor.since
+
+    def write_batch(self, batch: dict) -> list[tuple[int, str]]:
+        """File a /recv reply's messages; returns (id, result) of the handoffs whose result is known at once
         (not checked), for the bus. Raises only OSError (the disk), never for content."""
         with self._lock:
-            reports, marked = self._write_batch(messages, now)
+            reports, marked = self._write_batch(batch)
         if marked and self.on_marked is not None:
             self.on_marked()  # after the blocks: a check entry never precedes its block
         return reports
 
-    def _write_batch(self, messages: list[dict], now: float | None
-                     ) -> tuple[list[tuple[int, str]], bool]:
+    def _write_batch(self, batch: dict) -> tuple[list[tuple[int, str]], bool]:
         fresh: list[tuple[int, float, dict]] = []
-        for message in messages:
+        for message in messages_of(batch):
             key = message_key(message)
             if key is None:
                 log.error("skipping something the bus sent that is not a message (no id and "
                           "ts the bus would give): %s", _shown(message))
-            elif key[1] > self.since:
+            elif self.cursor.is_new(message):
                 fresh.append((*key, message))
         reports: list[tuple[int, str]] = []
         was_recovering = self._recovering
@@ -494,9 +499,7 @@ class InboxWriter:
                 marked += 1
             elif filing.handoff is not None:
                 reports.append((message_id, filing.handoff))
-            temp = os.path.join(self.layout.inbox, f".{filing.name}.tmp")
-            write_new_file(temp, filing.file_bytes())
-            os.rename(temp, os.path.join(self.layout.inbox, filing.name))
+            write_atomically(os.path.join(self.layout.inbox, filing.name), filing.file_bytes())
             self._status[message_id] = status_lines(message_id, filing.note, filing.handoff,
                                                     filing.reason)
             self._ids.add(message_id)
@@ -536,11 +539,8 @@ class InboxWriter:
             self._append(b"".join(blocks))
             self._unlogged.difference_update(logged)
 
-        since = max([self.since] + [ts for _, ts, _ in fresh])
-        if isinstance(now, (int, float)) and math.isfinite(now) and now > since:
-            since = float(now)
-        self.since = since
-        state = ReceiveState(since=since, channel=self.channel,
+        self.cursor.advance(batch)
+        state = ReceiveState(since=self.cursor.since, channel=self.channel,
                              log_bytes=os.fstat(self._log_fd).st_size)
         if state != self._saved:
             save_state(self.layout.cursor, state)
@@ -674,6 +674,14 @@ class CheckReports(Protocol):
 
 # -- the receive loop --------------------------------------------------------
 
+def receive_batch(client: BusClient, writer: InboxWriter, name: str, channel: str,
+                  block: bool = True) -> dict:
+    """The next batch for `writer` to file. filed=True: the bus may count everything up
+    to our since as filed, because the writer saves it only once the files are durable."""
+    return client.recv(name, since=writer.since, block=block, channel=channel,
+                       max_batch=RECV_BATCH, filed=True)
+
+
 class ReceiveLoop:
     """Long-polls the bus and hands each batch to the writer; never gives up."""
 
@@ -692,36 +700,31 @@ class ReceiveLoop:
 
     def run(self) -> None:
         failing = False
-        while not self.stop.is_set():
-            try:
-                # filed=True: our since is saved only once the files are durable.
-                data = self.client.recv(self.name, since=self.writer.since, block=True,
-                                        channel=self.channel, max_batch=RECV_BATCH, filed=True)
-            except BusClientError as exc:
-                if self.stop.is_set():
-                    return
-                delay = self.backoff.delay(exc.retry_after)
-                level = logging.WARNING if not failing else logging.INFO
-                log.log(level, "cannot receive: %s; retrying in %gs", exc, delay)
-                failing = True
-                self.stop.wait(delay)
-                continue
+
+        def poll() -> dict:
+            return receive_batch(self.client, self.writer, self.name, self.channel)
+
+        def report(exc: Exception, delay: float) -> None:
+            nonlocal failing
+            log.log(logging.INFO if failing else logging.WARNING,
+                    "cannot receive: %s; retrying in %gs", exc, delay)
+            failing = True
+
+        for batch in follow(poll, self.stop, backoff=self.backoff, on_error=report):
             if failing:
                 log.info("receiving again from %s", self.client.url)
             failing = False
-            self.backoff.reset()
-            messages = data.get("messages") or []
             with self.busy:
-                if self.stop.is_set() and not messages:
+                if self.stop.is_set() and not messages_of(batch):
                     return
                 try:
-                    checked = self.writer.write_batch(messages, data.get("now"))
+                    checked = self.writer.write_batch(batch)
                 except Exception as exc:  # noqa: BLE001
                     # Disk full, or a message we cannot file: the cursor did not move,
                     # so the same batch comes again after the pause.
                     delay = self.backoff.delay()
                     log.exception("cannot file %d messages (%s); trying again in %gs",
-                                  len(messages), exc, delay)
+                                  len(messages_of(batch)), exc, delay)
                     self.stop.wait(delay)
                     continue
             if checked and self.reporter is not None:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from .. import model, secretguard
 from ..errors import BusError
+from ..fileio import FILE_MODE, fsync_dir, write_atomically
 
 FOLDER_MODE = 0o700
-FILE_MODE = 0o600
 
 # A header block may use this much of a file on top of the message size limit.
 MAX_HEADER_BYTES = 8 * 1024
@@ -376,43 +376,6 @@ def is_being_written(path: str) -> bool | None:
 
 # -- writing ---------------------------------------------------------------
 
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_new_file(path: str, data: bytes) -> None:
-    """Create `path` (O_EXCL, 0600) with `data`, durably. A leftover from a crash is replaced."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags, FILE_MODE)
-    except FileExistsError:
-        os.unlink(path)
-        fd = os.open(path, flags, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace `path` with `data`: a hidden temp file, fsync, rename."""
-    folder, name = os.path.split(path)
-    temp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-    write_new_file(temp, data)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
-
-
 def drop_bytes(to: str, body: bytes, channel: str | None = None) -> bytes:
     """A drop file that says its own recipient (and channel): a header block, then the body."""
     lines = [f"to: {to}"] + ([f"channel: {channel}"] if channel else [])
@@ -437,20 +400,8 @@ def drop(layout: SpoolLayout, to: str, body: bytes, channel: str | None,
     parse_drop(data, None, channel or model.DEFAULT_CHANNEL, max_msg_bytes)
     layout.create()
     token = new_token()
-    temp = os.path.join(layout.root, f".drop-{token}.tmp")
     target = os.path.join(layout.outbox, f"drop-{token}")
-    write_new_file(temp, data)
-    try:
-        os.rename(temp, target)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
+    write_atomically(target, data, temp_dir=layout.root)
     fsync_dir(layout.outbox)
     return target
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -10,7 +10,7 @@ from typing import Mapping, NoReturn
 
 from .. import __version__
 from ..client import DEFAULT_UA, BusClient, BusClientError
-from ..signing import SigningError, read_private_file
+from ..mailbox import USAGE, Mailbox, MailboxError
 
 # Exit codes, shared with the bin/ shell mirrors (README, "Exit codes").
 EXIT_OK = 0
@@ -93,6 +93,7 @@ class Env:
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
         signing_key = None
         if self.key_path:
+            from ..signing import SigningError, read_private_file
             try:
                 signing_key = read_private_file(self.key_path)
             except SigningError as exc:
@@ -105,6 +106,42 @@ class Env:
         if not name:
             raise CommandError("no agent name: set AGENT_NAME or pass --from NAME", EXIT_USAGE)
         return name
+
+    def mailbox(self, name: str | None = None, channel: str | None = None) -> Mailbox:
+        """The agent's mailbox (its spool folder; the bus once a flow needs it)."""
+        return Mailbox(self.agent_name(name), self.spool_root, channel or self.channel,
+                       connect=self.client)
+
+
+# -- the arguments several commands take ---------------------------------------------
+
+def command(commands: argparse._SubParsersAction, name: str, func, help: str,
+            description: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def name_argument(parser: argparse.ArgumentParser, what: str = "agent name") -> None:
+    parser.add_argument("name", nargs="?", default=None, help=f"{what} (default $AGENT_NAME)")
+
+
+def channel_option(parser: argparse.ArgumentParser, help: str = "channel (default "
+                   "$AGENT_BUS_CHANNEL or 'default')", metavar: str | None = None) -> None:
+    parser.add_argument("--channel", default=None, help=help, metavar=metavar)
+
+
+def sender_option(parser: argparse.ArgumentParser, help: str = "sender name") -> None:
+    parser.add_argument("--from", dest="sender", default=None, help=f"{help} (default $AGENT_NAME)")
+
+
+def retry_report(command_name: str):
+    """How a follower says it will retry: one line on stderr, the delay in milliseconds
+    (bin/lib/agent-bus.sh prints the same)."""
+    def report(exc: Exception, delay: float) -> None:
+        print(f"agent-bus {command_name}: {exc}; retrying in {round(delay * 1000)} ms",
+              file=sys.stderr, flush=True)
+    return report
 
 
 def exit_code_for(exc: BusClientError) -> int:
@@ -135,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MailboxError as exc:
+        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.kind == USAGE else EXIT_REFUSED
     except BusClientError as exc:
         print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
         return exit_code_for(exc)

@@ -5,10 +5,10 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 
 from .. import model
 from ..agent.spool import SpoolLayout
+from ..fileio import write_atomically
 from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
 from .agent import SHARED_SEPARATOR, shared_roots
 
@@ -82,29 +82,6 @@ def _settings(name: str, url: str, channel: str, token: str, spool_root: str,
     return "\n".join(lines) + "\n"
 
 
-def _write_private(path: str, text: str, replace: bool) -> None:
-    """Write `path` 0600 all at once (temp file, fsync, rename): never half a file."""
-    folder = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if replace:
-            os.replace(temp, path)
-        else:
-            # link() fails if the name exists: a file made meanwhile is never replaced.
-            os.link(temp, path)
-            os.unlink(temp)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _init(args: argparse.Namespace, env: Env) -> int:
     name = args.name
     if not model.is_valid_name(name):
@@ -143,7 +120,7 @@ def _init(args: argparse.Namespace, env: Env) -> int:
     except OSError as exc:
         raise CommandError(f"cannot make {exc.filename}: {exc.strerror}", EXIT_USAGE) from None
     try:
-        _write_private(path, text, replace=args.force)
+        write_atomically(path, text.encode("utf-8"), replace=args.force)
     except FileExistsError:
         raise CommandError(f"{path} already exists and was left as it is; edit it, or run "
                            "again with --force to replace it", EXIT_REFUSED) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from urllib.parse import urlsplit
 
 from ..identity import LEGACY_SIGNATURES
@@ -85,11 +86,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace, env) -> int:
     # Imported here: every other command starts faster and smaller without aiohttp.
-    from .. import agent_card
-    from ..agent.notify import Notifier
+    from .. import agent_card, logs
     from ..api.common import BusSettings
-    from ..server import ServerConfig, run
-    from . import die
+    from ..notify import Notifier
+    from ..server import ClientFaultFilter, ConfigError, ServerConfig, run
+    from ..store import StoreError, shown_database
+    from . import EXIT_OK, EXIT_USAGE, CommandError, die
 
     if not 0 < args.hold <= 30:
         die("--hold must be more than 0 and at most 30 seconds (clients time out at 35)")
@@ -134,14 +136,27 @@ def _serve(args: argparse.Namespace, env) -> int:
                           retain_max_age=args.retain_days * 86400 or None,
                           retain_per_queue=args.retain_per_queue or None,
                           retention_every=args.retention_every)
+    logs.setup("agent-bus", filters={"aiohttp.server": ClientFaultFilter()})
     # Under systemd (Type=notify) READY=1 goes out once the socket is bound, so units
     # ordered after the server start when it can answer; a no-op in a terminal.
     notifier = Notifier(env.notify_socket)
+
+    def ready(address: str) -> None:
+        # Tests and scripts read this line to learn the port (with --port 0).
+        print(f"agent-bus: listening on {address} (db {shown_database(db)})",
+              file=sys.stderr, flush=True)
+        notifier.ready(f"listening on {address}")
+
     try:
-        return run(config, on_ready=lambda address: notifier.ready(f"listening on {address}"),
-                   on_stopping=notifier.stopping)
+        run(config, on_ready=ready, on_stopping=notifier.stopping)
+    except (ConfigError, StoreError) as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}",
+                           EXIT_USAGE) from None
     finally:
         notifier.close()
+    return EXIT_OK
 
 
 def _port(text: str) -> int:
