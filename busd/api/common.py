@@ -204,13 +204,6 @@ async def accept_send(request: web.Request, message: NewMessage, signed_at: obje
     return result
 
 
-async def visible_pending(bus: Bus, principal: Principal) -> dict[str, dict[str, int]]:
-    """The store's pending counts, {channel: {recipient: count}}, on the channels this
-    principal may see."""
-    return {channel: counts for channel, counts in (await bus.store.pending_counts()).items()
-            if bus.access.sees_channel(principal, channel)}
-
-
 Found = TypeVar("Found")
 
 

@@ -28,13 +28,11 @@ from typing import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from .. import __version__, errors, receipts
+from .. import __version__, errors, roster
 from ..errors import BusError
 from ..identity import OPEN, Principal
 from ..model import StoredMessage, check_channel, check_name
-from . import elipc
-from .common import Bus, bus_of, principal_of, query_bool, query_value, reply, visible_pending
-from .handoffs import checks_of, is_handoff
+from .common import Bus, bus_of, principal_of, query_bool, query_value, reply
 
 PREFIX = "/ui"
 COOKIE = "agent_bus_console"
@@ -213,16 +211,15 @@ async def feed(request: web.Request) -> web.Response:
     followed = [m for m in await bus.store.messages_by_id(sorted(set(watch) - new_ids))
                 if bus.access.sees_channel(principal, m.channel)]
     everything = messages + followed
-    rows, marks = await bus.store.receipts({m.channel for m in everything})
-    states = {s["id"]: s for s in receipts.message_states(everything, rows, marks)}
-    checks = await checks_of(bus, everything)
-    pending = await visible_pending(bus, principal)
+    states = await roster.states(bus.store, everything)
+    pending = await roster.visible_pending(bus.store, bus.access, principal)
     return reply({
         "version": version,
-        "messages": [_entry(m, states[m.id], checks.get(m.id)) for m in messages],
-        "states": {str(m.id): _state(m, states[m.id], checks.get(m.id)) for m in followed},
+        "messages": [_entry(m, states[m.id]) for m in messages],
+        "states": {str(m.id): _state(m, states[m.id]) for m in followed},
         "gone": sorted(set(watch) - new_ids - {m.id for m in followed}),
-        "agents": await elipc.roster(bus, principal, pending=pending),
+        "agents": await roster.roster(bus.store, bus.access, bus.presence, principal,
+                                      pending=pending),
         "channels": await _channels(bus, principal, pending),
         "auth": principal is not OPEN,
         "now": time.time(),
@@ -249,20 +246,20 @@ async def _watch(bus: Bus, fetch: Callable[[], Awaitable[list[StoredMessage]]], 
             bus.hub.unregister(waiter)
 
 
-def _state(message: StoredMessage, state: dict, checks: dict[str, str] | None) -> dict:
+def _state(message: StoredMessage, state: dict) -> dict:
     out = {"state": state["state"], "recipients": state["recipients"]}
-    if is_handoff(message):
-        out["handoff"] = checks or {}
+    if roster.is_handoff(message):
+        out["handoff"] = state.get("handoff", {})
     return out
 
 
-def _entry(message: StoredMessage, state: dict, checks: dict[str, str] | None) -> dict:
+def _entry(message: StoredMessage, state: dict) -> dict:
     first_line, _, rest = message.body.partition("\n")
     entry = {"id": message.id, "ts": message.ts, "from": message.sender, "to": message.to,
              "channel": message.channel, "first_line": first_line[:FIRST_LINE_CHARS],
              "more": bool(rest) or len(first_line) > FIRST_LINE_CHARS,
              "signed": bool(message.signature)}
-    entry.update(_state(message, state, checks))
+    entry.update(_state(message, state))
     return entry
 
 
