@@ -4,12 +4,10 @@ requests (and signing's cryptography) are imported when a client is made, not wi
 this module: what only reads the spool (`agent-bus inbox`, the hooks) starts fast."""
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from . import receipts
 from .errors import REPLAY
 
 if TYPE_CHECKING:
@@ -142,22 +140,6 @@ class BusClient:
 
     def undelivered(self, older: float) -> list[dict]:
         return self.request("GET", "/undelivered", params={"older": older})["messages"]
-
-    def wait_for_state(self, message_id: int, target: str, timeout: float,
-                       stop: threading.Event | None = None) -> str | None:
-        """Follow a message until every recipient reached `target` (delivered or filed);
-        its state then, or None if the timeout passed first."""
-        stop = stop or threading.Event()
-        deadline = time.monotonic() + timeout
-        pause = 0.05
-        while True:
-            [state] = self.status([message_id])
-            if state["state"] != "unknown" and receipts.reached(state["state"], target):
-                return state["state"]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or stop.wait(min(pause, remaining)):
-                return None
-            pause = min(pause * 2, 1.0)
 
     def report_handoff_check(self, message_id: int, agent: str, result: str) -> dict:
         """Tell the bus what `agent`'s daemon found when it checked handoff `message_id`."""
