@@ -137,20 +137,26 @@ def hash_file(path: str) -> tuple[str, int, int]:
     return digest.hexdigest(), size, newlines + (1 if size and last != b"\n" else 0)
 
 
+def absolute(path: str) -> str:
+    """`path` made absolute without resolving a link (as `realpath -m -s` does, so a
+    leading // is one /, as Linux reads it)."""
+    return "/" + os.path.abspath(path).lstrip("/")
+
+
 def describe(path: str, host: str | None = None) -> FileFacts:
     """Make the file private (0600), then fingerprint it."""
-    absolute = os.path.abspath(path)
-    if not os.path.isfile(absolute):
+    absolute_path = absolute(path)
+    if not os.path.isfile(absolute_path):
         raise HandoffError(f"{path}: not a regular file")
     try:
-        os.chmod(absolute, 0o600)
-        sha256, size, lines = hash_file(absolute)
-        mtime = os.stat(absolute).st_mtime
+        os.chmod(absolute_path, 0o600)
+        sha256, size, lines = hash_file(absolute_path)
+        mtime = os.stat(absolute_path).st_mtime
     except NotRegular:
         raise HandoffError(f"{path}: not a regular file") from None
     except OSError as exc:
         raise HandoffError(f"{path}: {exc.strerror}") from None
-    return FileFacts(sha256=sha256, path=absolute, host=host or socket.gethostname(),
+    return FileFacts(sha256=sha256, path=absolute_path, host=host or socket.gethostname(),
                      bytes=size, lines=lines, mtime=mtime)
 
 

@@ -72,9 +72,12 @@ class Mailbox:
     _client: BusClient | None = field(default=None, repr=False)
     _filing: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def __post_init__(self) -> None:
+    @property
+    def layout(self) -> SpoolLayout:
+        """The spool folder (a name no folder can have is refused here, not before: a
+        send leaves judging names to the bus)."""
         try:
-            self.layout = SpoolLayout.for_agent(self.spool_root, self.name)
+            return SpoolLayout.for_agent(self.spool_root, self.name)
         except ValueError as exc:
             raise MailboxError(str(exc), USAGE) from None
 

@@ -104,7 +104,7 @@ def _agent(args: argparse.Namespace, env: Env) -> int:
         shared = shared_roots(env.shared.split(SHARED_SEPARATOR), "AGENT_BUS_SHARED",
                               relative_ok=False)
     env.client().close()  # fails early, with the usual message, if AGENT_BUS_URL is unset
-    env.mailbox(name)   # a name no folder can have fails here
+    env.mailbox(name).layout   # a name no folder can have fails here
     os.umask(0o077)
     logs.setup(f"agent-bus agent {name}")
     logging.getLogger("busd.agent").info(

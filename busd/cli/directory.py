@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+from ..jqtext import dumps
 from . import EXIT_OK, Env
 
 AGENT_COLUMNS = (("NAME", "name"), ("ONLINE", "online"), ("LAST SEEN", "last_seen"),
@@ -55,5 +55,5 @@ def _agents(args: argparse.Namespace, env: Env) -> int:
 
 
 def _health(args: argparse.Namespace, env: Env) -> int:
-    print(json.dumps(env.client().healthz()), flush=True)
+    print(dumps(env.client().healthz()), flush=True)
     return EXIT_OK

@@ -1,5 +1,6 @@
 """`agent-bus channels` and `agent-bus agent-card`: what is on the bus, printed as
-el-ipc's commands of the same names print it (JSON, indented by two).
+el-ipc's commands of the same names print it (JSON, indented by two), in the bytes
+`jq .` writes (bin/bus-channels and bin/bus-agent-card print the same).
 
 Each command asks a source for the data and prints it here; the source is the bus over
 HTTP (AGENT_BUS_URL). Anything that answers the same calls with the same shapes -- the
@@ -8,9 +9,9 @@ bus's database itself, for one -- can stand in for it without the printing chang
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Protocol
 
+from ..jqtext import dumps
 from . import EXIT_OK, Env
 
 
@@ -43,7 +44,7 @@ def source(args: argparse.Namespace, env: Env) -> Source:
 
 
 def print_json(value: object) -> None:
-    print(json.dumps(value, indent=2), flush=True)
+    print(dumps(value, pretty=True), flush=True)
 
 
 def _channels(args: argparse.Namespace, env: Env) -> int:

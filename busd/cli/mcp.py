@@ -27,6 +27,7 @@ def _mcp(args: argparse.Namespace, env: Env) -> int:
     if channel != model.ALL_CHANNELS and not model.is_valid_name(channel):
         raise CommandError(f"invalid channel {channel!r}", EXIT_USAGE)
     mailbox = env.mailbox(args.name, channel)
+    mailbox.layout.create()   # a name no folder can have fails here
     env.client().close()  # a missing AGENT_BUS_URL fails here, with the usual message
     # stdout carries the protocol: every log line goes to stderr.
     logs.setup(f"agent-bus mcp {mailbox.name}", logging.WARNING)
