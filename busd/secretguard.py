@@ -10,10 +10,11 @@ busd/data/secret-shapes.json, which bin/lib/agent-bus.sh reads too.
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import lru_cache
-from importlib import resources
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 ADVICE = ("send it as a file instead: agent-bus handoff --to NAME FILE (only its sha256 and "
           "path travel); --allow-secret sends this one message anyway")
 
@@ -30,7 +31,8 @@ def _pattern(text: str, macros: dict[str, str]) -> str:
 @lru_cache(maxsize=1)
 def shapes() -> dict:
     """The shapes file, compiled (once, when a first body is looked at)."""
-    data = json.loads(resources.files("busd").joinpath("data/secret-shapes.json").read_text("utf-8"))
+    with open(os.path.join(DATA, "secret-shapes.json"), encoding="utf-8") as handle:
+        data = json.load(handle)
     macros = data["macros"]
     labels = "|".join(re.escape(label) for label in data["digest_labels"])
     separators = _pattern(data["label_separators"], macros)
@@ -49,8 +51,8 @@ _WORD = re.compile(r"[a-z]+")
 
 @lru_cache(maxsize=1)
 def bip39_words() -> frozenset[str]:
-    text = resources.files("busd").joinpath("data/bip39-english.txt").read_text("ascii")
-    return frozenset(text.split())
+    with open(os.path.join(DATA, "bip39-english.txt"), encoding="ascii") as handle:
+        return frozenset(handle.read().split())
 
 
 def _unlabelled_hex_key(text: str) -> bool:

@@ -6,11 +6,13 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Mapping, NoReturn
+from typing import TYPE_CHECKING, Mapping, NoReturn
 
 from .. import __version__
 from ..client import DEFAULT_UA, BusClient, BusClientError
-from ..mailbox import USAGE, Mailbox, MailboxError
+
+if TYPE_CHECKING:
+    from ..mailbox import Mailbox
 
 # Exit codes, shared with the bin/ shell mirrors (README, "Exit codes").
 EXIT_OK = 0
@@ -109,6 +111,8 @@ class Env:
 
     def mailbox(self, name: str | None = None, channel: str | None = None) -> Mailbox:
         """The agent's mailbox (its spool folder; the bus once a flow needs it)."""
+        from ..mailbox import Mailbox
+
         return Mailbox(self.agent_name(name), self.spool_root, channel or self.channel,
                        connect=self.client)
 
@@ -164,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+        # Before the commands are imported: a launcher asks this to find the program.
+        print(f"agent-bus {__version__}")
+        return EXIT_OK
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..mailbox import USAGE, MailboxError
     env = Env.from_environ(os.environ)
     try:
         return args.func(args, env)
