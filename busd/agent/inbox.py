@@ -682,21 +682,18 @@ def receive_batch(client: BusClient, writer: InboxWriter, name: str, channel: st
                        max_batch=RECV_BATCH, filed=True)
 
 
+@dataclass
 class ReceiveLoop:
     """Long-polls the bus and hands each batch to the writer; never gives up."""
-
-    def __init__(self, writer: InboxWriter, client: BusClient, name: str, channel: str,
-                 stop: threading.Event, backoff: Backoff | None = None,
-                 reporter: CheckReports | None = None):
-        self.writer = writer
-        self.reporter = reporter
-        self.client = client
-        self.name = name
-        self.channel = channel
-        self.stop = stop
-        self.backoff = backoff or Backoff(0.25, 5.0)
-        # Held while a batch is being filed; shutdown takes it so no batch is cut short.
-        self.busy = threading.Lock()
+    writer: InboxWriter
+    client: BusClient
+    name: str
+    channel: str
+    stop: threading.Event
+    reporter: CheckReports | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.25, 5.0))
+    # Held while a batch is being filed; shutdown takes it so no batch is cut short.
+    busy: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self) -> None:
         failing = False

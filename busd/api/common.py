@@ -15,7 +15,7 @@ from ..errors import BusError
 from ..identity import Access, Principal
 from ..metrics import BusMetrics
 from ..receipts import Presence
-from ..model import Limits, NewMessage, SendResult
+from ..model import Limits, NewMessage, SendResult, check_key, check_meta
 from ..store import Store
 from ..waiters import WaiterHub
 
@@ -184,11 +184,17 @@ def check_signature(value: object) -> str | None:
     return value
 
 
-async def accept_send(request: web.Request, message: NewMessage, signed_at: object,
-                      legacy: bool, allow_secret: object = False) -> SendResult:
-    """The one way a send is stored: who may send it, its signature, then a durable commit."""
+async def accept_send(request: web.Request, body: dict, legacy: bool, *, channel: str,
+                      sender: str, to: str, text: str) -> SendResult:
+    """The one way a send is stored: the fields both protocols share (meta, key,
+    signature) checked, who may send it, its signature, then a durable commit."""
     bus = bus_of(request)
-    if bus.settings.secret_guard and allow_secret is not True:
+    message = NewMessage(channel=channel, sender=sender, to=to, body=text,
+                         meta=check_meta(body.get("meta"), bus.settings.limits.max_meta_bytes),
+                         key=check_key(body.get("key")),
+                         signature=check_signature(body.get("signature")))
+    signed_at = body.get("signed_at")
+    if bus.settings.secret_guard and body.get("allow_secret") is not True:
         if problem := secretguard.refusal(message.body):
             raise BusError(errors.SECRET_REFUSED,
                            problem.replace("--allow-secret", '"allow_secret": true'))

@@ -9,9 +9,8 @@ from aiohttp import web
 
 from .. import __version__, agent_card as agent_cards, errors, roster
 from ..errors import BusError
-from ..model import NewMessage, check_body, check_channel, check_key, check_meta, check_name
-from .common import (accept_send, bus_of, check_signature, long_poll, principal_of, query_bool,
-                     query_value, reply)
+from ..model import check_body, check_channel, check_name
+from .common import accept_send, bus_of, long_poll, principal_of, query_bool, query_value, reply
 
 FIELDS = ("channel", "sender", "content")
 READ_BATCH = 1000
@@ -23,17 +22,10 @@ async def send(request: web.Request, body: dict) -> web.Response:
     for name in FIELDS:
         if body.get(name) in (None, ""):
             raise BusError(errors.MISSING_FIELD, name)
-    message = NewMessage(
-        channel=check_channel(body["channel"]),
-        sender=check_name(body["sender"], "sender"),
-        to="*",
-        body=check_body(body["content"], "content", limits.max_msg_bytes, allow_empty=False),
-        meta=check_meta(body.get("meta"), limits.max_meta_bytes),
-        key=check_key(body.get("key")),
-        signature=check_signature(body.get("signature")),
-    )
-    result = await accept_send(request, message, body.get("signed_at"), legacy=True,
-                               allow_secret=body.get("allow_secret"))
+    result = await accept_send(
+        request, body, legacy=True, channel=check_channel(body["channel"]),
+        sender=check_name(body["sender"], "sender"), to="*",
+        text=check_body(body["content"], "content", limits.max_msg_bytes, allow_empty=False))
     return reply({"ok": True, "id": result.message.id})
 
 

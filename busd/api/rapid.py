@@ -7,10 +7,9 @@ from aiohttp import web
 
 from .. import errors, roster
 from ..errors import BusError
-from ..model import (NewMessage, check_body, check_channel, check_key, check_meta,
-                     check_name, check_recipient)
-from .common import (accept_send, bus_of, check_signature, long_poll, principal_of, query_batch,
-                     query_bool, query_float, query_value, reply)
+from ..model import check_body, check_channel, check_name, check_recipient
+from .common import (accept_send, bus_of, long_poll, principal_of, query_batch, query_bool,
+                     query_float, query_value, reply)
 
 FIELDS = ("from", "to", "msg")
 
@@ -21,17 +20,10 @@ async def send(request: web.Request, body: dict) -> web.Response:
     for name in FIELDS:
         if body.get(name) is None:
             raise BusError(errors.MISSING_FIELD, name)
-    message = NewMessage(
-        channel=check_channel(body.get("channel")),
-        sender=check_name(body["from"], "from"),
-        to=check_recipient(body["to"]),
-        body=check_body(body["msg"], "msg", limits.max_msg_bytes, allow_empty=True),
-        meta=check_meta(body.get("meta"), limits.max_meta_bytes),
-        key=check_key(body.get("key")),
-        signature=check_signature(body.get("signature")),
-    )
-    result = await accept_send(request, message, body.get("signed_at"), legacy=False,
-                               allow_secret=body.get("allow_secret"))
+    result = await accept_send(
+        request, body, legacy=False, channel=check_channel(body.get("channel")),
+        sender=check_name(body["from"], "from"), to=check_recipient(body["to"]),
+        text=check_body(body["msg"], "msg", limits.max_msg_bytes, allow_empty=True))
     stored = result.message
     payload = {"ok": True, "ts": stored.ts, "channel": stored.channel, "id": stored.id}
     if result.duplicate:

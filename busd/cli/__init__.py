@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, NoReturn
 
-from .. import __version__
+from .. import __version__, model
 from ..client import DEFAULT_UA, BusClient, BusClientError
 
 if TYPE_CHECKING:
@@ -109,6 +109,14 @@ class Env:
             raise CommandError("no agent name: set AGENT_NAME or pass --from NAME", EXIT_USAGE)
         return name
 
+    def reading_channel(self, given: str | None) -> str:
+        """The channel a reader follows: a name, or '*' for all."""
+        channel = given or self.channel
+        if channel != "*" and not model.is_valid_name(channel):
+            raise CommandError(f"invalid channel {channel!r}: use 1-64 characters of "
+                               "A-Z a-z 0-9 . _ -, or '*' for all", EXIT_USAGE)
+        return channel
+
     def mailbox(self, name: str | None = None, channel: str | None = None) -> Mailbox:
         """The agent's mailbox (its spool folder; the bus once a flow needs it)."""
         from ..mailbox import Mailbox
@@ -119,9 +127,11 @@ class Env:
 
 # -- the arguments several commands take ---------------------------------------------
 
-def command(commands: argparse._SubParsersAction, name: str, func, help: str,
-            description: str) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, help=help, description=description)
+def command(commands: argparse._SubParsersAction, name: str, func) -> argparse.ArgumentParser:
+    """Add command `name`, run by `func(args, env)`: its docstring's first line is the
+    command's one-line help, the rest its description (`-h`)."""
+    summary, _, details = (func.__doc__ or "").strip().partition("\n")
+    parser = commands.add_parser(name, help=summary, description=" ".join(details.split()))
     parser.set_defaults(func=func)
     return parser
 
@@ -137,6 +147,20 @@ def channel_option(parser: argparse.ArgumentParser, help: str = "channel (defaul
 
 def sender_option(parser: argparse.ArgumentParser, help: str = "sender name") -> None:
     parser.add_argument("--from", dest="sender", default=None, help=f"{help} (default $AGENT_NAME)")
+
+
+def bounded(kind: type, low: float, high: float | None = None, *, low_ok: bool = True):
+    """An argparse type: a number of `kind` from `low` (above it, with `low_ok=False`) up to
+    `high`; argparse answers anything else with a usage error (exit 2)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (value == low and not low_ok) or (high is not None and value > high):
+            bounds = f"{'at least' if low_ok else 'more than'} {low:g}"
+            raise argparse.ArgumentTypeError(
+                f"{text} is not {bounds}" + (f" and at most {high:g}" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in "invalid float value"
+    return parse
 
 
 def retry_report(command_name: str):

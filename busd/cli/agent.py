@@ -14,52 +14,37 @@ from ..agent.daemon import AgentConfig, AgentDaemon
 from ..agent.spool import AgentLocked, BadDrop
 from ..mailbox import inbox_line
 from ..notify import Notifier
-from . import (EXIT_OK, EXIT_USAGE, CommandError, Env, channel_option, command,
+from . import (EXIT_OK, EXIT_USAGE, CommandError, Env, bounded, channel_option, command,
                name_argument, sender_option)
 
 SHARED_SEPARATOR = ":"   # AGENT_BUS_SHARED lists folders as PATH lists them
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    agent = command(commands, "agent", _agent,
-                    "run NAME's daemon: send the outbox, fill the inbox",
-                    "Turn NAME's spool folder ($AGENT_BUS_SPOOL/NAME, see spool/README.md) "
-                    "into its mailbox: every file dropped in outbox/ is sent exactly once, "
-                    "every message for NAME becomes a 0600 file in inbox/ and a block in "
-                    "inbox.log, also printed on stdout. Logs go to stderr. The first SIGTERM "
-                    "finishes the file in flight and exits 0.")
+    agent = command(commands, "agent", _agent)
     name_argument(agent)
     channel_option(agent, "channel to receive on, '*' for all, and to send on when a drop "
                           "names none (default $AGENT_BUS_CHANNEL or 'default')", "C")
-    agent.add_argument("--max-msg-bytes", type=int, default=model.DEFAULT_MAX_MSG_BYTES,
+    agent.add_argument("--max-msg-bytes", type=bounded(int, 1), default=model.DEFAULT_MAX_MSG_BYTES,
                        metavar="N", help="a drop whose body is larger goes to failed/ (default 65536)")
-    agent.add_argument("--senders", type=int, default=8, metavar="N",
+    agent.add_argument("--senders", type=bounded(int, 1, 64), default=8, metavar="N",
                        help="files sent at once (default 8); 1 keeps strict drop order even "
                             "within a burst, at a lower rate")
     agent.add_argument("--shared", action="append", default=None, metavar="DIR",
                        help="a folder shared with the senders (repeat for more): handoffs of "
                             "files under it are checked on arrival; every other handoff is "
                             "'not checked' (default $AGENT_BUS_SHARED, ':'-separated; none)")
-    agent.add_argument("--check-seconds", type=float, default=CHECK_SECONDS, metavar="S",
+    agent.add_argument("--check-seconds", type=bounded(float, 0, 86400, low_ok=False),
+                       default=CHECK_SECONDS, metavar="S",
                        help="the most time one handoff's check may take (default "
                             f"{CHECK_SECONDS:g}); a slower one is 'not checked'")
 
-    drop = command(commands, "drop", _drop,
-                   "drop stdin into the outbox, for the daemon to send to TO",
-                   "Write standard input, byte for byte, into $AGENT_NAME's outbox as one "
-                   "file addressed to TO ('*' for everyone on the channel), atomically. "
-                   "Prints the file's path. The daemon (agent-bus agent) sends it; it need "
-                   "not be running yet.")
+    drop = command(commands, "drop", _drop)
     drop.add_argument("to", help="recipient name, or '*' for everyone on the channel")
     channel_option(drop, "channel (default: the daemon's channel)")
     sender_option(drop, "whose outbox")
 
-    inbox = command(commands, "inbox", _inbox, "list NAME's inbox, or print one message",
-                    "List the messages in NAME's inbox/, oldest first, one line each: "
-                    "id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', "
-                    "other control characters as spaces). "
-                    "With --read ID, print that message's file: headers, a blank line, "
-                    "the body.")
+    inbox = command(commands, "inbox", _inbox)
     name_argument(inbox)
     inbox.add_argument("--read", type=int, default=None, metavar="ID",
                        help="print the message with this id")
@@ -87,17 +72,14 @@ def shared_roots(folders: list[str], source: str, relative_ok: bool) -> tuple[st
 
 
 def _agent(args: argparse.Namespace, env: Env) -> int:
+    """run NAME's daemon: send the outbox, fill the inbox
+
+    Turn NAME's spool folder ($AGENT_BUS_SPOOL/NAME, see spool/README.md) into its mailbox:
+    every file dropped in outbox/ is sent exactly once, every message for NAME becomes a
+    0600 file in inbox/ and a block in inbox.log, also printed on stdout. Logs go to stderr.
+    The first SIGTERM finishes the file in flight and exits 0."""
     name = env.agent_name(args.name)
-    channel = args.channel or env.channel
-    if channel != model.ALL_CHANNELS and not model.is_valid_name(channel):
-        raise CommandError(f"invalid channel {channel!r}: use 1-64 characters of "
-                           "A-Z a-z 0-9 . _ -, or '*' for all", EXIT_USAGE)
-    if args.max_msg_bytes < 1:
-        raise CommandError("--max-msg-bytes must be at least 1", EXIT_USAGE)
-    if not 1 <= args.senders <= 64:
-        raise CommandError("--senders must be from 1 to 64", EXIT_USAGE)
-    if not 0 < args.check_seconds <= 86400:
-        raise CommandError("--check-seconds must be more than 0 and at most 86400", EXIT_USAGE)
+    channel = env.reading_channel(args.channel)
     if args.shared is not None:
         shared = shared_roots(args.shared, "--shared", relative_ok=True)
     else:
@@ -136,6 +118,11 @@ def _agent(args: argparse.Namespace, env: Env) -> int:
 
 
 def _drop(args: argparse.Namespace, env: Env) -> int:
+    """drop stdin into the outbox, for the daemon to send to TO
+
+    Write standard input, byte for byte, into $AGENT_NAME's outbox as one file addressed to
+    TO ('*' for everyone on the channel), atomically. Prints the file's path. The daemon
+    (agent-bus agent) sends it; it need not be running yet."""
     layout = env.mailbox(args.sender).layout
     body = sys.stdin.buffer.read()
     os.umask(0o077)
@@ -152,6 +139,12 @@ def _drop(args: argparse.Namespace, env: Env) -> int:
 
 
 def _inbox(args: argparse.Namespace, env: Env) -> int:
+    """list NAME's inbox, or print one message
+
+    List the messages in NAME's inbox/, oldest first, one line each:
+    id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', other control
+    characters as spaces). With --read ID, print that message's file: headers, a blank line,
+    the body."""
     mailbox = env.mailbox(args.name)
     if args.read is None:
         if args.body:

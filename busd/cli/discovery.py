@@ -12,7 +12,7 @@ import argparse
 from typing import Protocol
 
 from ..jqtext import dumps
-from . import EXIT_OK, Env
+from . import EXIT_OK, Env, command
 
 
 class Source(Protocol):
@@ -24,19 +24,9 @@ class Source(Protocol):
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    channels = commands.add_parser(
-        "channels", help="list the channels, with message counts (el-ipc's channels)",
-        description="Print every channel with its message count and the time of its newest "
-                    "message, newest first (GET /channels), as el-ipc's `channels` does. Once "
-                    "auth is on it needs an admin token.")
-    channels.set_defaults(func=_channels)
+    command(commands, "channels", _channels)
 
-    card = commands.add_parser(
-        "agent-card", help="print the bus's A2A agent card (el-ipc's agent-card)",
-        description="Print the bus's agent card (GET /.well-known/agent-card.json): an A2A "
-                    "v1.0 card with el-ipc's url, authentication schemes and, once an operator "
-                    "exists, its did:key.")
-    card.set_defaults(func=_agent_card)
+    command(commands, "agent-card", _agent_card)
 
 
 def source(args: argparse.Namespace, env: Env) -> Source:
@@ -48,10 +38,19 @@ def print_json(value: object) -> None:
 
 
 def _channels(args: argparse.Namespace, env: Env) -> int:
+    """list the channels, with message counts (el-ipc's channels)
+
+    Print every channel with its message count and the time of its newest message, newest
+    first (GET /channels), as el-ipc's `channels` does. Once auth is on it needs an admin
+    token."""
     print_json(source(args, env).channels())
     return EXIT_OK
 
 
 def _agent_card(args: argparse.Namespace, env: Env) -> int:
+    """print the bus's A2A agent card (el-ipc's agent-card)
+
+    Print the bus's agent card (GET /.well-known/agent-card.json): an A2A v1.0 card with
+    el-ipc's url, authentication schemes and, once an operator exists, its did:key."""
     print_json(source(args, env).agent_card())
     return EXIT_OK

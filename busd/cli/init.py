@@ -9,7 +9,7 @@ import sys
 from .. import model
 from ..agent.spool import SpoolLayout
 from ..fileio import write_atomically
-from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env, command
 from .agent import SHARED_SEPARATOR, shared_roots
 
 DEFAULT_URL = "http://127.0.0.1:9876"
@@ -18,13 +18,7 @@ _BARE_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    init = commands.add_parser(
-        "init", help="write NAME's settings file and spool folder, for agent-bus@NAME",
-        description="Write $XDG_CONFIG_HOME/agent-bus/NAME.env (default ~/.config/agent-bus; "
-                    "mode 0600), the settings the systemd unit agent-bus@NAME starts NAME's "
-                    "daemon with, and make NAME's spool folder (0700). The file is also "
-                    "shell syntax: `set -a; . ~/.config/agent-bus/NAME.env` gives a shell "
-                    "the same settings. An existing file is left alone unless --force.")
+    init = command(commands, "init", _init)
     init.add_argument("name", help="agent name")
     init.add_argument("--url", default=None,
                       help=f"the bus (default $AGENT_BUS_URL, else {DEFAULT_URL})")
@@ -40,7 +34,6 @@ def register(commands: argparse._SubParsersAction) -> None:
                            "handoff is 'not checked' (default: none)")
     init.add_argument("--force", action="store_true",
                       help="replace an existing settings file")
-    init.set_defaults(func=_init)
 
 
 def _quote(key: str, value: str) -> str:
@@ -83,6 +76,13 @@ def _settings(name: str, url: str, channel: str, token: str, spool_root: str,
 
 
 def _init(args: argparse.Namespace, env: Env) -> int:
+    """write NAME's settings file and spool folder, for agent-bus@NAME
+
+    Write $XDG_CONFIG_HOME/agent-bus/NAME.env (default ~/.config/agent-bus; mode 0600), the
+    settings the systemd unit agent-bus@NAME starts NAME's daemon with, and make NAME's
+    spool folder (0700). The file is also shell syntax: `set -a; .
+    ~/.config/agent-bus/NAME.env` gives a shell the same settings. An existing file is left
+    alone unless --force."""
     name = args.name
     if not model.is_valid_name(name):
         raise CommandError(f"invalid agent name {name!r}: use 1-64 characters of "

@@ -11,13 +11,7 @@ from . import (EXIT_OK, EXIT_USAGE, CommandError, Env, channel_option, command, 
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    listen = command(commands, "listen", _listen, "log NAME's messages to files, unattended",
-                     "Long-poll the bus for NAME's messages and append each, exactly once, "
-                     "as one JSON line to the full log and as 'ts<TAB>from<TAB>first 120 "
-                     "characters' (newlines shown as ' | ') to the summary log; touch the "
-                     "heartbeat file after every poll. The files are "
-                     "<dir>/NAME@CHANNEL.jsonl, .tsv, .heartbeat and .cursor. "
-                     "Prints nothing; errors go to stderr and are retried.")
+    listen = command(commands, "listen", _listen)
     name_argument(listen, "recipient name")
     channel_option(listen, "channel, or '*' for all (default $AGENT_BUS_CHANNEL or 'default')")
     listen.add_argument("--dir", default=None,
@@ -36,6 +30,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _listen(args: argparse.Namespace, env: Env) -> int:
+    """log NAME's messages to files, unattended
+
+    Long-poll the bus for NAME's messages and append each, exactly once, as one JSON line to
+    the full log and as 'ts<TAB>from<TAB>first 120 characters' (newlines shown as ' | ') to
+    the summary log; touch the heartbeat file after every poll. The files are
+    <dir>/NAME@CHANNEL.jsonl, .tsv, .heartbeat and .cursor. Prints nothing; errors go to
+    stderr and are retried."""
     name = env.agent_name(args.name)
     channel = args.channel or env.channel
     client = env.client()

@@ -4,29 +4,26 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .. import model
-from . import EXIT_OK, EXIT_USAGE, CommandError, Env, channel_option, command, name_argument
+from . import EXIT_OK, Env, channel_option, command, name_argument
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    mcp = command(commands, "mcp", _mcp, "serve NAME's mailbox as MCP tools over stdio",
-                  "Run an MCP server on stdin/stdout for agent NAME, configured like its "
-                  "daemon (AGENT_BUS_URL, AGENT_BUS_TOKEN, AGENT_BUS_SPOOL, "
-                  "AGENT_BUS_CHANNEL, ...). Tools: send, inbox, read, wait, handoff, verify, "
-                  "agents, status. It reads the inbox the daemon files, or files it itself "
-                  "when no daemon runs.")
+    mcp = command(commands, "mcp", _mcp)
     name_argument(mcp)
     channel_option(mcp)
 
 
 def _mcp(args: argparse.Namespace, env: Env) -> int:
+    """serve NAME's mailbox as MCP tools over stdio
+
+    Run an MCP server on stdin/stdout for agent NAME, configured like its daemon
+    (AGENT_BUS_URL, AGENT_BUS_TOKEN, AGENT_BUS_SPOOL, AGENT_BUS_CHANNEL, ...). Tools: send,
+    inbox, read, wait, handoff, verify, agents, status. It reads the inbox the daemon files,
+    or files it itself when no daemon runs."""
     from .. import logs
     from ..mcp_server import AgentTools, build_server
 
-    channel = args.channel or env.channel
-    if channel != model.ALL_CHANNELS and not model.is_valid_name(channel):
-        raise CommandError(f"invalid channel {channel!r}", EXIT_USAGE)
-    mailbox = env.mailbox(args.name, channel)
+    mailbox = env.mailbox(args.name, env.reading_channel(args.channel))
     mailbox.layout.create()   # a name no folder can have fails here
     env.client().close()  # a missing AGENT_BUS_URL fails here, with the usual message
     # stdout carries the protocol: every log line goes to stderr.

@@ -16,9 +16,7 @@ from . import (EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CommandError, Env, channel_opt
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    send = command(commands, "send", _send, "send stdin as one message to TO",
-                   "Send standard input, byte for byte, as one message to TO ('*' for "
-                   "everyone on the channel). Prints the bus's JSON acknowledgement on one line.")
+    send = command(commands, "send", _send)
     send.add_argument("to", help="recipient name, or '*' for a channel broadcast")
     sender_option(send)
     channel_option(send)
@@ -34,28 +32,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     send.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                       help="how long --wait waits (default 60)")
 
-    status = command(commands, "status", _status,
-                     "where your messages are: queued, delivered or filed",
-                     "Print each message's receipt state, one line per recipient: "
-                     "id<TAB>state<TAB>recipient. queued: stored; delivered: the recipient "
-                     "fetched it; filed: its daemon's inbox file is durable. A broadcast has a "
-                     "line per agent known to read its channel. You see your own messages "
-                     "(admins: all); others show as unknown.")
+    status = command(commands, "status", _status)
     status.add_argument("ids", nargs="+", type=int, metavar="ID")
 
-    undelivered = command(commands, "undelivered", _undelivered,
-                          "list dead letters: messages nobody fetched",
-                          "List addressed messages still not fetched after --older seconds, "
-                          "and any sent to a name that has never talked to the bus (admin once "
-                          "auth is on): id<TAB>time<TAB>from<TAB>to<TAB>channel<TAB>reason.")
+    undelivered = command(commands, "undelivered", _undelivered)
     undelivered.add_argument("--older", type=float, default=600.0, metavar="SECONDS",
                              help="queued at least this long (default 600)")
 
-    recv = command(commands, "recv", _recv,
-                   "print NAME's messages as Monitor blocks, following the bus",
-                   "Long-poll the bus for NAME's messages and print each as a block: "
-                   "'[HH:MM:SSZ] from SENDER:', the body, '---'. The cursor is kept in "
-                   "$AGENT_BUS_STATE_DIR so a restart neither skips nor repeats.")
+    recv = command(commands, "recv", _recv)
     name_argument(recv, "recipient name")
     channel_option(recv, "channel, or '*' for all (default $AGENT_BUS_CHANNEL or 'default')")
     recv.add_argument("--once", action="store_true",
@@ -76,6 +60,10 @@ def _read_stdin_text() -> str:
 
 
 def _send(args: argparse.Namespace, env: Env) -> int:
+    """send stdin as one message to TO
+
+    Send standard input, byte for byte, as one message to TO ('*' for everyone on the
+    channel). Prints the bus's JSON acknowledgement on one line."""
     meta = None
     if args.meta is not None:
         try:
@@ -107,12 +95,23 @@ def status_lines(states: list[dict]) -> str:
 
 
 def _status(args: argparse.Namespace, env: Env) -> int:
+    """where your messages are: queued, delivered or filed
+
+    Print each message's receipt state, one line per recipient: id<TAB>state<TAB>recipient.
+    queued: stored; delivered: the recipient fetched it; filed: its daemon's inbox file is
+    durable. A broadcast has a line per agent known to read its channel. You see your own
+    messages (admins: all); others show as unknown."""
     sys.stdout.write(status_lines(env.client().status(args.ids)))
     sys.stdout.flush()
     return EXIT_OK
 
 
 def _undelivered(args: argparse.Namespace, env: Env) -> int:
+    """list dead letters: messages nobody fetched
+
+    List addressed messages still not fetched after --older seconds, and any sent to a name
+    that has never talked to the bus (admin once auth is on):
+    id<TAB>time<TAB>from<TAB>to<TAB>channel<TAB>reason."""
     if args.older < 0:
         raise CommandError("--older must be 0 or more seconds", EXIT_USAGE)
     for entry in env.client().undelivered(args.older):
@@ -123,6 +122,11 @@ def _undelivered(args: argparse.Namespace, env: Env) -> int:
 
 
 def _recv(args: argparse.Namespace, env: Env) -> int:
+    """print NAME's messages as Monitor blocks, following the bus
+
+    Long-poll the bus for NAME's messages and print each as a block: '[HH:MM:SSZ] from
+    SENDER:', the body, '---'. The cursor is kept in $AGENT_BUS_STATE_DIR so a restart
+    neither skips nor repeats."""
     name = env.agent_name(args.name)
     channel = args.channel or env.channel
     client = env.client()

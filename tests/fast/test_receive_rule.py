@@ -79,7 +79,7 @@ def test_a_reader_sees_every_message_once_in_order(history):
             # The clock: at least the newest commit, never past the next one.
             low = commits[committed - 1] if committed else 0.0
             high = commits[committed] if committed < len(commits) else low + 1
-            now = low + (high - low) * where * 0.999
+            now = max(low, min(low + (high - low) * where, math.nextafter(high, 0)))
         return batch_of(batch, now)
 
     for committed, limit, where in polls + [(len(commits), len(commits) + 1, 0.0)]:
