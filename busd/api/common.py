@@ -17,7 +17,7 @@ from ..metrics import BusMetrics
 from ..receipts import Presence
 from ..model import Limits, NewMessage, SendResult, check_key, check_meta
 from ..store import Store
-from ..waiters import WaiterHub
+from ..waiters import Waiter, WaiterHub
 
 
 @dataclass
@@ -213,31 +213,38 @@ async def accept_send(request: web.Request, body: dict, legacy: bool, *, channel
 Found = TypeVar("Found")
 
 
-async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Awaitable[Found]],
-                    block: bool, has_messages: Callable[[Found], bool]) -> Found:
-    """Fetch; if nothing and `block`, park until a matching commit or the hold ends.
-
-    Returns what the last fetch found (a rapid fetch carries its own safe `now`).
-    """
+async def wait_for_news(bus: Bus, fetch: Callable[[], Awaitable[Found]], block: bool,
+                news: Callable[[Found], bool], register: Callable[[], Waiter]) -> Found:
+    """Fetch; if `block` and nothing is news, wait for a wake-up (or the hold) and look
+    again. Returns what the last fetch found (a rapid fetch carries its own safe `now`)."""
     if not block or bus.hub.closed:
         return await fetch()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + bus.settings.hold_seconds
+    while True:
+        # Registered before looking, so a change between the look and the wait still wakes us.
+        waiter = register()
+        try:
+            found = await fetch()
+            remaining = deadline - loop.time()
+            if news(found) or remaining <= 0 or bus.hub.closed:
+                return found
+            await waiter.wait(remaining)
+        finally:
+            bus.hub.unregister(waiter)
+
+
+async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Awaitable[Found]],
+                    block: bool, has_messages: Callable[[Found], bool]) -> Found:
+    """Fetch; if nothing and `block`, park (seen as present) until a matching commit or
+    the hold ends."""
+    if not block or bus.hub.closed:
+        return await fetch()
     bus.presence.parked_now(name)
     bus.hub.changed()  # presence: the console shows who is listening
     hung_up = False
     try:
-        while True:
-            # Park before looking, so a commit between the look and the park still wakes us.
-            waiter = bus.hub.register(channel, name)
-            try:
-                found = await fetch()
-                remaining = deadline - loop.time()
-                if has_messages(found) or remaining <= 0 or bus.hub.closed:
-                    return found
-                await waiter.wait(remaining)
-            finally:
-                bus.hub.unregister(waiter)
+        return await wait_for_news(bus, fetch, True, has_messages, lambda: bus.hub.register(channel, name))
     except asyncio.CancelledError:
         hung_up = True  # the client went away (the server cancels its handler)
         raise

@@ -24,7 +24,7 @@ import string
 import time
 from functools import lru_cache
 from importlib import resources
-from typing import Awaitable, Callable, Mapping
+from typing import Mapping
 
 from aiohttp import web
 
@@ -32,7 +32,7 @@ from .. import __version__, errors, roster
 from ..errors import BusError
 from ..identity import OPEN, Principal
 from ..model import StoredMessage, check_channel, check_name
-from .common import Bus, bus_of, principal_of, query_bool, query_value, reply
+from .common import bus_of, principal_of, query_bool, query_value, reply, wait_for_news
 
 PREFIX = "/ui"
 COOKIE = "agent_bus_console"
@@ -203,8 +203,9 @@ async def feed(request: web.Request) -> web.Response:
                 found[message.id] = message
         return [found[i] for i in sorted(found)[-limit:]]
 
-    messages = await _watch(bus, fetch, block and after is not None,
-                            lambda found: bool(found) or bus.hub.version != version)
+    messages = await wait_for_news(bus, fetch, block and after is not None,
+                                   lambda found: bool(found) or bus.hub.version != version,
+                                   bus.hub.register_watcher)
     # Taken before the states are read: a change from here on moves it again.
     version = bus.hub.version
     new_ids = {m.id for m in messages}
@@ -224,26 +225,6 @@ async def feed(request: web.Request) -> web.Response:
         "auth": principal is not OPEN,
         "now": time.time(),
     })
-
-
-async def _watch(bus: Bus, fetch: Callable[[], Awaitable[list[StoredMessage]]], block: bool,
-                 news: Callable[[list[StoredMessage]], bool]) -> list[StoredMessage]:
-    """Fetch; if `block` and nothing is news, wait for a change (or the hold) and look again."""
-    if not block or bus.hub.closed:
-        return await fetch()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + bus.settings.hold_seconds
-    while True:
-        # Registered before looking, so a change between the look and the wait still wakes us.
-        waiter = bus.hub.register_watcher()
-        try:
-            found = await fetch()
-            remaining = deadline - loop.time()
-            if news(found) or remaining <= 0 or bus.hub.closed:
-                return found
-            await waiter.wait(remaining)
-        finally:
-            bus.hub.unregister(waiter)
 
 
 def _state(message: StoredMessage, state: dict) -> dict:
