@@ -8,8 +8,9 @@ shown again.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import handoff
 from .client import BusClientError
@@ -29,30 +30,23 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class AgentTools:
-    """Every tool: its arguments checked, then the mailbox flow it names."""
+    """Every tool: its arguments checked, then the mailbox flow it names. Each public
+    method is a tool; its docstring is what the model reads about it."""
     mailbox: Mailbox
+
+    TOOLS = ("send", "status", "inbox", "read", "wait", "handoff", "verify", "agents")
 
     @property
     def name(self) -> str:
         return self.mailbox.name
 
-    def inbox(self, limit: int = 50) -> list[dict]:
-        _require(1 <= limit <= 1000, "limit must be from 1 to 1000")
-        self.mailbox.file_from_bus(block=False)
-        return self.mailbox.show_unread(limit)
-
-    def read(self, message_id: int) -> dict:
-        _require(message_id >= 1, "id must be a positive message id")
-        return self.mailbox.message(self.mailbox.find(message_id))
-
-    def wait(self, seconds: float = 30) -> dict | None:
-        """The next unread message, as soon as it is filed; None if none came in time."""
-        _require(0 < seconds <= MAX_WAIT_SECONDS,
-                 f"seconds must be more than 0 and at most {MAX_WAIT_SECONDS}")
-        return self.mailbox.wait_unread(seconds)
-
     def send(self, to: str, body: str, channel: str | None = None, wait_for: str = "queued",
              timeout: float = 60) -> dict:
+        """Send a message to another agent (or '*' for everyone on the channel) and return
+        the bus's acknowledgement {ok, id, ts, channel, state}. wait_for: 'queued' returns
+        once it is stored; 'delivered' or 'filed' wait (up to timeout seconds) until the
+        recipient fetched or filed it. Bodies that look like keys or credentials are
+        refused: use handoff."""
         check_recipient(to)
         _require(bool(body), "body is empty: say something")
         _require(wait_for in WAIT_STATES, f"wait_for must be one of {', '.join(WAIT_STATES)}")
@@ -69,21 +63,52 @@ class AgentTools:
         return {**ack, "state": reached or "not yet " + wait_for, "timed_out": reached is None}
 
     def status(self, ids: list[int]) -> list[dict]:
+        """Receipt state of messages you sent, by id: queued (stored), delivered (the
+        recipient fetched it) or filed (its inbox file is durable); per recipient for
+        broadcasts."""
         _require(bool(ids) and len(ids) <= 100 and all(i >= 1 for i in ids),
                  "ids: 1 to 100 positive message ids")
         return self.mailbox.status(ids)
 
+    def inbox(self, limit: int = 50) -> list[dict]:
+        """Unread messages (oldest first, at most `limit`), each {id, ts, time, from, to,
+        channel, body, meta?, note?, handoff?, handoff_reason?}; they are marked read and
+        not shown again. handoff is what the daemon found: verified, mismatch, not checked
+        or checking; note says why a message was read as plain text."""
+        _require(1 <= limit <= 1000, "limit must be from 1 to 1000")
+        self.mailbox.file_from_bus(block=False)
+        return self.mailbox.show_unread(limit)
+
+    def read(self, id: int) -> dict:  # noqa: A002 - the tool's argument is called id
+        """One message from the inbox by its id (read or not)."""
+        _require(id >= 1, "id must be a positive message id")
+        return self.mailbox.message(self.mailbox.find(id))
+
+    def wait(self, seconds: float = 30) -> dict | None:
+        """Block until the next unread message arrives (at most `seconds`, up to 600) and
+        return it, marked read; null if none came in time. Use this instead of polling."""
+        _require(0 < seconds <= MAX_WAIT_SECONDS,
+                 f"seconds must be more than 0 and at most {MAX_WAIT_SECONDS}")
+        return self.mailbox.wait_unread(seconds)
+
     def handoff(self, to: str, paths: list[str], note: str | None = None) -> dict:
+        """Hand files to another agent by fingerprint: each file is made 0600 and its
+        sha256, absolute path, host, size and line count are sent -- never its content."""
         return self.mailbox.handoff(to, paths, note)
 
-    def verify(self, message_id: int | None = None, path: str | None = None,
+    def verify(self, id: int | None = None, path: str | None = None,  # noqa: A002
                sha256: str | None = None) -> dict:
-        if message_id is None and not (path and sha256):
+        """Check a handed-off file: give the handoff message's id, or a path and its
+        expected sha256. Returns {result: verified|mismatch|unreachable, files: {path:
+        result}}."""
+        if id is None and not (path and sha256):
             raise ToolInputError("give id (a handoff in the inbox), or path and sha256")
-        results = self.mailbox.verify(message_id, path, sha256)
+        results = self.mailbox.verify(id, path, sha256)
         return {"result": handoff.overall([r for _, r in results]), "files": dict(results)}
 
-    def agents(self) -> list:
+    def agents(self) -> list[dict]:
+        """The roster: every agent the bus knows, whether it is online now (can receive at
+        once), its last contact and role."""
         return self.mailbox.client.agents()
 
     def close(self) -> None:
@@ -105,63 +130,17 @@ def build_server(tools: AgentTools):
 
     server = MCPServer(name=f"agent-bus:{tools.name}", instructions=INSTRUCTIONS)
 
-    async def call(function, *args) -> Any:
-        # In a worker thread: `wait` may block for minutes, the server must not.
-        try:
-            return await anyio.to_thread.run_sync(lambda: function(*args))
-        except (ToolInputError, MailboxError, BusClientError) as exc:
-            raise ToolError(str(exc)) from None
+    def as_tool(method: Callable) -> Callable:
+        @functools.wraps(method)
+        async def tool(*args: Any, **kwargs: Any) -> Any:
+            # In a worker thread: `wait` may block for minutes, the server must not.
+            try:
+                return await anyio.to_thread.run_sync(functools.partial(method, *args, **kwargs))
+            except (ToolInputError, MailboxError, BusClientError) as exc:
+                raise ToolError(str(exc)) from None
+        return tool
 
-    @server.tool(description="Send a message to another agent (or '*' for everyone on the "
-                             "channel) and return the bus's acknowledgement {ok, id, ts, channel, "
-                             "state}. wait_for: 'queued' returns once it is stored; 'delivered' "
-                             "or 'filed' wait (up to timeout seconds) until the recipient fetched "
-                             "or filed it. Bodies that look like keys or credentials are refused: "
-                             "use handoff.")
-    async def send(to: str, body: str, channel: str | None = None, wait_for: str = "queued",
-                   timeout: float = 60) -> dict:
-        return await call(tools.send, to, body, channel, wait_for, timeout)
-
-    @server.tool(description="Receipt state of messages you sent, by id: queued (stored), "
-                             "delivered (the recipient fetched it) or filed (its inbox file is "
-                             "durable); per recipient for broadcasts.")
-    async def status(ids: list[int]) -> list[dict]:
-        return await call(tools.status, ids)
-
-    @server.tool(description="Unread messages (oldest first, at most `limit`), each {id, ts, "
-                             "time, from, to, channel, body, meta?, note?, handoff?, "
-                             "handoff_reason?}; they are marked read and not shown again. "
-                             "handoff is what the daemon found: verified, mismatch, not checked "
-                             "or checking; note says why a message was read as plain text.")
-    async def inbox(limit: int = 50) -> list[dict]:
-        return await call(tools.inbox, limit)
-
-    @server.tool(description="One message from the inbox by its id (read or not).")
-    async def read(id: int) -> dict:  # noqa: A002 - the tool's argument is called id
-        return await call(tools.read, id)
-
-    @server.tool(description="Block until the next unread message arrives (at most `seconds`, "
-                             "up to 600) and return it, marked read; null if none came in time. "
-                             "Use this instead of polling.")
-    async def wait(seconds: float = 30) -> dict | None:
-        return await call(tools.wait, seconds)
-
-    @server.tool(description="Hand files to another agent by fingerprint: each file is made "
-                             "0600 and its sha256, absolute path, host, size and line count are "
-                             "sent -- never its content.")
-    async def handoff(to: str, paths: list[str], note: str | None = None) -> dict:
-        return await call(tools.handoff, to, paths, note)
-
-    @server.tool(description="Check a handed-off file: give the handoff message's id, or a path "
-                             "and its expected sha256. Returns {result: verified|mismatch|"
-                             "unreachable, files: {path: result}}.")
-    async def verify(id: int | None = None, path: str | None = None,  # noqa: A002
-               sha256: str | None = None) -> dict:
-        return await call(tools.verify, id, path, sha256)
-
-    @server.tool(description="The roster: every agent the bus knows, whether it is online now "
-                             "(can receive at once), its last contact and role.")
-    async def agents() -> list[dict]:
-        return await call(tools.agents)
-
+    for name in tools.TOOLS:
+        method = getattr(tools, name)
+        server.tool(description=" ".join(method.__doc__.split()))(as_tool(method))
     return server
