@@ -24,7 +24,7 @@ from .errors import BusError
 from .identity import Access
 from .ratelimit import RateLimiter
 from .store import Store
-from .store_sqlite import SQLiteStore
+from .store_factory import open_store
 
 log = logging.getLogger("busd.server")
 GUARD = web.AppKey("guard", object)
@@ -253,24 +253,6 @@ class ServerConfig:
 
 class ConfigError(Exception):
     """The server cannot start as configured; the message says what to change."""
-
-
-def is_postgres(db: str) -> bool:
-    return db.startswith(("postgresql://", "postgres://"))
-
-
-def open_store(db: str, exclusive: bool = True) -> Store:
-    """The one place a --db value becomes a store: a PostgreSQL URL or a SQLite path.
-
-    `exclusive`: the store of a serving server (it takes a SQLite file for itself,
-    and listens for the commits of other servers sharing a PostgreSQL database);
-    False for admin commands working beside a running server.
-    """
-    if is_postgres(db):
-        # Imported only here: a SQLite bus never loads psycopg.
-        from .store_pg import PostgresStore
-        return PostgresStore(db, listen=exclusive)
-    return SQLiteStore(db, exclusive=exclusive)
 
 
 def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from .model import NewMessage, SendResult, StoredMessage
 from .receipts import ReceiptRow, WatermarkRow
 
+
 @dataclass(frozen=True)
 class TokenRecord:
     id: int
@@ -189,9 +190,14 @@ class Store(abc.ABC):
     async def set_flag(self, name: str, value: str) -> None: ...
 
 
+def is_postgres(db: str) -> bool:
+    """Whether a --db value names a PostgreSQL database (else it is a SQLite path)."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
 def shown_database(db: str) -> str:
     """A --db value as logs and errors may show it: a PostgreSQL URL loses its password."""
-    if not db.startswith(("postgresql://", "postgres://")):
+    if not is_postgres(db):
         return db
     parts = urlsplit(db)
     netloc = parts.netloc
@@ -201,33 +207,6 @@ def shown_database(db: str) -> str:
     query = "&".join("password=***" if item.lower().startswith("password=") else item
                      for item in parts.query.split("&")) if parts.query else ""
     return parts._replace(netloc=netloc, query=query).geturl()
-
-
-# Last contact is written at most this often per agent: presence needs no finer grain.
-CONTACT_EVERY = 5.0
-
-
-def with_pending_receipts(rows: list[ReceiptRow], pending: dict, wanted: set[str]
-                          ) -> list[ReceiptRow]:
-    """Receipt rows from the database, raised by what this server acknowledged and has not
-    committed yet (fire-and-forget writes ride the next group): status must not lag."""
-    merged = {(r.agent, r.channel): r for r in rows}
-    for (agent, channel), (_since, delivered, filed) in pending.items():
-        if channel not in wanted:
-            continue
-        row = merged.get((agent, channel))
-        merged[(agent, channel)] = ReceiptRow(
-            agent, channel, max(delivered, row.delivered if row else 0.0),
-            max(filed, row.filed if row else 0.0))
-    return list(merged.values())
-
-
-def undelivered_entry(message_id: int, ts: float, sender: str, to: str, channel: str,
-                      never_seen: object) -> dict:
-    reason = (f"nobody named {to} has ever talked to this bus" if never_seen
-              else f"queued for {time.time() - ts:.0f} s; {to} has not fetched it")
-    return {"id": message_id, "ts": ts, "from": sender, "to": to, "channel": channel,
-            "reason": reason}
 
 
 class StoreError(Exception):

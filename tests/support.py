@@ -222,3 +222,129 @@ class SendBurst:
         self._stop.set()
         for thread in self._threads:
             thread.join(10)
+
+
+import pwd  # noqa: E402  (PrivatePostgres's own; kept beside it)
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+
+
+class PrivatePostgres:
+    """A PostgreSQL of one test's own: initdb and pg_ctl in a temporary folder, on a free
+    loopback port. For tests that stop and start a database: never the machine's.
+
+    Run as root (as CI may), the server cannot run as root: the folder is given to the
+    `postgres` user and its commands run as that user.
+    """
+
+    def __init__(self) -> None:
+        self.bindir = self.find_bindir()
+        if self.bindir is None:
+            raise RuntimeError(self.problem())
+        self.folder = Path(tempfile.mkdtemp(prefix="agent-bus-pg-"))
+        self.data = self.folder / "data"
+        self.port = 0
+        self._account: tuple[int, int] | None = None
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            self._account = (account.pw_uid, account.pw_gid)
+            os.chown(self.folder, *self._account)
+
+    @staticmethod
+    def find_bindir() -> Path | None:
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                          key=lambda path: int(path.parent.parent.name)
+                          if path.parent.parent.name.isdigit() else 0)
+        return versions[-1].parent if versions else None
+
+    @classmethod
+    def problem(cls) -> str | None:
+        """None if one can be made here, else why not."""
+        if cls.find_bindir() is None:
+            return "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin (initdb)"
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                return "running as root, and there is no postgres user to run PostgreSQL as"
+        return None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *command: str, timeout: float = 60) -> None:
+        account = {} if self._account is None else {
+            "user": self._account[0], "group": self._account[1], "extra_groups": []}
+        done = subprocess.run([str(self.bindir / command[0]), *command[1:]], cwd=self.folder,
+                              capture_output=True, text=True, timeout=timeout,
+                              env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C"}, **account)
+        if done.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed ({done.returncode}): "
+                               f"{done.stderr.strip() or done.stdout.strip()}")
+
+    def start(self) -> "PrivatePostgres":
+        """Start it (made on the first start, on a port that stays the same after)."""
+        if not self.data.exists():
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                      "-E", "UTF8", "--locale=C", "--no-sync")
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+        self._run("pg_ctl", "start", "-w", "-t", "30", "-D", str(self.data),
+                  "-l", str(self.folder / "server.log"), "-o",
+                  f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off")
+        return self
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "stop", "-w", "-t", "30", "-m", "fast", "-D", str(self.data))
+
+    def remove(self) -> None:
+        """Stop it if it runs, and delete its folder."""
+        if (self.data / "postmaster.pid").exists():
+            self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "PrivatePostgres":
+        try:
+            return self.start()
+        except BaseException:
+            self.remove()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def parked(bus: BusServer) -> float:
+    """How many long-polls are parked on this server right now (its own gauge)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for family in text_string_to_metric_families(bus.get("/metrics").text):
+        if family.name == "agent_bus_parked_waiters":
+            return family.samples[0].value
+    raise AssertionError("no agent_bus_parked_waiters in /metrics")
+
+
+class Parked(threading.Thread):
+    """One blocking request in the background; its reply and when it came."""
+
+    def __init__(self, url: str):
+        super().__init__(name="parked-poll")
+        self.url = url
+        self.body = None
+        self.answered_at = 0.0
+
+    def run(self) -> None:
+        reply = requests.get(self.url, timeout=40)
+        self.answered_at = time.monotonic()
+        assert reply.status_code == 200, reply.text
+        self.body = reply.json()
+
+
+def park(bus: BusServer, path: str) -> Parked:
+    before = parked(bus)
+    poll = Parked(bus.url + path)
+    poll.start()
+    wait_until(lambda: parked(bus) > before, what="the long-poll to park")
+    return poll

@@ -7,7 +7,6 @@ fixture; this module covers what only replicas can show.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -15,17 +14,9 @@ from contextlib import ExitStack
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
-
-
-def parked(bus: BusServer) -> float:
-    """How many long-polls are parked on this replica right now."""
-    for family in text_string_to_metric_families(bus.get("/metrics").text):
-        if family.name == "agent_bus_parked_waiters":
-            return family.samples[0].value
-    raise AssertionError("no agent_bus_parked_waiters in /metrics")
+from tests.support import (BusServer, PrivatePostgres, SendBurst, agent_bus_cmd, park, repo_env,
+                           wait_until)
 
 
 def no_tracebacks(bus: BusServer) -> None:
@@ -47,30 +38,6 @@ def stop_cleanly(*servers: BusServer) -> None:
     for bus in servers:
         assert bus.stop() == 0
         no_tracebacks(bus)
-
-
-class Parked(threading.Thread):
-    """One blocking request in the background; its reply and when it came."""
-
-    def __init__(self, url: str):
-        super().__init__(name="parked-poll")
-        self.url = url
-        self.body = None
-        self.answered_at = 0.0
-
-    def run(self) -> None:
-        reply = requests.get(self.url, timeout=40)
-        self.answered_at = time.monotonic()
-        assert reply.status_code == 200, reply.text
-        self.body = reply.json()
-
-
-def park(bus: BusServer, path: str) -> Parked:
-    before = parked(bus)
-    poll = Parked(bus.url + path)
-    poll.start()
-    wait_until(lambda: parked(bus) > before, what="the long-poll to park")
-    return poll
 
 
 def test_a_send_through_one_replica_wakes_receivers_parked_on_the_other(replicas, names):
@@ -258,11 +225,10 @@ def test_retention_on_one_replica_counts_what_was_read_through_the_other(replica
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 def test_migrate_applies_the_schema_once(store, request, tmp_path):
+    from busd.store_sql import SCHEMA_VERSION
     if store == "sqlite":
-        from busd.store_sqlite import SCHEMA_VERSION
         db = str(tmp_path / "bus.db")
     else:
-        from busd.store_pg import SCHEMA_VERSION
         db = request.getfixturevalue("postgres_db")
 
     def migrate() -> str:
@@ -314,43 +280,40 @@ def test_a_replica_whose_connections_are_cut_reconnects_and_misses_nothing(
     stop_cleanly(a, b)
 
 
-def _pg_ctlcluster(action: str) -> subprocess.CompletedProcess:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    return subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-                          capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL of this test's own, which it may stop and start."""
+    problem = PrivatePostgres.problem()
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot run a private PostgreSQL: {problem} (CI is set: this test "
+                        "must run)", pytrace=False)
+        pytest.skip(f"cannot run a private PostgreSQL: {problem}")
+    with PrivatePostgres() as postgres:
+        yield postgres
 
 
-def _cluster_control_problem() -> str | None:
-    if shutil.which("pg_ctlcluster") is None or not os.path.isdir("/etc/postgresql"):
-        return "needs a Debian PostgreSQL cluster (pg_ctlcluster) to stop and start"
-    if os.geteuid() != 0:
-        return "needs root to stop and start the PostgreSQL cluster"
-    return None
-
-
-@pytest.mark.skipif(_cluster_control_problem() is not None,
-                    reason=_cluster_control_problem() or "")
-def test_postgresql_stopped_and_started_under_a_parked_long_poll(replicas, names):
-    a, b = replicas("--hold", "30"), replicas("--hold", "30")
-    sender, receiver = names("sender", "receiver")
-    since = a.get("/healthz").json()["now"]
-    poll = park(a, f"/recv?to={receiver}&since={since!r}&block=true")
-    try:
-        stopped = _pg_ctlcluster("stop")
-        assert stopped.returncode == 0, stopped.stderr
-        # With the database down a send is refused at once with a 503, not a 500 or a hang.
-        started_at = time.monotonic()
-        refused = b.post("/send", json={"from": sender, "to": receiver, "msg": "lost"},
-                         timeout=30)
-        assert refused.status_code == 503 and refused.json()["code"] == 50301, refused.text
-        assert time.monotonic() - started_at < 10
-    finally:
-        started = _pg_ctlcluster("start")
-        assert started.returncode == 0 or "already running" in started.stderr, started.stderr
-    assert poll.is_alive(), "the parked poll must stay parked while the database is away"
-    ack = b.send(sender, receiver, "after the restart")
-    poll.join(30)
-    assert [m["id"] for m in poll.body["messages"]] == [ack["id"]]
-    wait_until(lambda: any("hearing other servers' commits again" in line for line in a.log),
-               what="A to log its reconnection")
-    stop_cleanly(a, b)
+def test_postgresql_stopped_and_started_under_a_parked_long_poll(private_postgres, names):
+    with BusServer(private_postgres.url, "--hold", "30") as a, \
+            BusServer(private_postgres.url, "--hold", "30") as b:
+        sender, receiver = names("sender", "receiver")
+        since = a.get("/healthz").json()["now"]
+        poll = park(a, f"/recv?to={receiver}&since={since!r}&block=true")
+        private_postgres.stop()
+        try:
+            # With the database down a send is refused at once with a 503, not a 500 or
+            # a hang.
+            started_at = time.monotonic()
+            refused = b.post("/send", json={"from": sender, "to": receiver, "msg": "lost"},
+                             timeout=30)
+            assert refused.status_code == 503 and refused.json()["code"] == 50301, refused.text
+            assert time.monotonic() - started_at < 10
+        finally:
+            private_postgres.start()
+        assert poll.is_alive(), "the parked poll must stay parked while the database is away"
+        ack = b.send(sender, receiver, "after the restart")
+        poll.join(30)
+        assert [m["id"] for m in poll.body["messages"]] == [ack["id"]]
+        wait_until(lambda: any("hearing other servers' commits again" in line for line in a.log),
+                   what="A to log its reconnection")
+        stop_cleanly(a, b)

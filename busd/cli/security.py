@@ -80,8 +80,8 @@ def _db(args: argparse.Namespace, env: Env) -> str:
 
 
 def _with_store(db: str, work):
-    # Imported here: only these commands need the server's store factory.
-    from ..server import open_store
+    # Imported here: only these commands need a store.
+    from ..store_factory import open_store
 
     async def run():
         store = open_store(db, exclusive=False)

@@ -169,7 +169,7 @@ def _migrate(args: argparse.Namespace, env) -> int:
     Apply the schema migrations the database lacks (serve also does this as it starts). Run
     it before starting several servers on a new PostgreSQL database, or to upgrade one
     without serving."""
-    from ..server import open_store
+    from ..store_factory import open_store
     from ..store import StoreError, shown_database
     os.umask(0o077)
     db = args.db or env.db
