@@ -506,8 +506,7 @@ bus_sign_request() {
       -out "$bus_work/signature" 2>"$bus_work/openssl-error" \
     || die "$EXIT_USAGE" "AGENT_BUS_KEY: signing with $bus_key failed: $(bus_one_line <"$bus_work/openssl-error")"
   jq --arg signature "$(openssl base64 -A -in "$bus_work/signature")" '.signature = $signature' \
-    "$bus_work/signed" >"$request.tmp"
-  mv -f -- "$request.tmp" "$request"
+    "$bus_work/signed" >"$request"
 }
 
 # bus_post_send REQUEST: POST the /send request in REQUEST (signed first when
@@ -515,19 +514,19 @@ bus_sign_request() {
 # exit with the bus's message and code (one line of JSON, as `jq -c .` writes it). A 409 with code 40902 says our own earlier
 # signed send with this key was stored: that is success, as in busd/client.py.
 bus_post_send() {
-  local request=$1 status=0
+  local request=$1 status=0 ack=$bus_work/reply
   if [ -n "$bus_key" ]; then bus_sign_request "$request"; fi
   bus_http /send "$bus_work/reply" "$request" || status=$?
   if [ "$status" -eq "$EXIT_REFUSED" ] \
       && jq -e 'type == "object" and .code == 40902' "$bus_work/reply" >/dev/null 2>&1; then
+    ack=$bus_work/ack
     jq --slurpfile request "$request" \
       '{ok: true, ts: .ts, channel: $request[0].channel, id: .id, duplicate: true}' \
-      "$bus_work/reply" >"$bus_work/reply.tmp"
-    mv -f -- "$bus_work/reply.tmp" "$bus_work/reply"
+      "$bus_work/reply" >"$ack"
   elif [ "$status" -ne 0 ]; then
     die "$status" "$bus_error"
   fi
-  jq -c . "$bus_work/reply"
+  jq -c . "$ack"
 }
 
 

@@ -322,21 +322,29 @@ class InboxEntry:
     sender: str
     path: str
 
+    @classmethod
+    def named(cls, folder: str, name: str) -> "InboxEntry | None":
+        """The entry a file name `<ts>-<id>-<from>.msg` stands for, or None."""
+        match = INBOX_NAME_RE.fullmatch(name)
+        if match is None:
+            return None
+        return cls(id=int(match.group(2)), ts=float(match.group(1)), sender=match.group(3),
+                   path=os.path.join(folder, name))
+
+
+def entries_in(folder: str) -> list[InboxEntry]:
+    """The inbox names in `folder` (inbox/, or checking/), oldest first."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    entries = [e for e in (InboxEntry.named(folder, name) for name in names) if e is not None]
+    return sorted(entries, key=lambda e: (e.ts, e.id))
+
 
 def list_inbox(layout: SpoolLayout) -> list[InboxEntry]:
     """The inbox files, oldest first."""
-    entries = []
-    try:
-        names = os.listdir(layout.inbox)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        match = INBOX_NAME_RE.fullmatch(name)
-        if match:
-            entries.append(InboxEntry(id=int(match.group(2)), ts=float(match.group(1)),
-                                      sender=match.group(3),
-                                      path=os.path.join(layout.inbox, name)))
-    return sorted(entries, key=lambda e: (e.ts, e.id))
+    return entries_in(layout.inbox)
 
 
 # -- the cursor file -------------------------------------------------------
@@ -409,11 +417,9 @@ class InboxWriter:
         self._lock = threading.Lock()
 
     def open(self) -> None:
+        self._ids.update(entry.id for entry in entries_in(self.layout.inbox))
         for name in os.listdir(self.layout.inbox):
-            match = INBOX_NAME_RE.fullmatch(name)
-            if match:
-                self._ids.add(int(match.group(2)))
-            elif name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(".") and name.endswith(".tmp"):
                 os.unlink(os.path.join(self.layout.inbox, name))  # a crash's half-written file
         self._open_log()
         state = load_state(self.layout.cursor)
@@ -603,16 +609,7 @@ class InboxWriter:
 
     def pending_checks(self, limit: int) -> list[str]:
         """The inbox names of up to `limit` handoffs waiting for their check, oldest first."""
-        try:
-            names = os.listdir(self.layout.checking)
-        except FileNotFoundError:
-            return []
-        keyed = []
-        for name in names:
-            match = INBOX_NAME_RE.fullmatch(name)
-            if match:
-                keyed.append(((float(match.group(1)), int(match.group(2))), name))
-        return [name for _, name in sorted(keyed)[:limit]]
+        return [os.path.basename(e.path) for e in entries_in(self.layout.checking)[:limit]]
 
     def files_to_check(self, name: str) -> list[handoff.FileFacts] | handoff.Check | None:
         """What the handoff filed as `name` asks to check; a Check if that is known without
@@ -634,12 +631,11 @@ class InboxWriter:
     def record_check(self, name: str, check: handoff.Check) -> int | None:
         """Write a finished check into the inbox file (atomically) and inbox.log, then drop
         its marker; the message id, or None if its inbox file is gone."""
-        path = os.path.join(self.layout.inbox, name)
-        match = INBOX_NAME_RE.fullmatch(name)
-        if match is None:
+        entry = InboxEntry.named(self.layout.inbox, name)
+        if entry is None:
             self._unmark(name)
             return None
-        message_id = int(match.group(2))
+        path, message_id = entry.path, entry.id
         when = time.time()
         with self._lock:
             if self._log_fd is None:
