@@ -586,7 +586,7 @@ def test_scripts_stop_promptly_and_clean_up_on_sigterm(server, names, tmp_path, 
         wait_until(lambda: (tmp_path / "listen" / f"{b}@default.heartbeat").exists(), timeout=10,
                    what="the Python listener's first poll")
         assert python.stop() == 0
-    leftovers = [p for p in tmp_path.rglob(".cursor.*")]
+    leftovers = [p for p in tmp_path.rglob(".*.tmp")]
     assert leftovers == []
 
 
@@ -603,7 +603,7 @@ def test_no_temp_file_is_left_on_success_or_failure(server, names, tmp_path, scr
     run_script("bus-send", b, env=good, stdin=b"\xff")
     run_script("bus-recv", b, "--since", "nope", env=good)
     assert list(script_tmpdir.iterdir()) == []
-    assert [p for p in tmp_path.rglob(".cursor.*")] == []
+    assert [p for p in tmp_path.rglob(".*.tmp")] == []
 
 
 # -- the scripts themselves ---------------------------------------------------
