@@ -2,9 +2,11 @@
 
 The CLI, the MCP server and (later) the Claude Code hooks are adapters over these
 functions; the daemon files with the same writer (agent/inbox.py InboxWriter).
-Reading the spool needs no network: the bus client is made, and `requests` imported,
-only when a flow talks to the bus. What another agent wrote (bodies, meta, names) is
-read only through agent/inbox.py's parser and shown only through busd/framing.py.
+Reading the spool is cheap to start: the bus client is made, and `requests` imported,
+only when a flow talks to the bus, and the filing and handoff code are imported by the
+flows that use them (a hook that only reads the inbox pays for neither). What another
+agent wrote (bodies, meta, names) is read only through agent/spool.py's parser and
+shown only through busd/framing.py.
 
 Errors a person or a model can act on are MailboxError, whose `kind` says whether the
 request was wrong (USAGE) or refused (REFUSED); the bus's own are BusClientError.
@@ -17,14 +19,17 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import handoff, model, receipts
-from .agent.inbox import InboxEntry, InboxWriter, list_inbox, parse_inbox_file, receive_batch
-from .agent.spool import AgentLock, AgentLocked, SpoolLayout
-from .client import BusClient
+from . import model, receipts
+from .agent.spool import (AgentLock, AgentLocked, InboxEntry, SpoolLayout, list_inbox,
+                          parse_inbox_file)
 from .fileio import write_atomically
 from .secretguard import refusal
+
+if TYPE_CHECKING:
+    from . import handoff
+    from .client import BusClient
 
 USAGE, REFUSED = "usage", "refused"
 WAIT_STATES = (receipts.QUEUED, receipts.DELIVERED, receipts.FILED)
@@ -108,6 +113,7 @@ class Mailbox:
     def handoff(self, to: str, paths: list[str], note: str | None = None, *,
                 channel: str | None = None, note_label: str = "note") -> dict:
         """Send the files' sha256 and path (never their content); the bus's ack."""
+        from . import handoff
         if not paths:
             raise MailboxError("no file given: name at least one file", USAGE)
         try:
@@ -202,6 +208,7 @@ class Mailbox:
     def file_from_bus(self, block: bool) -> bool:
         """Fetch one batch and file it as the daemon would, with the daemon's writer and
         under its lock; False (nothing done) while a daemon serves this folder."""
+        from .agent.inbox import InboxWriter, receive_batch
         self.layout.create()
         lock = AgentLock(self.layout)
         try:
@@ -251,6 +258,7 @@ class Mailbox:
 
     def handoff_files(self, message_id: int) -> list[handoff.FileFacts]:
         """The files of handoff `message_id` in the inbox, read as files_in() reads them."""
+        from . import handoff
         meta = self.read(self.find(message_id, USAGE))[0].get("meta") or {}
         if meta.get("kind") != "handoff":
             raise MailboxError(f"message {message_id} is not a handoff", USAGE)
@@ -263,6 +271,7 @@ class Mailbox:
                sha256: str | None = None) -> list[tuple[str, str]]:
         """(path, verified | mismatch | unreachable) per file: of handoff `message_id`, or
         of `path` against `sha256`."""
+        from . import handoff
         if path is not None and sha256 is not None:
             return [(path, handoff.verify_file(path, sha256))]
         if message_id is None:
@@ -274,6 +283,7 @@ class Mailbox:
                                                                   str | None]]:
         """Copy each file of handoff `message_id` into `folder`, kept only if its hash
         matches: (facts, the new path or None, why not)."""
+        from . import handoff
         if not os.path.isdir(folder):
             raise MailboxError(f"{folder} is not a folder", USAGE)
         results = []

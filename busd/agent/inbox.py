@@ -45,11 +45,11 @@ from ..client import BusClient
 from ..framing import check_block, monitor_block
 from ..fileio import FILE_MODE, fsync_dir, write_atomically, write_new_file
 from ..receive import Backoff, Cursor, follow, messages_of
-from .spool import SpoolLayout
+from .spool import InboxEntry, SpoolLayout, entries_in, parse_inbox_file
+from .spool import list_inbox, read_header_value  # noqa: F401 - where callers look for them
 
 log = logging.getLogger("busd.agent.inbox")
 
-INBOX_NAME_RE = re.compile(r"(\d+\.\d{6})-(\d+)-(.+)\.msg")
 BLOCK_END = b"\n---\n"
 CHECK_ENTRY_RE = re.compile(rb"\[\d\d:\d\d:\d\dZ\] handoff check of message \d+ from ")
 RECV_BATCH = 1000
@@ -94,13 +94,6 @@ def header_value(value: Any) -> str:
     if isinstance(value, str) and _plain(value):
         return value
     return json_text(value)
-
-
-def read_header_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def _shown(value: Any, limit: int = 80) -> str:
@@ -284,28 +277,6 @@ def format_inbox_file(message: dict, roots: tuple[str, ...] | None = None) -> by
     return interpret(*key, message, roots).file_bytes()
 
 
-def parse_inbox_file(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """(headers, body bytes) of an inbox file; meta.<k> headers gathered in headers["meta"]."""
-    head, sep, body = data.partition(b"\n\n")
-    if not sep:
-        raise ValueError("not an inbox file: no blank line after the headers")
-    headers: dict[str, Any] = {}
-    meta: dict[str, Any] = {}
-    for line in head.decode("utf-8").split("\n"):
-        name, _, value = line.partition(": ")
-        if name.startswith("meta."):
-            meta[name[5:]] = read_header_value(value)
-        elif name == "meta":
-            others = read_header_value(value)
-            if isinstance(others, dict):
-                meta.update(others)
-        else:
-            headers[name] = value
-    if meta:
-        headers["meta"] = meta
-    return headers, body
-
-
 def with_check(data: bytes, check: handoff.Check, checked: str) -> bytes:
     """An inbox file's bytes with its handoff header set to a finished check."""
     head, _, body = data.partition(b"\n\n")
@@ -313,38 +284,6 @@ def with_check(data: bytes, check: handoff.Check, checked: str) -> bytes:
             if not line.startswith((b"handoff: ", b"handoff-reason: ", b"checked: "))]
     tail = handoff_headers(None, check.result, check.reason, checked)
     return b"\n".join(kept + [line.encode("utf-8") for line in tail]) + b"\n\n" + body
-
-
-@dataclass(frozen=True)
-class InboxEntry:
-    id: int
-    ts: float
-    sender: str
-    path: str
-
-    @classmethod
-    def named(cls, folder: str, name: str) -> "InboxEntry | None":
-        """The entry a file name `<ts>-<id>-<from>.msg` stands for, or None."""
-        match = INBOX_NAME_RE.fullmatch(name)
-        if match is None:
-            return None
-        return cls(id=int(match.group(2)), ts=float(match.group(1)), sender=match.group(3),
-                   path=os.path.join(folder, name))
-
-
-def entries_in(folder: str) -> list[InboxEntry]:
-    """The inbox names in `folder` (inbox/, or checking/), oldest first."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    entries = [e for e in (InboxEntry.named(folder, name) for name in names) if e is not None]
-    return sorted(entries, key=lambda e: (e.ts, e.id))
-
-
-def list_inbox(layout: SpoolLayout) -> list[InboxEntry]:
-    """The inbox files, oldest first."""
-    return entries_in(layout.inbox)
 
 
 # -- the cursor file -------------------------------------------------------

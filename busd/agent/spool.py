@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import secrets
 import stat
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .. import model, secretguard
 from ..errors import BusError
@@ -372,6 +374,72 @@ def is_being_written(path: str) -> bool | None:
         return False
     finally:
         os.close(fd)
+
+
+# -- the inbox: its file names and the file format (agent/inbox.py writes them) -----
+
+INBOX_NAME_RE = re.compile(r"(\d+\.\d{6})-(\d+)-(.+)\.msg")
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    id: int
+    ts: float
+    sender: str
+    path: str
+
+    @classmethod
+    def named(cls, folder: str, name: str) -> "InboxEntry | None":
+        """The entry a file name `<ts>-<id>-<from>.msg` stands for, or None."""
+        match = INBOX_NAME_RE.fullmatch(name)
+        if match is None:
+            return None
+        return cls(id=int(match.group(2)), ts=float(match.group(1)), sender=match.group(3),
+                   path=os.path.join(folder, name))
+
+
+def entries_in(folder: str) -> list[InboxEntry]:
+    """The inbox names in `folder` (inbox/, or checking/), oldest first."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    entries = [e for e in (InboxEntry.named(folder, name) for name in names) if e is not None]
+    return sorted(entries, key=lambda e: (e.ts, e.id))
+
+
+def list_inbox(layout: SpoolLayout) -> list[InboxEntry]:
+    """The inbox files, oldest first."""
+    return entries_in(layout.inbox)
+
+
+def read_header_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_inbox_file(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """(headers, body bytes) of an inbox file; meta.<k> headers gathered in headers["meta"]."""
+    head, sep, body = data.partition(b"\n\n")
+    if not sep:
+        raise ValueError("not an inbox file: no blank line after the headers")
+    headers: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    for line in head.decode("utf-8").split("\n"):
+        name, _, value = line.partition(": ")
+        if name.startswith("meta."):
+            meta[name[5:]] = read_header_value(value)
+        elif name == "meta":
+            others = read_header_value(value)
+            if isinstance(others, dict):
+                meta.update(others)
+        else:
+            headers[name] = value
+    if meta:
+        headers["meta"] = meta
+    return headers, body
 
 
 # -- writing ---------------------------------------------------------------
