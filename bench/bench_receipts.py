@@ -18,27 +18,18 @@ deadline. The baseline is checked out into a temporary git worktree and removed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Runs inside one tree (its tests.support and bench.bench_server), prints one JSON line.
+from harness.revisions import REPO, probe, worktree  # noqa: E402
+
+# Runs inside one tree, with that tree's harness (PROBE_PRELUDE), prints one JSON line.
 PROBE = r'''
-import asyncio, json, os, sys, tempfile, time
+import asyncio, json, tempfile
 from pathlib import Path
-sys.path.insert(0, os.getcwd())
-from tests.support import BusServer
-from bench.bench_server import KeepAliveClient, measure_latency, measure_throughput, percentile
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 async def follow(url, expected):
     since, got = 0.0, 0
@@ -69,31 +60,16 @@ with tempfile.TemporaryDirectory() as folder:
 '''
 
 
-def probe(tree: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=tree, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(tree)})
-    if done.returncode != 0:
-        raise SystemExit(f"{tree}: the probe failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="6a8afd7", help="revision without receipts")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-receipts-") as folder:
-        baseline = Path(folder) / "baseline"
-        subprocess.run(["git", "-C", str(HERE), "worktree", "add", "-q", "--detach",
-                        str(baseline), args.baseline], check=True)
-        try:
-            results: dict[str, list[dict]] = {"without receipts": [], "with receipts": []}
-            for _ in range(args.rounds):
-                results["without receipts"].append(probe(baseline))
-                results["with receipts"].append(probe(HERE))
-        finally:
-            subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force",
-                            str(baseline)], check=False)
+    results: dict[str, list[dict]] = {"without receipts": [], "with receipts": []}
+    with worktree(args.baseline) as baseline:
+        for _ in range(args.rounds):
+            results["without receipts"].append(probe(baseline, PROBE))
+            results["with receipts"].append(probe(REPO, PROBE))
     medians = {}
     for name, runs in results.items():
         medians[name] = {k: statistics.median(r[k] for r in runs)

@@ -18,17 +18,16 @@ import argparse
 import asyncio
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.bench_server import (KeepAliveClient, exactly_once_in_order, measure_latency,  # noqa: E402
-                                percentile)
-from tests.support import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
+from harness.bus import BusServer, metric_value  # noqa: E402
+from harness.postgres import POSTGRES_URL, PostgresServer  # noqa: E402
+from harness.load import (drain, exactly_once_in_order, measure_latency,  # noqa: E402
+                          measure_throughput, percentile)
 
 
 async def cross_replica_latency(sender_url: str, receiver_url: str,
@@ -37,53 +36,13 @@ async def cross_replica_latency(sender_url: str, receiver_url: str,
     return await measure_latency(sender_url, count, receiver_url, park_seconds=0.005)
 
 
-async def throughput(urls: list[str], clients: int, per_client: int,
-                     recipient: str) -> tuple[float, list[dict]]:
-    """`clients` keep-alive senders spread evenly over the replicas' urls."""
-    acks: list[dict] = []
-
-    async def one_client(number: int) -> None:
-        async with KeepAliveClient(urls[number % len(urls)]) as client:
-            for i in range(per_client):
-                acks.append(await client.send(f"tp{number}", recipient, f"{number}:{i}"))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one_client(n) for n in range(clients)))
-    return clients * per_client / (time.perf_counter() - started), acks
-
-
-async def drain_alternating(urls: list[str], recipient: str) -> list[dict]:
-    """The rapid cursor rule, asking each replica in turn, until nothing is left."""
-    got: list[dict] = []
-    since, turn, empty_in_a_row = 0.0, 0, 0
-    clients = [KeepAliveClient(url) for url in urls]
-    for client in clients:
-        await client.__aenter__()
-    try:
-        while empty_in_a_row < len(urls):
-            body = await clients[turn].recv(recipient, since, block=False)
-            got.extend(body["messages"])
-            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
-            empty_in_a_row = 0 if body["messages"] else empty_in_a_row + 1
-            turn = (turn + 1) % len(urls)
-    finally:
-        for client in clients:
-            await client.__aexit__(None, None, None)
-    return got
-
-
 def commits(urls: list[str]) -> tuple[float, float]:
     """Messages committed and commits made so far, summed over the replicas."""
     messages = count = 0.0
     for url in urls:
         text = requests.get(url + "/metrics", timeout=10).text
-        for family in text_string_to_metric_families(text):
-            if family.name == "agent_bus_commit_batch_messages":
-                for sample in family.samples:
-                    if sample.name.endswith("_sum"):
-                        messages += sample.value
-                    elif sample.name.endswith("_count"):
-                        count += sample.value
+        messages += metric_value(text, "agent_bus_commit_batch_messages_sum")
+        count += metric_value(text, "agent_bus_commit_batch_messages_count")
     return messages, count
 
 
@@ -94,10 +53,10 @@ def throughput_rounds(urls: list[str], rounds: int, label: str,
     before = commits(urls)
     for number in range(rounds):
         recipient = f"tp-{label}-{number}"
-        rate, sent = asyncio.run(throughput(urls, 8, 750, recipient))
+        rate, sent = asyncio.run(measure_throughput(urls, 8, 750, recipient))
         rates.append(rate)
         integrity.append(exactly_once_in_order(
-            sent, asyncio.run(drain_alternating(urls, recipient))))
+            sent, asyncio.run(drain(urls, recipient, len(sent)))))
     after = commits(urls)
     return rates, (after[0] - before[0]) / max(1.0, after[1] - before[1])
 

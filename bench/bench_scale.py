@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_server import KeepAliveClient, percentile  # noqa: E402
-from tests.support import BusServer  # noqa: E402
+from harness.bus import BusServer, metric_value  # noqa: E402
+from harness.load import KeepAliveClient, percentile  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -37,10 +37,7 @@ def rss_mb(pid: int) -> float:
 async def parked_count(url: str) -> int:
     async with KeepAliveClient(url) as client:
         _, body = await client.request("GET", "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith("agent_bus_parked_waiters "):
-            return int(float(line.split()[1]))
-    return -1
+    return int(metric_value(body.decode(), "agent_bus_parked_waiters"))
 
 
 async def receiver(url: str, name: str, since: float, arrived: dict, ready: asyncio.Event,

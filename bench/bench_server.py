@@ -14,7 +14,7 @@ With --against REV, this checkout and revision REV (checked out into a temporary
 worktree, removed after) run side by side instead, in alternating rounds, each measured
 by its own tree's server; the floor is measured in every round too.
 
-The load generator is a minimal keep-alive HTTP/1.1 client on asyncio, so the
+The load generator is harness/load.py's minimal keep-alive HTTP/1.1 client, so the
 figures measure the server, not a client library. Every loop is bounded.
 
     python bench/bench_server.py [--messages 500] [--rounds 3] [--against main]
@@ -23,134 +23,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
-HERE = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import BusServer  # noqa: E402
-
-
-class KeepAliveClient:
-    """One persistent HTTP/1.1 connection; requests go one at a time."""
-
-    def __init__(self, url: str):
-        parts = urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def __aenter__(self) -> "KeepAliveClient":
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-        self.writer.write(head.encode() + body)
-        status_line = await self.reader.readuntil(b"\r\n")
-        status = int(status_line.split()[1])
-        length = 0
-        while True:
-            line = await self.reader.readuntil(b"\r\n")
-            if line == b"\r\n":
-                break
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        return status, await self.reader.readexactly(length)
-
-    async def send(self, sender: str, to: str, msg: str) -> dict:
-        status, body = await self.request(
-            "POST", "/send", json.dumps({"from": sender, "to": to, "msg": msg}).encode())
-        if status != 200:
-            raise RuntimeError(f"send answered {status}: {body[:200]!r}")
-        return json.loads(body)
-
-    async def recv(self, to: str, since: float, block: bool) -> dict:
-        status, body = await self.request(
-            "GET", f"/recv?to={to}&since={since!r}&block={'true' if block else 'false'}")
-        if status != 200:
-            raise RuntimeError(f"recv answered {status}: {body[:200]!r}")
-        return json.loads(body)
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
-
-
-async def measure_latency(url: str, count: int, receiver_url: str | None = None,
-                          park_seconds: float = 0.003
-                          ) -> tuple[list[float], list[dict], list[dict]]:
-    """Send one message at a time to a receiver already parked in a long-poll (on another
-    server sharing the database, when `receiver_url` is given)."""
-    latencies, acks, received = [], [], []
-    async with KeepAliveClient(url) as sender, \
-            KeepAliveClient(receiver_url or url) as receiver:
-        since = (await receiver.recv("lat", 0.0, block=False))["now"]
-        for i in range(count):
-            parked = asyncio.create_task(receiver.recv("lat", since, block=True))
-            await asyncio.sleep(park_seconds)  # let the poll reach the server and park
-            started = time.perf_counter()
-            acks.append(await sender.send("bench", "lat", f"latency {i}"))
-            body = await asyncio.wait_for(parked, 30)
-            latencies.append(time.perf_counter() - started)
-            received.extend(body["messages"])
-            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
-    return latencies, acks, received
-
-
-async def measure_throughput(url: str, clients: int, per_client: int,
-                             recipient: str) -> tuple[float, list[dict]]:
-    acks: list[dict] = []
-
-    async def one_client(number: int) -> None:
-        async with KeepAliveClient(url) as client:
-            for i in range(per_client):
-                acks.append(await client.send(f"tp{number}", recipient, f"{number}:{i}"))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(one_client(n) for n in range(clients)))
-    elapsed = time.perf_counter() - started
-    return clients * per_client / elapsed, acks
-
-
-async def drain(url: str, recipient: str, expected: int) -> list[dict]:
-    """Follow the since-cursor rule with the default batch size until all arrived."""
-    got: list[dict] = []
-    since = 0.0
-    async with KeepAliveClient(url) as client:
-        for _ in range(expected // 50 + 100):
-            body = await client.recv(recipient, since, block=False)
-            got.extend(body["messages"])
-            since = max([since, body["now"], *(m["ts"] for m in body["messages"])])
-            if not body["messages"]:
-                break
-    return got
-
-
-def exactly_once_in_order(acks: list[dict], received: list[dict]) -> tuple[int, int, int]:
-    """(lost, duplicated, out of order) counts."""
-    ids = [m["id"] for m in received]
-    lost = len({a["id"] for a in acks} - set(ids))
-    duplicated = len(ids) - len(set(ids))
-    stamps = [m["ts"] for m in received]
-    reordered = sum(1 for a, b in zip(stamps, stamps[1:]) if b <= a)
-    return lost, duplicated, reordered
+from harness.bus import BusServer  # noqa: E402
+from harness.load import (drain, exactly_once_in_order, measure_latency,  # noqa: E402
+                          measure_throughput, percentile)
+from harness.revisions import REPO, probe, worktree  # noqa: E402
 
 
 async def run(url: str, messages: int, rounds: int) -> int:
@@ -220,17 +104,10 @@ async def floor_rates() -> dict[int, float]:
         proc.wait(10)
 
 
-# Runs inside one tree (its own tests.support and bench.bench_server), prints one JSON line.
+# Runs inside one tree, with that tree's harness (PROBE_PRELUDE), prints one JSON line.
 TREE_PROBE = r'''
-import asyncio, json, os, sys, tempfile
+import asyncio, json, tempfile
 from pathlib import Path
-sys.path.insert(0, os.getcwd())
-from tests.support import BusServer
-from bench.bench_server import measure_latency, measure_throughput, percentile
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 async def run(url, pid, messages):
     before = cpu_seconds(pid)
@@ -251,36 +128,13 @@ with tempfile.TemporaryDirectory() as folder:
 '''
 
 
-def probe(tree: Path, messages: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", TREE_PROBE, str(messages)], cwd=tree,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(tree)})
-    if done.returncode != 0:
-        raise SystemExit(f"{tree}: the probe failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@contextlib.contextmanager
-def worktree(revision: str):
-    """`revision` checked out into a temporary git worktree, removed after."""
-    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
-        tree = Path(folder) / "tree"
-        subprocess.run(["git", "-C", str(HERE), "worktree", "add", "-q", "--detach", str(tree),
-                        revision], check=True)
-        try:
-            yield tree
-        finally:
-            subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(tree)],
-                           check=False)
-
-
 def side_by_side(revision: str, messages: int, rounds: int) -> int:
     names = (revision, "this checkout", "bare aiohttp")
     results: dict[str, list[dict]] = {name: [] for name in names}
     with worktree(revision) as baseline:
         for _ in range(rounds):
-            results[revision].append(probe(baseline, messages))
-            results["this checkout"].append(probe(HERE, messages))
+            results[revision].append(probe(baseline, TREE_PROBE, str(messages)))
+            results["this checkout"].append(probe(REPO, TREE_PROBE, str(messages)))
             results["bare aiohttp"].append(
                 {str(k): v for k, v in asyncio.run(floor_rates()).items()})
     print(f"side by side, medians of {rounds} alternating rounds ({messages} latency samples):")

@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.agent_support import AgentProcess, files_under, inbox_messages  # noqa: E402
-from tests.support import BusServer  # noqa: E402
+from harness.agents import AgentProcess, files_under, inbox_messages  # noqa: E402
+from harness.bus import BusServer  # noqa: E402
+from harness.load import percentile  # noqa: E402
 
 
 class ArrivalWatch:
@@ -62,11 +63,6 @@ def drop(spark: AgentProcess, folder: str, name: str, body: str) -> None:
     with open(temp, "w", encoding="utf-8") as handle:
         handle.write(body)
     os.rename(temp, os.path.join(folder, name))
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
 def latency_round(spark: AgentProcess, folder: str, watch: ArrivalWatch, label: str,

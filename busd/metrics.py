@@ -1,17 +1,18 @@
 """What the bus counts, in Prometheus form (prometheus-client), one registry per server."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class BusMetrics:
-    def __init__(self, parked_waiters: Callable[[], int]):
+    def __init__(self, parked_waiters: Callable[[], int],
+                 wakeups: Callable[[], Mapping[str, int]]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.stored = Counter("agent_bus_messages_stored", "Messages committed to storage.",
                               ["channel"], registry=self.registry)
@@ -21,6 +22,7 @@ class BusMetrics:
         self.parked = Gauge("agent_bus_parked_waiters", "Long-polls parked right now.",
                             registry=self.registry)
         self.parked.set_function(parked_waiters)
+        self.registry.register(_Wakeups(wakeups))
         self.latency = Histogram(
             "agent_bus_request_duration_seconds", "Time to answer a request (long-polls included).",
             ["route"], registry=self.registry,
@@ -49,6 +51,23 @@ class BusMetrics:
         if channels is None:
             return generate_latest(self.registry)
         return generate_latest(_OnlyChannels(self.registry, channels))
+
+
+class _Wakeups:
+    """The hub's counts of why parked long-polls stopped waiting, read when scraped."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]):
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "agent_bus_long_poll_wakeups",
+            "Parked long-polls woken, by reason: commit (a message for them was committed), "
+            "recheck (commits may have gone unseen: all re-check), shutdown, timeout (the "
+            "hold ran out).", labels=["reason"])
+        for reason, count in self.counts().items():
+            family.add_metric([reason], count)
+        yield family
 
 
 class _OnlyChannels:

@@ -12,24 +12,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from busd.store import shown_database  # noqa: E402
-from tests.support import POSTGRES_URL, BusServer, PostgresServer  # noqa: E402
+from harness.bus import BusServer  # noqa: E402
+from harness.postgres import POSTGRES_URL, PostgresServer  # noqa: E402
+from harness.processes import live_processes  # noqa: E402
 
 
 def _child_pids() -> set[int]:
     me = os.getpid()
-    children = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is the state, fields[1] the parent pid; zombies are already dead.
-        if int(fields[1]) == me and fields[0] != "Z":
-            children.add(int(entry))
-    return children
+    return {pid for pid, fields in live_processes() if int(fields[1]) == me}
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ import time
 
 import requests
 
-from tests.agent_support import AgentProcess
-from tests.browser_support import Browser, wait_in_page
-from tests.support import BusServer, agent_bus_cmd, repo_env
+from harness.agents import AgentProcess
+from harness.browser import Browser, wait_in_page
+from harness.bus import BusServer, agent_bus_cmd, repo_env
 
 
 def main(out: str) -> int:

@@ -8,9 +8,9 @@ import time
 
 from busd.client import BusClient
 from busd.framing import monitor_block
-from tests.agent_support import (AgentProcess, count_blocks, drop_atomically, drop_in_place,
+from harness.agents import (AgentProcess, count_blocks, drop_atomically, drop_in_place,
                                  files_under, inbox_files, inbox_messages)
-from tests.support import BusServer, wait_until
+from harness.bus import BusServer, wait_until
 
 DROPS = 500
 
@@ -51,6 +51,8 @@ def test_sender_killed_at_random_and_server_restarted_sends_each_of_500_drops_on
         dropper = threading.Thread(target=drop_all, name="dropper")
         dropper.start()
         while dropping.is_set() or kills < 6:
+            # Random moments, not waits for something: the subject is a kill landing
+            # anywhere in the daemon's work (so too the pauses between bursts).
             time.sleep(rng.uniform(0.05, 0.4))
             spark.kill()
             kills += 1
@@ -107,7 +109,7 @@ def test_receiver_killed_repeatedly_during_a_burst_files_500_messages_once(tmp_p
         sender = threading.Thread(target=send_all, name="sender")
         sender.start()
         while sending.is_set() or kills < 8:
-            time.sleep(rng.uniform(0.02, 0.3))
+            time.sleep(rng.uniform(0.02, 0.3))  # a random moment to kill at, as above
             dell.kill()
             kills += 1
             dell.start()

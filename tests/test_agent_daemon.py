@@ -11,9 +11,9 @@ import pytest
 
 from busd.agent.spool import claimed_name, idempotency_key, new_token
 from busd.framing import monitor_block
-from tests.agent_support import (AgentProcess, drop_atomically, drop_in_place, files_under,
+from harness.agents import (AgentProcess, drop_atomically, drop_in_place, files_under,
                                  inbox_files, inbox_messages)
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.bus import BusServer, agent_bus_cmd, repo_env, wait_until
 
 BODY = "line one\n\n  indented — ünïcödé ✓ 🚀\n\nno trailing newline"
 
@@ -133,13 +133,19 @@ def test_ignored_names_are_left_alone(pair):
 
 def test_a_writer_that_pauses_mid_file_is_sent_once_and_complete(pair):
     spark, dell = pair
+    # The file is open for writing before its folder moves into the outbox, so the
+    # daemon's scan of the new folder surely finds it open (a file written into a
+    # folder the daemon already knows gives no event before its close).
+    folder = os.path.join(spark.layout.root, "slow-folder")
+    os.makedirs(folder)
     path = os.path.join(spark.layout.outbox, dell.name, "slow")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
+    with open(os.path.join(folder, "slow"), "wb") as handle:
         handle.write(b"first half, ")
         handle.flush()
         os.fsync(handle.fileno())
-        # Longer than the daemon's settle time: only the close may trigger the send.
+        os.rename(folder, os.path.dirname(path))
+        # The subject is time: a writer quiet for longer than the daemon's settle time
+        # (1 s) still holds the file, and only its close may trigger the send.
         time.sleep(1.5)
         assert os.path.exists(path), "the daemon took a file that was still open"
         assert inbox_files(dell.layout) == []

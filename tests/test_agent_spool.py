@@ -15,8 +15,8 @@ from busd.agent.inbox import (InboxWriter, format_inbox_file, header_value, load
 from busd.agent.spool import (BadDrop, Drop, SpoolLayout, is_being_written, is_ignored,
                               outbox_place, parse_drop)
 from busd.framing import monitor_block
-from tests.agent_support import AgentProcess, files_under, inbox_messages
-from tests.support import agent_bus_cmd, repo_env, wait_until
+from harness.agents import AgentProcess, files_under, inbox_messages
+from harness.bus import agent_bus_cmd, repo_env, wait_until
 
 LIMIT = 64 * 1024
 

@@ -6,7 +6,7 @@ import re
 import subprocess
 
 from busd.cli import build_parser
-from tests.support import REPO, agent_bus_cmd, repo_env
+from harness.bus import REPO, agent_bus_cmd, repo_env
 
 
 def run_cli(*args, stdin: bytes = b"", env: dict | None = None, timeout: float = 40):

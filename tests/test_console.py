@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.support import BusServer, wait_until
+from harness.bus import BusServer
 from tests.test_security import bearer, cli, make_token
 
 HANDOFF_META = {"kind": "handoff", "files": 1, "sha256": "ab" * 32, "path": "/shared/x",
@@ -19,15 +19,6 @@ def feed(bus, **params):
     response = bus.get("/ui/feed", params=params)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def wait_parked(bus) -> None:
-    """Until a long-poll is parked on the server (its own gauge says so)."""
-    def parked() -> bool:
-        text = bus.get("/metrics").text
-        line = next(l for l in text.splitlines() if l.startswith("agent_bus_parked_waiters "))
-        return float(line.split()[1]) >= 1
-    wait_until(parked, what="the feed request to park")
 
 
 def test_the_page_and_its_assets_are_served_with_a_strict_policy(server):
@@ -89,7 +80,7 @@ def test_a_parked_feed_answers_on_a_commit_and_on_a_receipt(server, names):
     with ThreadPoolExecutor(1) as pool:
         parked = pool.submit(feed, server, channel=ch, after=0, version=start["version"],
                              block="true")
-        wait_parked(server)
+        server.wait_parked()
         sent = time.monotonic()
         ack = server.send(spark, dell, "wake up", channel=ch)
         got = parked.result(timeout=10)
@@ -100,7 +91,7 @@ def test_a_parked_feed_answers_on_a_commit_and_on_a_receipt(server, names):
         # receipts as it starts and as it answers: the page follows the version, as here.)
         parked = pool.submit(feed, server, channel=ch, after=ack["id"], version=got["version"],
                              block="true", watch=str(ack["id"]))
-        wait_parked(server)
+        server.wait_parked()
         server.get(f"/recv?to={dell}&channel={ch}")
         moved = parked.result(timeout=10)
         deadline = time.monotonic() + 5

@@ -11,9 +11,9 @@ import uuid
 import pytest
 import requests
 
-from tests.agent_support import AgentProcess
-from tests.browser_support import Browser, find_chromium, session_processes, wait_in_page
-from tests.support import BusServer, agent_bus_cmd, repo_env
+from harness.agents import AgentProcess
+from harness.browser import Browser, find_chromium, session_processes, wait_in_page
+from harness.bus import BusServer, agent_bus_cmd, repo_env
 from tests.test_security import make_token
 
 XSS = "<img src=x onerror=alert(1)>"

@@ -12,7 +12,7 @@ import requests
 
 from busd.client import BusClient
 from busd.receive import CursorFile, listen
-from tests.support import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
+from harness.bus import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
 
 
 class CursorReceiver(threading.Thread):
@@ -151,7 +151,7 @@ def test_healthz_answers_within_3s_of_launch_and_sigterm_answers_parked_polls(tm
     parked = [threading.Thread(target=park) for _ in range(5)]
     for thread in parked:
         thread.start()
-    time.sleep(0.3)  # let them park; there is no event to wait on from outside
+    bus.wait_parked(5)
     stopping = time.monotonic()
     pid = bus.pid
     code = bus.stop(timeout=5)

@@ -67,7 +67,7 @@ def test_wait_true_wakes_on_send(server, names):
 
     reader = threading.Thread(target=read)
     reader.start()
-    time.sleep(0.3)
+    server.wait_parked()
     elipc_send(server, ch, a, "ping")
     reader.join(10)
     assert [m["content"] for m in result["got"]] == ["ping"]

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import requests
 
-from tests.support import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
+from harness.bus import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
 
 
 def serve_once(db, timeout=20):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from busd.framing import (check_block, escape_body, monitor_block, reads_as_frame, segments,
                           unescape_body)
-from tests.support import REPO
+from harness.bus import REPO
 
 # Text made mostly of the pieces the rule is about, so that the cases it must get right
 # come up often: frame words in any case, backslashes, blanks, every kind of break.

@@ -11,7 +11,7 @@ import signal
 import socket
 from pathlib import Path
 
-from tests.support import REPO, BusServer
+from harness.bus import REPO, BusServer
 
 INSTALL_TIMEOUT = 600  # a whole install: a Python environment and every dependency
 

@@ -14,8 +14,8 @@ import pytest
 from busd import handoff
 from busd.agent.inbox import format_inbox_file
 from busd.agent.spool import SpoolLayout
-from tests.agent_support import AgentProcess, inbox_messages
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.agents import AgentProcess, inbox_messages
+from harness.bus import BusServer, agent_bus_cmd, repo_env, wait_until
 
 
 def cli(*args, stdin: bytes = b"", **env):
@@ -207,7 +207,7 @@ def test_without_shared_roots_no_handoff_is_checked(bus, tmp_path):
 
 
 def test_a_dropped_secret_goes_to_failed_unless_allowed(bus, tmp_path):
-    from tests.agent_support import drop_atomically, files_under
+    from harness.agents import drop_atomically, files_under
     spool = tmp_path / "spool"
     pem = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ+...\n-----END PRIVATE KEY-----\n"
     with AgentProcess("spark", spool, bus.url) as spark:

@@ -7,7 +7,7 @@ import threading
 from busd.agent.checks import CheckReporter
 from busd.client import BusClient
 from busd.receive import Backoff
-from tests.support import BusServer
+from harness.bus import BusServer
 from tests.test_security import bearer, make_token
 
 HANDOFF_META = {"kind": "handoff", "files": 1, "sha256": "ab" * 32, "path": "/shared/hits.csv",

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.bench_hostile import run
-from tests.support import BusServer
+from harness.hostile import run
+from harness.bus import BusServer
 
 
 def test_a_normal_client_is_served_through_an_attack(tmp_path, capsys):

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from busd.agent.inbox import parse_inbox_file
 from busd.framing import escape_body, segments, unescape_body
-from tests.agent_support import AgentProcess, count_blocks, inbox_messages
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.agents import AgentProcess, count_blocks, inbox_messages
+from harness.bus import BusServer, agent_bus_cmd, repo_env, wait_until
 from tests.test_security import bearer, make_token
 
 NOT_CHECKED = "not checked"

@@ -18,7 +18,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import BusServer
+from harness.bus import BusServer
 
 VALID = st.sampled_from(["spark", "dell", "a.b_c-1", "x" * 64])
 BAD_NAMES = st.one_of(

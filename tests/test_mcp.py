@@ -13,8 +13,8 @@ import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from tests.agent_support import AgentProcess, inbox_files, inbox_messages
-from tests.support import BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.agents import AgentProcess, inbox_files, inbox_messages
+from harness.bus import BusServer, agent_bus_cmd, repo_env, wait_until
 
 TOOLS = {"send", "inbox", "read", "wait", "handoff", "verify", "agents", "status"}
 
@@ -45,6 +45,16 @@ def payload(result):
 def error_text(result) -> str:
     assert result.is_error, result
     return " ".join(getattr(part, "text", "") for part in result.content)
+
+
+RECV_ANSWERED = "agent_bus_request_duration_seconds_count"
+
+
+def asking_the_bus(bus, answered_before: float) -> bool:
+    """Whether a reader without a daemon is waiting on the bus: a poll of its is parked,
+    or it has had an answer (empty: there was nothing yet) since `answered_before`."""
+    return (bus.metric("agent_bus_parked_waiters") >= 1
+            or bus.metric(RECV_ANSWERED, route="/recv") > answered_before)
 
 
 def send_as(bus, sender, to, body):
@@ -79,9 +89,12 @@ def test_tools_with_the_daemons_running(bus, tmp_path):
                 roster = {a["name"]: a for a in payload(await session.call_tool("agents", {}))}
                 assert roster["dell"]["online"] is True
 
-                # wait: dell answers while spark's assistant is blocked in `wait`.
+                # wait: dell answers while spark's assistant is blocked in `wait`. With
+                # the daemon filing, the tool only reads spark's folder: nothing outside
+                # shows that it has started, so the send does not wait for it. A message
+                # filed before the tool looks is returned at once, which passes too;
+                # the test without a daemon below sees the tool waiting before it sends.
                 waiting = asyncio.create_task(session.call_tool("wait", {"seconds": 20}))
-                await asyncio.sleep(0.5)
                 sent_at = time.monotonic()
                 await asyncio.to_thread(send_as, bus, "dell", "spark", "answer from dell")
                 got = payload(await waiting)
@@ -142,8 +155,11 @@ def test_without_a_daemon_the_tools_file_the_inbox_themselves(bus, tmp_path):
         async with mcp_session("spark", bus.url, spool) as session:
             unread = payload(await session.call_tool("inbox", {}))
             assert [m["body"] for m in unread] == ["while no daemon ran"]
+            asked = bus.metric(RECV_ANSWERED, route="/recv")
             waiting = asyncio.create_task(session.call_tool("wait", {"seconds": 10}))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_until, lambda: asking_the_bus(bus, asked),
+                                    what="the wait tool to ask the bus")
+            assert not waiting.done()
             await asyncio.to_thread(send_as, bus, "dell", "spark", "live")
             assert payload(await waiting)["body"] == "live"
 

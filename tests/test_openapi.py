@@ -69,6 +69,9 @@ def test_metrics_parse_and_count_what_was_sent(server, names):
                  channel=ch) == 3
     assert value("agent_bus_errors", "agent_bus_errors_total", code="40005") >= 1
     assert value("agent_bus_parked_waiters", "agent_bus_parked_waiters") == 0
+    for reason in ("commit", "recheck", "shutdown", "timeout"):
+        assert value("agent_bus_long_poll_wakeups", "agent_bus_long_poll_wakeups_total",
+                     reason=reason) is not None
     assert value("agent_bus_request_duration_seconds", "agent_bus_request_duration_seconds_count",
                  route="/send") >= 3
     assert value("agent_bus_commit_batch_messages", "agent_bus_commit_batch_messages_count") >= 1

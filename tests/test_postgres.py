@@ -15,8 +15,8 @@ from contextlib import ExitStack
 import pytest
 import requests
 
-from tests.support import (BusServer, PrivatePostgres, SendBurst, agent_bus_cmd, park, repo_env,
-                           wait_until)
+from harness.bus import BusServer, SendBurst, agent_bus_cmd, park, repo_env, wait_until
+from harness.postgres import PrivatePostgres
 
 
 def no_tracebacks(bus: BusServer) -> None:

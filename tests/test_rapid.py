@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 import time
 
+WAKEUPS = "agent_bus_long_poll_wakeups_total"
+
 
 def test_send_reply_shape(server, names):
     a, b = names("a", "b")
@@ -130,27 +132,32 @@ def test_block_wakes_on_commit_not_on_a_timer(server, names):
 
     receiver = threading.Thread(target=receive)
     receiver.start()
-    # Give the receiver time to park, then send: it must return promptly, far
-    # sooner than the 2 s hold this test server uses.
-    time.sleep(0.3)
+    server.wait_parked()
+    woken = server.metric(WAKEUPS, reason="commit")
     server.send(a, b, "wake up")
     receiver.join(10)
     assert [m["msg"] for m in result["body"]["messages"]] == ["wake up"]
+    # Woken by the commit, far sooner than the 2 s hold this test server uses.
+    assert server.metric(WAKEUPS, reason="commit") == woken + 1
     assert result["elapsed"] < 1.5
 
 
 def test_block_holds_then_returns_empty(server, names):
     b, = names("b")
     since = server.get("/healthz").json()["now"]
+    timed_out = server.metric(WAKEUPS, reason="timeout")
     started = time.monotonic()
     body = server.get(f"/recv?to={b}&since={since!r}&block=true").json()
     elapsed = time.monotonic() - started
     assert body["messages"] == []
     assert body["now"] >= since
     assert 1.5 < elapsed < 5  # the test server's hold is 2 s
+    assert server.metric(WAKEUPS, reason="timeout") == timed_out + 1
 
 
 def test_block_not_woken_by_other_recipients_or_channels(server, names):
+    """A poll woken for nothing looks again and parks again, and its client sees nothing
+    of it: the server's count of wake-ups is what tells."""
     a, b, c, ch = names("a", "b", "c", "ch")
     since = server.get("/healthz").json()["now"]
     result = {}
@@ -160,11 +167,17 @@ def test_block_not_woken_by_other_recipients_or_channels(server, names):
 
     receiver = threading.Thread(target=receive)
     receiver.start()
-    time.sleep(0.2)
+    server.wait_parked()
+    woken = server.metric(WAKEUPS, reason="commit")
     server.send(a, c, "not for b")
     server.send(a, b, "for b elsewhere", channel=ch)
+    # A send is answered after its commit woke the polls it concerns: a wake-up of
+    # b's poll by either would be counted by now.
+    assert server.metric(WAKEUPS, reason="commit") == woken
+    mine = server.send(a, b, "for b")
     receiver.join(10)
-    assert result["body"]["messages"] == []
+    assert [m["id"] for m in result["body"]["messages"]] == [mine["id"]]
+    assert server.metric(WAKEUPS, reason="commit") == woken + 1
 
 
 def test_inbox_counts_pending_until_acknowledged(server, names):
@@ -176,7 +189,8 @@ def test_inbox_counts_pending_until_acknowledged(server, names):
     assert body["recipients"][ch] == {b: 2}
     # b's next poll says it has everything up to `last`: nothing is pending.
     server.get(f"/recv?to={b}&channel={ch}&since={last['ts']!r}")
-    time.sleep(0.05)  # the acknowledgement rides the next group commit
+    # The acknowledgement joined the group forming when the poll was answered; groups
+    # commit in order, so it is durable once a send made after it is answered.
     server.send(a, b + "x", "nudge the writer", channel=ch)
     assert b not in server.get("/inbox").json()["recipients"].get(ch, {})
 

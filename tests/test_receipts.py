@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tests.agent_support import AgentProcess, inbox_files, inbox_messages
-from tests.support import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.agents import AgentProcess, inbox_files, inbox_messages
+from harness.bus import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
 
 
 def cli(*args, stdin: bytes = b"", **env):

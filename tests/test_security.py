@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from busd import signing
 from busd.client import BusClient
-from tests.support import BusServer, agent_bus_cmd, repo_env
+from harness.bus import BusServer, agent_bus_cmd, repo_env
 
 
 def cli(*args, stdin: bytes = b"", **env):
@@ -384,8 +384,8 @@ def test_did_key_matches_a_known_vector():
 
 
 def test_the_daemon_works_over_tls_with_a_private_ca(tmp_path):
-    from tests.agent_support import AgentProcess, inbox_messages
-    from tests.support import wait_until
+    from harness.agents import AgentProcess, inbox_messages
+    from harness.bus import wait_until
     pem = _certificate(tmp_path)
     with BusServer(tmp_path / "bus.db", "--tls-cert", str(pem["cert"]),
                    "--tls-key", str(pem["key"])) as bus:

@@ -20,9 +20,9 @@ import requests
 from busd import __version__, model, signing
 from busd.api import openapi
 from busd.client import BusClient, BusClientError
-from tests.agent_support import AgentProcess, inbox_messages
-from tests.browser_support import Browser
-from tests.support import BusServer, wait_until
+from harness.agents import AgentProcess, inbox_messages
+from harness.browser import Browser
+from harness.bus import BusServer, wait_until
 from tests.test_console_browser import chromium  # noqa: F401 - the fixture
 from tests.test_security import bearer, cli, make_token
 from tests.test_shell import BrokenProxy
@@ -372,9 +372,7 @@ def test_attack_12_a_cross_site_get_cannot_mark_mail_filed(server, names):
 
 def _refused_cross_site(bus: BusServer) -> float:
     """How many requests the bus has refused as cross-site (its metrics; open mode)."""
-    found = re.search(r'^agent_bus_errors_total\{code="40310"\} (\S+)$',
-                      bus.get("/metrics").text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return bus.metric("agent_bus_errors_total", code="40310")
 
 
 def test_attacks_11_and_12_from_a_page_in_a_real_browser(chromium, server, names):

@@ -20,7 +20,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from busd import signing
 from busd.agent_card import PROTOCOL_BINDING
-from tests.support import BusServer, agent_bus_cmd, repo_env
+from harness.bus import BusServer, agent_bus_cmd, repo_env
 
 # The fields el-ipc's clients read, kept beside A2A's own (A2A allows fields it does not
 # define); everything else on the card must be A2A v1.0.

@@ -22,7 +22,7 @@ from busd import jqtext
 from busd.framing import monitor_block
 from busd.cli.directory import agents_table
 from busd.listener import summary_line
-from tests.support import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.bus import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
 
 BIN = REPO / "bin"
 LIB = BIN / "lib" / "agent-bus.sh"

@@ -23,8 +23,8 @@ from busd import handoff, signing
 from busd.agent.inbox import format_inbox_file
 from busd.agent.spool import SpoolLayout
 from busd.secretguard import bip39_words, find_secret
-from tests.agent_support import AgentProcess
-from tests.support import REPO, agent_bus_cmd
+from harness.agents import AgentProcess
+from harness.bus import REPO, agent_bus_cmd
 from tests.test_secretguard import LOOK_ALIKES, SECRETS
 from tests.test_security import secure  # noqa: F401  (the secure-mode bus fixture)
 from tests.test_shell import (BIN, LIB, BrokenProxy, _assert_failure, env_for, ok,  # noqa: F401

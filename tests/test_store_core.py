@@ -10,7 +10,7 @@ import sys
 import time
 
 from busd.store_sqlite import SQLiteStore
-from tests.support import BusServer, park, repo_env
+from harness.bus import BusServer, park, repo_env
 
 
 def test_token_and_migrate_commands_do_not_load_the_http_server(tmp_path):

@@ -47,7 +47,8 @@ class Bus:
         if self.presence is None:
             self.presence = Presence(self.settings.online_window)
         if self.metrics is None:
-            self.metrics = BusMetrics(parked_waiters=lambda: len(self.hub))
+            self.metrics = BusMetrics(parked_waiters=lambda: len(self.hub),
+                                      wakeups=lambda: self.hub.wakeups)
 
     def committed(self, messages) -> None:
         """The store made these visible: wake their receivers, count them."""

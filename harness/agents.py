@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import subprocess
 import threading
 import time
@@ -12,24 +11,26 @@ from pathlib import Path
 
 from busd.agent.inbox import parse_inbox_file
 from busd.agent.spool import SpoolLayout
-from tests.support import agent_bus_cmd, repo_env
+from .bus import agent_bus_cmd, repo_env
+from .processes import Child
 
 
-class AgentProcess:
+class AgentProcess(Child):
     """One agent's daemon; stdout (the Monitor blocks) and stderr (the log) are collected."""
 
+    STOP_TIMEOUT = 20.0
+
     def __init__(self, name: str, spool: str | Path, url: str, *args: str, **env: str):
+        super().__init__()
         self.name = name
         self.spool = str(spool)
         self.url = url
         self.args = list(args)
         self.env = env
         self.layout = SpoolLayout.for_agent(self.spool, name)
-        self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
         self.stdout: list[str] = []
         self.changed = threading.Condition()
-        self._drains: list[threading.Thread] = []
 
     def start(self, wait_ready: bool = True, timeout: float = 15.0) -> "AgentProcess":
         env = repo_env(AGENT_BUS_URL=self.url, AGENT_BUS_SPOOL=self.spool, **self.env)
@@ -75,38 +76,6 @@ class AgentProcess:
                     raise AssertionError(f"{self.name}: no log line matching {pattern!r} "
                                          f"within {timeout}s; log:\n" + "".join(self.log[-40:]))
                 self.changed.wait(remaining)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def _reap(self, timeout: float) -> int:
-        assert self.proc is not None
-        code = self.proc.wait(timeout)
-        for drain in self._drains:
-            drain.join(timeout)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        self.proc = None
-        return code
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, and the exit code."""
-        if self.proc is None:
-            return 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self._reap(timeout)
-
-    def kill(self) -> None:
-        """kill -9, as a crash would."""
-        if self.proc is None:
-            return
-        self.proc.kill()
-        self._reap(10)
 
     def __enter__(self) -> "AgentProcess":
         return self.start() if self.proc is None else self

@@ -21,6 +21,8 @@ import tempfile
 import time
 from typing import Any
 
+from .processes import live_processes
+
 # What keeps a headless Chromium on this machine: no sandbox (we run as root in CI),
 # no GPU, and none of the background connections it makes on its own (there is no
 # internet here: each would be a blocked connection and a delay).
@@ -252,19 +254,7 @@ def wait_in_page(condition: str, timeout_ms: int) -> str:
 
 def session_processes(sid: int) -> list[int]:
     """Pids of the live processes in session `sid` (zombies are already dead)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields: state, ppid, pgrp, session
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            found.append(int(entry))
-    return found
+    return [pid for pid, fields in live_processes() if int(fields[3]) == sid]
 
 
 def _kill_session(sid: int, timeout: float = 10.0) -> None:
