@@ -192,7 +192,8 @@ for lib in "$src"/bin/lib/*.sh; do
   [ -f "$lib" ] || continue
   install_file "$lib" "$scripts/lib/$(basename "$lib")" 644
 done
-# The secret guard's BIP-39 word list (bus_secret_refusal looks beside the library).
+# The secret guard's shapes and BIP-39 word list (bus_secret_refusal looks beside the library).
+install_file "$src/busd/data/secret-shapes.json" "$scripts/lib/secret-shapes.json" 644
 install_file "$src/busd/data/bip39-english.txt" "$scripts/lib/bip39-english.txt" 644
 for script in "$src"/bin/bus-*; do
   [ -f "$script" ] || continue

@@ -1,20 +1,17 @@
-"""The Python client: speaks to a bus over HTTP only (requests), from any machine."""
+"""The Python client: speaks to a bus over HTTP only (requests), from any machine.
+
+requests (and signing's cryptography) are imported when a client is made, not with
+this module: what only reads the spool (`agent-bus inbox`, the hooks) starts fast."""
 from __future__ import annotations
 
-import os
-import tempfile
-import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-import requests
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from . import receipts, signing
-from .framing import monitor_block  # noqa: F401 - the block format, where callers look for it
 from .errors import REPLAY
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 DEFAULT_UA = "Mozilla/5.0"   # the older clients' default; WAFs in front of buses expect it
 RECV_TIMEOUT = 35.0          # the server holds a long-poll ~25-30 s
@@ -38,6 +35,8 @@ class BusClient:
     def __init__(self, url: str, *, token: str | None = None, user_agent: str = DEFAULT_UA,
                  ca: str | None = None, timeout: float = 15.0,
                  signing_key: Ed25519PrivateKey | None = None):
+        import requests
+
         if not url:
             raise ValueError("no bus URL: set AGENT_BUS_URL (for example http://127.0.0.1:9876)")
         self.url = url.rstrip("/")
@@ -59,6 +58,8 @@ class BusClient:
 
     def request(self, method: str, path: str, *, params: dict | None = None,
                 body: Any = None, timeout: float | None = None) -> Any:
+        import requests
+
         try:
             response = self.session.request(method, self.url + path, params=params, json=body,
                                             timeout=timeout or self.timeout, verify=self.verify)
@@ -94,6 +95,7 @@ class BusClient:
              key: str | None = None, meta: dict | None = None) -> dict:
         body: dict[str, Any] = {"from": sender, "to": to, "msg": msg, "channel": channel}
         if self.signing_key is not None:
+            from . import signing
             # A signed send needs a key: it is the nonce that makes a replay detectable.
             key = key or uuid.uuid4().hex
             body["signed_at"] = int(time.time() * 1000)
@@ -139,22 +141,6 @@ class BusClient:
     def undelivered(self, older: float) -> list[dict]:
         return self.request("GET", "/undelivered", params={"older": older})["messages"]
 
-    def wait_for_state(self, message_id: int, target: str, timeout: float,
-                       stop: threading.Event | None = None) -> str | None:
-        """Follow a message until every recipient reached `target` (delivered or filed);
-        its state then, or None if the timeout passed first."""
-        stop = stop or threading.Event()
-        deadline = time.monotonic() + timeout
-        pause = 0.05
-        while True:
-            [state] = self.status([message_id])
-            if state["state"] != "unknown" and receipts.reached(state["state"], target):
-                return state["state"]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or stop.wait(min(pause, remaining)):
-                return None
-            pause = min(pause * 2, 1.0)
-
     def report_handoff_check(self, message_id: int, agent: str, result: str) -> dict:
         """Tell the bus what `agent`'s daemon found when it checked handoff `message_id`."""
         return self.request("POST", "/handoff-checks",
@@ -173,95 +159,6 @@ class BusClient:
         return self.request("GET", "/.well-known/agent-card.json")
 
 
-class CursorFile:
-    """A since-cursor kept in one file, replaced atomically (tmp, fsync, rename)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def load(self, default: float = 0.0) -> float:
-        try:
-            with open(self.path, encoding="ascii") as handle:
-                return float(handle.read().strip() or default)
-        except FileNotFoundError:
-            return default
-        except ValueError:
-            raise ValueError(f"{self.path}: not a cursor (a number of seconds); "
-                             "fix or delete it") from None
-
-    def save(self, value: float) -> None:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cursor.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(repr(float(value)).encode("ascii") + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff: 0.5 s, 1 s, 2 s ... up to `cap`."""
-    initial: float = 0.5
-    cap: float = 10.0
-    _next: float = 0.0
-
-    def delay(self, hint: float | None = None) -> float:
-        self._next = self.initial if self._next == 0 else min(self.cap, self._next * 2)
-        return max(self._next, hint or 0.0)
-
-    def reset(self) -> None:
-        self._next = 0.0
-
-
-def listen(client: BusClient, name: str, *, channel: str = "default",
-           cursor: CursorFile | None = None, since: float | None = None,
-           stop: threading.Event | None = None,
-           on_error: Callable[[BusClientError, float], None] | None = None,
-           backoff: Backoff | None = None) -> Iterator[dict]:
-    """Yield every message for `name` once, in order, surviving bus restarts.
-
-    The cursor moves past a message only when the caller asks for the next one,
-    so a message is never skipped; `since` (default: the cursor's saved value)
-    says where to start. Transient errors are retried with backoff
-    and the cursor is kept. A refusal (4xx other than 429) is raised.
-    """
-    stop = stop or threading.Event()
-    backoff = backoff or Backoff()
-    if since is None:
-        since = cursor.load(0.0) if cursor is not None else 0.0
-    while not stop.is_set():
-        try:
-            data = client.recv(name, since=since, block=True, channel=channel)
-        except BusClientError as exc:
-            if not exc.transient:
-                raise
-            delay = backoff.delay(exc.retry_after)
-            if on_error is not None:
-                on_error(exc, delay)
-            stop.wait(delay)
-            continue
-        backoff.reset()
-        for message in data.get("messages") or []:
-            ts = float(message.get("ts", 0))
-            if ts <= since:
-                continue  # already seen: never repeat
-            yield message
-            since = ts
-            if cursor is not None:
-                cursor.save(since)
-        now = data.get("now")
-        if isinstance(now, (int, float)) and now > since:
-            since = float(now)
-            if cursor is not None:
-                cursor.save(since)
-
-
 def _short(exc: Exception, limit: int = 160) -> str:
     text = str(exc)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -273,9 +170,3 @@ def _float_or_none(text: str | None) -> float | None:
     except ValueError:
         return None
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

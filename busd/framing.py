@@ -34,10 +34,10 @@ begins with one. A body with no such segment is shown exactly as it is.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 
+from .jqtext import dumps
 from .model import is_valid_name
 
 # The characters after which a segment starts: kept as a regex class body, the same
@@ -52,6 +52,8 @@ _ESCAPE = re.compile(rf"(\A|[{SEGMENT_BREAKS}])({FRAME_FORM})")
 _UNESCAPE = re.compile(rf"(\A|[{SEGMENT_BREAKS}])\\({FRAME_FORM})")
 _SEGMENTS = re.compile(rf"[{SEGMENT_BREAKS}]")
 _BARE_FRAME = re.compile(rf"[ \t]*(?:{FRAME_WORDS})")
+# What JSON leaves as it is but a reader may take for a line break (or cannot encode).
+_RAW_BREAKS = re.compile("[\x80-\x9f\u2028\u2029\ud800-\udfff]")
 
 BOUNDARY = "---"
 STATUS_WORDS = ("handoff", "note")
@@ -80,13 +82,15 @@ def reads_as_frame(segment: str) -> bool:
 
 def shown_name(value: object) -> str:
     """A sender's name as a header shows it: a valid name as it is, anything else as
-    JSON (quoted, its control characters escaped), so it can never break the line."""
+    JSON (jq's, as the shell mirror writes it) with every character a reader may take
+    for a line break escaped, so it can never break the line."""
     if isinstance(value, str) and is_valid_name(value):
         return value
     try:
-        return json.dumps(value)
+        text = dumps(value)
     except ValueError:  # an integer with more digits than Python prints
-        return json.dumps(f"a {type(value).__name__}")
+        text = dumps(f"a {type(value).__name__}")
+    return _RAW_BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def stamp(ts: float) -> str:

@@ -22,10 +22,11 @@ import re
 import shlex
 import socket
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from .fileio import atomic_file
 
 CHUNK = 1 << 20          # hashing reads 1 MiB at a time: memory stays flat for any size
 FIELDS = ("sha256", "path", "host", "bytes", "lines", "mtime")
@@ -136,20 +137,26 @@ def hash_file(path: str) -> tuple[str, int, int]:
     return digest.hexdigest(), size, newlines + (1 if size and last != b"\n" else 0)
 
 
+def absolute(path: str) -> str:
+    """`path` made absolute without resolving a link (as `realpath -m -s` does, so a
+    leading // is one /, as Linux reads it)."""
+    return "/" + os.path.abspath(path).lstrip("/")
+
+
 def describe(path: str, host: str | None = None) -> FileFacts:
     """Make the file private (0600), then fingerprint it."""
-    absolute = os.path.abspath(path)
-    if not os.path.isfile(absolute):
+    absolute_path = absolute(path)
+    if not os.path.isfile(absolute_path):
         raise HandoffError(f"{path}: not a regular file")
     try:
-        os.chmod(absolute, 0o600)
-        sha256, size, lines = hash_file(absolute)
-        mtime = os.stat(absolute).st_mtime
+        os.chmod(absolute_path, 0o600)
+        sha256, size, lines = hash_file(absolute_path)
+        mtime = os.stat(absolute_path).st_mtime
     except NotRegular:
         raise HandoffError(f"{path}: not a regular file") from None
     except OSError as exc:
         raise HandoffError(f"{path}: {exc.strerror}") from None
-    return FileFacts(sha256=sha256, path=absolute, host=host or socket.gethostname(),
+    return FileFacts(sha256=sha256, path=absolute_path, host=host or socket.gethostname(),
                      bytes=size, lines=lines, mtime=mtime)
 
 
@@ -374,24 +381,16 @@ def fetch(facts: FileFacts, folder: str) -> str:
 
 def _copy_checked(source: int, facts: FileFacts, folder: str, target: str) -> None:
     """Copy `facts.bytes` bytes of `source` to `target` if they hash to `facts.sha256`."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{facts.name}.", suffix=".fetching")
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
+        # replace=False: never replaces a file that appeared meanwhile.
+        with atomic_file(target, replace=False) as out:
             for chunk in read_chunks(source, facts.bytes):
                 digest.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if digest.hexdigest() != facts.sha256.lower():
-            raise HandoffError(f"{facts.path}: its sha256 is {digest.hexdigest()}, not the "
-                               f"{facts.sha256} handed off; the file changed, nothing was kept")
-        os.link(tmp, target)  # unlike a rename, never replaces a file that appeared meanwhile
-        os.unlink(tmp)
+            if digest.hexdigest() != facts.sha256.lower():
+                raise HandoffError(f"{facts.path}: its sha256 is {digest.hexdigest()}, not the "
+                                   f"{facts.sha256} handed off; the file changed, nothing was "
+                                   "kept")
     except FileExistsError:
-        os.unlink(tmp)
         raise HandoffError(f"{target} appeared meanwhile; nothing was overwritten") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -93,23 +93,21 @@ class Access:
                                              f"channels {', '.join(principal.channels)}")
 
     def check_send_as(self, principal: Principal, sender: str, channel: str) -> None:
-        if principal is OPEN:
-            return
-        self.require_token(principal)
-        if sender != principal.name:
-            raise BusError(errors.FORBIDDEN, f"this token belongs to {principal.name}; "
-                                             f"it cannot send as {sender}")
-        self.check_channel(principal, channel)
+        self._check_acting_as(principal, sender, channel, f"send as {sender}")
 
     def check_read_as(self, principal: Principal, agent: str, channel: str | None) -> None:
         """`agent`'s own token, on `channel` (None: the route checks the channel of
         whatever it finds, with Access.sees_channel)."""
+        self._check_acting_as(principal, agent, channel, f"read {agent}'s messages")
+
+    def _check_acting_as(self, principal: Principal, agent: str, channel: str | None,
+                         action: str) -> None:
         if principal is OPEN:
             return
         self.require_token(principal)
         if agent != principal.name:
             raise BusError(errors.FORBIDDEN, f"this token belongs to {principal.name}; "
-                                             f"it cannot read {agent}'s messages")
+                                             f"it cannot {action}")
         if channel is not None:
             self.check_channel(principal, channel)
 

@@ -14,9 +14,11 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable
 
-from .client import Backoff, BusClient, BusClientError, CursorFile
+from .client import BusClient
+from .jqtext import dumps, number
+from . import receive
+from .receive import Cursor, CursorFile, ErrorReport, follow
 
 SUMMARY_CHARS = 120
 
@@ -31,22 +33,13 @@ class ListenPaths:
     @classmethod
     def for_agent(cls, folder: str, name: str, channel: str, *, full: str | None = None,
                   summary: str | None = None, heartbeat: str | None = None) -> "ListenPaths":
-        # '@' and '%' never occur in names, so every (name, channel) has its own files.
-        stem = os.path.join(folder, f"{name}@{channel.replace('*', '%2A')}")
+        stem = receive.stem(folder, name, channel)
         return cls(full=full or stem + ".jsonl", summary=summary or stem + ".tsv",
                    heartbeat=heartbeat or stem + ".heartbeat", cursor=stem + ".cursor")
 
 
-def format_ts(ts: float) -> str:
-    """A ts as the cursor file and the summary log write it (Python's shortest repr)."""
-    return repr(float(ts))
-
-
 def full_line(message: dict) -> str:
-    # jq -c writes DEL as \u007f and json.dumps does not; match jq, so the shell
-    # mirror and this module write identical logs.
-    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
-    return text.replace("\x7f", "\\u007f") + "\n"
+    return dumps(message) + "\n"
 
 
 def summary_line(message: dict) -> str:
@@ -55,7 +48,7 @@ def summary_line(message: dict) -> str:
     (The 120 are counted after that, as `agent-bus inbox` counts its preview.)"""
     shown = str(message.get("msg", ""))
     shown = shown.replace("\n", " | ").replace("\r", " ").replace("\t", " ")[:SUMMARY_CHARS]
-    return f"{format_ts(message.get('ts', 0))}\t{message.get('from')}\t{shown}\n"
+    return f"{number(message.get('ts', 0))}\t{message.get('from')}\t{shown}\n"
 
 
 class ListenLog:
@@ -91,52 +84,22 @@ class ListenLog:
         os.utime(self.paths.heartbeat, None)
 
 
-def poll_once(client: BusClient, log: ListenLog, name: str, channel: str,
-              since: float) -> float:
-    """One long-poll: log what is new, move the cursor, beat. Returns the new cursor."""
-    data = client.recv(name, since=since, block=True, channel=channel)
-    fresh = [m for m in data.get("messages") or [] if float(m.get("ts", 0)) > since]
-    log.append(fresh)
-    now = data.get("now")
-    candidates = [since] + [float(m["ts"]) for m in fresh]
-    if isinstance(now, (int, float)):
-        candidates.append(float(now))
-    cursor = max(candidates)
-    if cursor != since:
-        log.cursor.save(cursor)
-    log.beat()
-    return cursor
-
-
 def run(client: BusClient, log: ListenLog, name: str, *, channel: str = "default",
         since: float | None = None, once: bool = False,
-        stop: threading.Event | None = None,
-        on_error: Callable[[BusClientError, float], None] | None = None,
-        backoff: Backoff | None = None) -> None:
-    """Log every message for `name` until `stop` (or after one poll, with `once`).
-
-    Transient errors are retried with capped backoff, keeping the cursor; a refusal
-    (4xx other than 429) is raised, and with `once` so is every error.
-    """
-    stop = stop or threading.Event()
-    backoff = backoff or Backoff()
+        stop: threading.Event | None = None, on_error: ErrorReport | None = None) -> None:
+    """Log every message for `name` until `stop` (or after one poll, with `once`): append
+    the batch, move the cursor, beat. Errors are retried as receive.follow says."""
     log.prepare()
-    if since is None:
-        since = log.resume_point()
-    while not stop.is_set():
-        try:
-            since = poll_once(client, log, name, channel, since)
-        except BusClientError as exc:
-            if once or not exc.transient:
-                raise
-            delay = backoff.delay(exc.retry_after)
-            if on_error is not None:
-                on_error(exc, delay)
-            stop.wait(delay)
-            continue
-        backoff.reset()
-        if once:
-            return
+    cursor = Cursor(log.resume_point() if since is None else since)
+
+    def poll() -> dict:
+        return client.recv(name, since=cursor.since, block=True, channel=channel)
+
+    for batch in follow(poll, stop or threading.Event(), on_error=on_error, once=once):
+        log.append(cursor.fresh(batch))
+        if cursor.advance(batch):
+            log.cursor.save(cursor.since)
+        log.beat()
 
 
 def _end_with_newline(path: str) -> None:

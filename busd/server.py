@@ -8,7 +8,6 @@ import math
 import resource
 import signal
 import ssl
-import sys
 import time
 from urllib.parse import urlsplit
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from .api.common import (BUS, ERROR_CODE, PRINCIPAL, Bus, BusSettings, error_rep
 from .errors import BusError
 from .identity import Access
 from .ratelimit import RateLimiter
-from .store import Store, StoreError, shown_database
+from .store import Store
 from .store_factory import open_store
 
 log = logging.getLogger("busd.server")
@@ -343,7 +342,7 @@ def _bound_address(runner: web.AppRunner, config: ServerConfig, tls: bool) -> st
     return f"{scheme}://{config.host}:{config.port}"
 
 
-class _ClientFaultFilter(logging.Filter):
+class ClientFaultFilter(logging.Filter):
     """Drop aiohttp's tracebacks for requests that were not HTTP: they are answered
     with a 400 and are the client's fault, not ours; anything else still logs."""
 
@@ -364,28 +363,9 @@ def _raise_open_file_limit() -> None:
 
 
 def run(config: ServerConfig, on_ready: Callable[[str], None] | None = None,
-        on_stopping: Callable[[], None] | None = None) -> int:
-    """Serve until SIGTERM or SIGINT; the exit code. `on_ready(address)` is called once
-    the socket is bound (the CLI tells systemd), `on_stopping()` when a stop begins."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="agent-bus: %(message)s")
+        on_stopping: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT. `on_ready(address)` is called once the socket is
+    bound, `on_stopping()` when a stop begins. Raises ConfigError or StoreError for a
+    configuration that cannot serve, OSError when the address cannot be bound."""
     _raise_open_file_limit()
-    logging.getLogger("aiohttp.server").addFilter(_ClientFaultFilter())
-
-    def listening(address: str) -> None:
-        # Tests and scripts read this line to learn the port (with --port 0).
-        print(f"agent-bus: listening on {address} (db {shown_database(config.db)})",
-              file=sys.stderr, flush=True)
-        if on_ready is not None:
-            on_ready(address)
-
-    try:
-        asyncio.run(serve(config, listening, on_stopping))
-    except (ConfigError, StoreError) as exc:
-        print(f"agent-bus serve: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"agent-bus serve: cannot listen on {config.host}:{config.port}: {exc.strerror}",
-              file=sys.stderr)
-        return 2
-    return 0
+    asyncio.run(serve(config, on_ready, on_stopping))

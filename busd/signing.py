@@ -33,11 +33,12 @@ import binascii
 import hashlib
 import math
 import os
-import tempfile
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .fileio import write_atomically
 
 NATIVE_TAG = "agent-bus:send:v2"
 REGISTER_TAG = "agent-bus:register:v2"
@@ -105,25 +106,9 @@ def write_keypair(prefix: str) -> tuple[str, str]:
     for path in (key_path, pub_path):
         if os.path.exists(path):
             raise SigningError(f"{path} already exists; move it away or choose another --out")
-    _write_atomically(key_path, private, 0o600)
-    _write_atomically(pub_path, public, 0o644)
+    write_atomically(key_path, private.encode("ascii"), 0o600)
+    write_atomically(pub_path, public.encode("ascii"), 0o644)
     return key_path, pub_path
-
-
-def _write_atomically(path: str, text: str, mode: int) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".key.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def sign(key: Ed25519PrivateKey, payload: bytes) -> str:

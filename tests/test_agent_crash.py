@@ -6,7 +6,8 @@ import random
 import threading
 import time
 
-from busd.client import BusClient, monitor_block
+from busd.client import BusClient
+from busd.framing import monitor_block
 from harness.agents import (AgentProcess, count_blocks, drop_atomically, drop_in_place,
                                  files_under, inbox_files, inbox_messages)
 from harness.bus import BusServer, wait_until

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from busd.agent.spool import claimed_name, idempotency_key, new_token
-from busd.client import monitor_block
+from busd.framing import monitor_block
 from harness.agents import (AgentProcess, drop_atomically, drop_in_place, files_under,
                                  inbox_files, inbox_messages)
 from harness.bus import BusServer, agent_bus_cmd, repo_env, wait_until

@@ -14,7 +14,7 @@ from busd.agent.inbox import (InboxWriter, format_inbox_file, header_value, load
                               parse_inbox_file, read_header_value)
 from busd.agent.spool import (BadDrop, Drop, SpoolLayout, is_being_written, is_ignored,
                               outbox_place, parse_drop)
-from busd.client import monitor_block
+from busd.framing import monitor_block
 from harness.agents import AgentProcess, files_under, inbox_messages
 from harness.bus import agent_bus_cmd, repo_env, wait_until
 
@@ -153,8 +153,8 @@ def layout(tmp_path) -> SpoolLayout:
 
 def test_writer_files_each_message_once_and_logs_it_once(layout):
     writer = fresh_writer(layout)
-    writer.write_batch([message(1), message(2)], now=None)
-    writer.write_batch([message(2), message(3)], now=None)   # 2 again: below the cursor
+    writer.write_batch({"messages": [message(1), message(2)]})
+    writer.write_batch({"messages": [message(2), message(3)]})   # 2 again: below the cursor
     writer.close()
     assert [int(h["id"]) for h, _ in inbox_messages(layout)] == [1, 2, 3]
     assert log_text(layout) == expected_log(1, 2, 3)
@@ -166,11 +166,11 @@ def test_writer_files_each_message_once_and_logs_it_once(layout):
 def crashed_after_first_batch(layout: SpoolLayout) -> tuple[bytes, int]:
     """Messages 1 and 2 filed and the cursor saved, then a batch of 3 and 4 fully done."""
     writer = fresh_writer(layout)
-    writer.write_batch([message(1), message(2)], now=None)
+    writer.write_batch({"messages": [message(1), message(2)]})
     with open(layout.cursor, "rb") as handle:
         saved_cursor = handle.read()
     size = os.path.getsize(layout.inbox_log)
-    writer.write_batch([message(3), message(4)], now=None)
+    writer.write_batch({"messages": [message(3), message(4)]})
     writer.close()
     return saved_cursor, size
 
@@ -179,7 +179,7 @@ def restart_with(layout: SpoolLayout, cursor: bytes) -> None:
     with open(layout.cursor, "wb") as handle:
         handle.write(cursor)
     writer = fresh_writer(layout)
-    writer.write_batch([message(3), message(4), message(5)], now=None)
+    writer.write_batch({"messages": [message(3), message(4), message(5)]})
     writer.close()
 
 
@@ -221,16 +221,16 @@ def test_crash_between_two_files_files_the_second_once(layout):
 
 def test_a_rotated_log_is_reopened_and_no_old_block_is_repeated(layout):
     writer = fresh_writer(layout)
-    writer.write_batch([message(1)], now=None)
+    writer.write_batch({"messages": [message(1)]})
     os.rename(layout.inbox_log, layout.inbox_log + ".1")
-    writer.write_batch([message(2)], now=None)
+    writer.write_batch({"messages": [message(2)]})
     writer.close()
     assert log_text(layout) == expected_log(2)
     cursor_without_log = json.dumps({"since": 0, "channel": "default", "inbox_log_bytes": 10**6})
     with open(layout.cursor, "w") as handle:
         handle.write(cursor_without_log)
     writer = fresh_writer(layout)  # refetching everything files and logs nothing twice
-    writer.write_batch([message(1), message(2), message(3)], now=None)
+    writer.write_batch({"messages": [message(1), message(2), message(3)]})
     writer.close()
     assert log_text(layout) == expected_log(2, 3)
 
@@ -247,12 +247,12 @@ def test_check_entries_in_the_crashed_run_s_log_are_kept_and_nothing_is_written_
     roots = (str(tmp_path),)
     writer = InboxWriter(layout, "default", roots=roots)
     writer.open()
-    writer.write_batch([message(1), handoff_message(2, str(tmp_path / "hits.csv"))], now=None)
+    writer.write_batch({"messages": [message(1), handoff_message(2, str(tmp_path / "hits.csv"))]})
     [marker] = os.listdir(layout.checking)
     with open(layout.cursor, "rb") as handle:
         saved_cursor = handle.read()
     assert writer.record_check(marker, handoff.Check(handoff.MISMATCH, "its sha256 differs")) == 2
-    writer.write_batch([message(3), message(4)], now=None)
+    writer.write_batch({"messages": [message(3), message(4)]})
     writer.close()
     before = log_text(layout)
     assert os.listdir(layout.checking) == []
@@ -263,7 +263,7 @@ def test_check_entries_in_the_crashed_run_s_log_are_kept_and_nothing_is_written_
         handle.write(saved_cursor)
     writer = InboxWriter(layout, "default", roots=roots)
     writer.open()
-    writer.write_batch([message(3), message(4), message(5)], now=None)
+    writer.write_batch({"messages": [message(3), message(4), message(5)]})
     writer.close()
     after = log_text(layout)
     assert after == before + monitor_block(message(5))
@@ -324,7 +324,7 @@ def test_drop_command_drops_atomically_and_the_daemon_sends_it_byte_exact(server
         only_body = run_cli("inbox", dell, "--read", number, "--body", **env)
         assert only_body.stdout == body
         missing = run_cli("inbox", dell, "--read", "999999", **env)
-        assert missing.returncode == 1 and b"no message with id 999999" in missing.stderr
+        assert missing.returncode == 1 and b"no message 999999 in " in missing.stderr
         assert sender.stop() == 0 and receiver.stop() == 0
     assert files_under(layout.outbox) == [] and len(files_under(layout.sent)) == 1
 
@@ -344,13 +344,13 @@ def test_drop_with_channel_goes_to_that_channel(server, names, tmp_path):
 
 def test_a_torn_cursor_file_means_starting_over_without_filing_twice(layout):
     writer = fresh_writer(layout)
-    writer.write_batch([message(1), message(2)], now=None)
+    writer.write_batch({"messages": [message(1), message(2)]})
     writer.close()
     with open(layout.cursor, "wb") as handle:
         handle.write(b'{"since": 17')
     writer = fresh_writer(layout)
     assert writer.since == 0.0
-    writer.write_batch([message(1), message(2), message(3)], now=None)
+    writer.write_batch({"messages": [message(1), message(2), message(3)]})
     writer.close()
     assert len(inbox_messages(layout)) == 3
     assert log_text(layout) == expected_log(1, 2, 3)

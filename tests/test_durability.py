@@ -10,7 +10,8 @@ import time
 
 import requests
 
-from busd.client import BusClient, CursorFile, listen
+from busd.client import BusClient
+from busd.receive import CursorFile, listen
 from harness.bus import BusServer, SendBurst, agent_bus_cmd, repo_env, wait_until
 
 

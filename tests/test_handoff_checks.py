@@ -5,7 +5,8 @@ import logging
 import threading
 
 from busd.agent.checks import CheckReporter
-from busd.client import Backoff, BusClient
+from busd.client import BusClient
+from busd.receive import Backoff
 from harness.bus import BusServer
 from tests.test_security import bearer, make_token
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from busd.client import monitor_block
+from busd import jqtext
+from busd.framing import monitor_block
 from busd.cli.directory import agents_table
 from busd.listener import summary_line
 from harness.bus import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
@@ -122,15 +123,15 @@ def count_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def python_dumps_format(text: bytes) -> bool:
-    """Whether a line is exactly what Python's json.dumps writes for its value."""
-    return text == (json.dumps(json.loads(text)) + "\n").encode()
+def jq_compact_format(text: bytes) -> bool:
+    """Whether a line is exactly what `jq -c .` (and agent-bus, busd/jqtext.py) writes."""
+    return text == (jqtext.dumps(json.loads(text)) + "\n").encode()
 
 
 def assert_canonical_cursor(path: Path) -> float:
     text = path.read_text()
     value = float(text)
-    assert text == repr(value) + "\n", f"{path}: {text!r} is not how agent-bus writes {value!r}"
+    assert text == jqtext.number(value) + "\n", f"{path}: {text!r} is not how agent-bus writes {value!r}"
     return value
 
 
@@ -142,7 +143,7 @@ def test_send_delivers_every_body_byte_for_byte(server, names, tmp_path):
     env = env_for(server.url, tmp_path, AGENT_NAME=a)
     for body in BODIES:
         ack = ok(run_script("bus-send", b, env=env, stdin=body.encode()))
-        assert python_dumps_format(ack), ack
+        assert jq_compact_format(ack), ack
         assert json.loads(ack)["ok"] is True
     got = server.get(f"/recv?to={b}&max=1000").json()["messages"]
     assert [m["msg"] for m in got] == BODIES
@@ -249,28 +250,30 @@ def test_a_cursor_written_by_either_tool_is_used_by_the_other(server, names, tmp
         _assert_failure(broken, 2, "not a cursor")
 
 
-def test_float_formatting_round_trips_exactly_like_python(tmp_path):
-    """Timestamps pass through jq as the cursor and as `since`: they must come out as
-    Python's repr writes them, so both tools write identical cursor files."""
+def test_numbers_and_json_print_as_jq_writes_them(tmp_path):
+    """Timestamps pass through jq as the cursor and as `since`, acknowledgements and
+    health replies are printed by jq: agent-bus writes them as jq does (busd/jqtext.py),
+    so both tools write identical cursor files and output."""
     rng = random.Random(4)
     now = time.time()
     values = [now + i * 1e-6 for i in range(200)]
     values += [rng.uniform(1.5e9, 2.5e9) for _ in range(2000)]
     values += [round(rng.uniform(1.5e9, 2.5e9), digits) for digits in range(0, 8) for _ in range(50)]
-    values += [0.0, 1.0, 0.1, 1795292651.0, 1795292651.5642948, 123456789.123456789, 0.001]
+    values += [0.0, 1.0, 0.1, 1795292651.0, 1795292651.5642948, 123456789.123456789, 0.001,
+               1e-5, 1.5e-7, 1e16, 1e22, -0.0, 5e-324, 1.7976931348623157e308]
     numbers = "".join(json.dumps(v) + "\n" for v in values).encode()
-    script = f'. "{LIB}" && jq -r "$BUS_JQ py_float"'
-    formatted = subprocess.run(["bash", "-c", script], input=numbers, capture_output=True,
+    formatted = subprocess.run(["jq", "."], input=numbers, capture_output=True,
                                check=True).stdout.decode().splitlines()
-    assert formatted == [repr(v) for v in values]
-    # And json.dumps for the acknowledgements and health replies.
+    assert formatted == [jqtext.number(v) for v in values]
     objects = [{"ok": True, "ts": 1795292651.0, "channel": "default", "id": 7},
                {"ok": True, "now": 1795292651.5642948},
-               {"s": "é 😀 \x7f \x01 \n \"q\" \\ / \u2028", "l": [1, "a", None, False], "o": {}}]
-    lines = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects).encode()
-    dumped = subprocess.run(["bash", "-c", f'. "{LIB}" && jq -r "$BUS_JQ py_json"'], input=lines,
-                            capture_output=True, check=True).stdout.decode().splitlines()
-    assert dumped == [json.dumps(o) for o in objects]
+               {"s": "é 😀 \x7f \x01 \n \"q\" \\ / \u2028", "l": [1, "a", None, False, 2.0], "o": {},
+                "nested": [{"a": []}, {}]}]
+    lines = "".join(json.dumps(o) + "\n" for o in objects).encode()
+    for flag, pretty in (("-c", False), (".", True)):
+        dumped = subprocess.run(["jq", flag, "."] if flag == "-c" else ["jq", "."], input=lines,
+                                capture_output=True, check=True).stdout.decode()
+        assert dumped == "".join(jqtext.dumps(o, pretty) + "\n" for o in objects)
 
 
 # -- listen -------------------------------------------------------------------
@@ -402,12 +405,35 @@ def test_agents_and_health_print_what_python_prints(tmp_path):
         ]
 
         health = ok(run_script("bus-health", env=env))
-        assert re.fullmatch(rb'\{"ok": true, "now": \d+\.\d+\}\n', health)
-        assert python_dumps_format(health)
-        assert re.fullmatch(rb'\{"ok": true, "now": \d+\.\d+\}\n', ok(run_cli("health", env=env)))
+        assert re.fullmatch(rb'\{"ok":true,"now":\d+\.\d+\}\n', health)
+        assert jq_compact_format(health)
+        assert re.fullmatch(rb'\{"ok":true,"now":\d+\.\d+\}\n', ok(run_cli("health", env=env)))
         bus.stop()
         for args in (("health",), ("agents",)):
             shell, python = run_script(f"bus-{args[0]}", env=env), run_cli(*args, env=env)
+            assert shell.returncode == python.returncode == 3
+            assert b"cannot reach the bus" in shell.stderr and shell.stderr.count(b"\n") == 1
+
+
+def test_channels_and_agent_card_print_what_python_prints(tmp_path):
+    card = ("--card-name", "bus é", "--card-description", "a bus for ✓ agents \x7f")
+    with BusServer(tmp_path / "discovery.db", "--hold", "2", *card) as bus:
+        env = env_for(bus.url, tmp_path)
+        assert ok(run_script("bus-channels", env=env)) == ok(run_cli("channels", env=env)) \
+            == b"[]\n"
+        for channel, content in (("ops", "one"), ("ops", "two"), ("builds", "three")):
+            bus.post("/send", json={"channel": channel, "sender": "herald", "content": content})
+        for command in ("channels", "agent-card"):
+            shell = ok(run_script(f"bus-{command}", env=env))
+            assert shell == ok(run_cli(command, env=env)), command
+            assert shell == (jqtext.dumps(json.loads(shell), pretty=True) + "\n").encode()
+        channels = json.loads(ok(run_script("bus-channels", env=env)))
+        assert [(c["channel"], c["count"]) for c in channels] == [("builds", 1), ("ops", 2)]
+        card = ok(run_script("bus-agent-card", env=env)).decode()
+        assert '"name": "bus é"' in card and "\\u007f" in card   # as jq writes them
+        bus.stop()
+        for command in ("channels", "agent-card"):
+            shell, python = run_script(f"bus-{command}", env=env), run_cli(command, env=env)
             assert shell.returncode == python.returncode == 3
             assert b"cannot reach the bus" in shell.stderr and shell.stderr.count(b"\n") == 1
 
@@ -507,7 +533,7 @@ def test_followers_retry_a_failing_bus_with_capped_backoff(script, tmp_path):
             assert follower.proc.poll() is None
     lines = follower.stderr().splitlines()
     assert lines[:4] == [f"{script}: the bus answered 503: the bus is restarting; "
-                         f"retrying in {delay}s" for delay in ("0.5", "1", "2", "4")]
+                         f"retrying in {ms} ms" for ms in (500, 1000, 2000, 4000)]
 
 
 def test_recv_and_listen_lose_and_repeat_nothing_across_server_restarts(tmp_path):
@@ -560,7 +586,7 @@ def test_scripts_stop_promptly_and_clean_up_on_sigterm(server, names, tmp_path, 
         wait_until(lambda: (tmp_path / "listen" / f"{b}@default.heartbeat").exists(), timeout=10,
                    what="the Python listener's first poll")
         assert python.stop() == 0
-    leftovers = [p for p in tmp_path.rglob(".cursor.*")]
+    leftovers = [p for p in tmp_path.rglob(".*.tmp")]
     assert leftovers == []
 
 
@@ -577,7 +603,7 @@ def test_no_temp_file_is_left_on_success_or_failure(server, names, tmp_path, scr
     run_script("bus-send", b, env=good, stdin=b"\xff")
     run_script("bus-recv", b, "--since", "nope", env=good)
     assert list(script_tmpdir.iterdir()) == []
-    assert [p for p in tmp_path.rglob(".cursor.*")] == []
+    assert [p for p in tmp_path.rglob(".*.tmp")] == []
 
 
 # -- the scripts themselves ---------------------------------------------------
@@ -589,7 +615,7 @@ def test_every_script_has_help_and_is_in_the_readme_mirror_table():
     for script in SCRIPTS:
         result = subprocess.run([str(script), "-h"], capture_output=True, timeout=10)
         assert result.returncode == 0 and result.stdout.startswith(f"usage: {script.name}".encode())
-        assert re.search(rf"\| `agent-bus \w+`[^\n]*\| `{script.name}` \|", readme), \
+        assert re.search(rf"\| `agent-bus [\w-]+`[^\n]*\| `{script.name}` \|", readme), \
             f"{script.name} is not in the README's shell mirrors table"
 
 
@@ -601,7 +627,7 @@ def test_scripts_run_through_symlinks(server, tmp_path):
     env = env_for(server.url, tmp_path)
     for name in ("bus-health", "hop"):
         result = subprocess.run([str(links / name)], capture_output=True, env=env, timeout=20)
-        assert result.returncode == 0 and result.stdout.startswith(b'{"ok": true'), result.stderr
+        assert result.returncode == 0 and result.stdout.startswith(b'{"ok":true'), result.stderr
 
 
 def test_shellcheck_is_clean_on_bin_and_install_sh():
@@ -660,7 +686,7 @@ def test_a_bearer_token_and_user_agent_are_sent(tmp_path):
 
         proxy.httpd.RequestHandlerClass.do_GET = record
         env = env_for(proxy.url, tmp_path, AGENT_BUS_TOKEN="s3cret", AGENT_BUS_UA="probe/1")
-        assert ok(run_script("bus-health", env=env)) == b'{"ok": true, "now": 1.5}\n'
+        assert ok(run_script("bus-health", env=env)) == b'{"ok":true,"now":1.5}\n'
     assert seen[-1]["Authorization"] == "Bearer s3cret"
     assert seen[-1]["User-Agent"] == "probe/1"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from busd import signing
+from busd import handoff, signing
 from busd.agent.inbox import format_inbox_file
 from busd.agent.spool import SpoolLayout
 from busd.secretguard import bip39_words, find_secret
@@ -28,10 +28,11 @@ from harness.bus import REPO, agent_bus_cmd
 from tests.test_secretguard import LOOK_ALIKES, SECRETS
 from tests.test_security import secure  # noqa: F401  (the secure-mode bus fixture)
 from tests.test_shell import (BIN, LIB, BrokenProxy, _assert_failure, env_for, ok,  # noqa: F401
-                              python_dumps_format, run_cli, run_script, script_tmpdir)
+                              jq_compact_format, run_cli, run_script, script_tmpdir)
 from tests.test_systemd import install, make_venv
 
 WORDS = REPO / "busd" / "data" / "bip39-english.txt"
+SHAPES = REPO / "busd" / "data" / "secret-shapes.json"
 SQLITE_ONLY = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 
 
@@ -83,8 +84,8 @@ def test_handoff_sends_the_same_message_as_python(server, names, tmp_path):
     spark, dell = names("spark", "dell")
     files = make_files(tmp_path / "files")
     env = env_for(server.url, tmp_path, AGENT_NAME=spark)
-    # Relative paths with . and .., a leading // (os.path.abspath keeps it), a name that
-    # starts with a dash after `--`.
+    # Relative paths with . and .., a leading // (made one /), a name that starts with a
+    # dash after `--`.
     args = ["--to", dell, "--note", "T1 done: 4/4 verified", "--channel", "ops",
             "../files/./hits.csv", f"/{files[1]}", "--", files[2].name,
             *[str(p) for p in files[3:]]]
@@ -93,12 +94,12 @@ def test_handoff_sends_the_same_message_as_python(server, names, tmp_path):
     python = subprocess.run(agent_bus_cmd("handoff", *args), cwd=files[0].parent, env=env,
                             capture_output=True, timeout=60)
     assert shell.returncode == python.returncode == 0, (shell.stderr, python.stderr)
-    assert python_dumps_format(shell.stdout) and shell.stderr == b""
+    assert jq_compact_format(shell.stdout) and shell.stderr == b""
     by_shell, by_python = last_messages(server, dell, 2, "ops")
     assert by_shell["msg"] == by_python["msg"]
     assert list(by_shell["meta"].items()) == list(by_python["meta"].items())  # order too
     meta = by_shell["meta"]
-    assert (meta["kind"], meta["files"], meta["path.2"]) == ("handoff", len(files), f"/{files[1]}")
+    assert (meta["kind"], meta["files"], meta["path.2"]) == ("handoff", len(files), str(files[1]))
     host = socket.gethostname()
     for index, path in enumerate(files, start=1):
         suffix = "" if index == 1 else f".{index}"
@@ -114,15 +115,16 @@ def test_handoff_sends_the_same_message_as_python(server, names, tmp_path):
     assert by_shell["msg"].endswith("\nT1 done: 4/4 verified")
 
 
-def test_abspath_is_python_os_path_abspath(tmp_path):
+def test_handoff_paths_are_made_absolute_alike(tmp_path):
+    """bus-handoff's absolute path (realpath -m -s) is busd/handoff.py absolute()'s."""
     real = tmp_path / "real"
     (real / "sub").mkdir(parents=True)
     (tmp_path / "link").symlink_to(real)
     paths = ["a", "./a", "a/", "a//b", "a/./b/../c", "../x", "../../../../../..", ".", "..",
              "/", "//", "///", "//a//b/", "///a/../b", "/a/b/../../..", "-n", "a b/ c",
              "new\nline", "trailing newline\n", "é/日本", "..a/.b/...", "a/../../b"]
-    # In a folder reached through a link: os.getcwd() gives the physical path.
-    script = f'. "{LIB}"; while IFS= read -r -d "" p; do bus_abspath "$p"; printf "\\0"; done'
+    # In a folder reached through a link: both take the physical working folder.
+    script = f'. "{LIB}"; while IFS= read -r -d "" p; do bus_absolute "$p"; printf "\\0"; done'
     for cwd in (real / "sub", tmp_path / "link" / "sub"):
         result = subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, check=True,
                                 input="".join(p + "\0" for p in paths).encode())
@@ -130,7 +132,7 @@ def test_abspath_is_python_os_path_abspath(tmp_path):
         here = os.getcwd()
         try:
             os.chdir(cwd)
-            expected = [os.path.abspath(p) for p in paths]
+            expected = [handoff.absolute(p) for p in paths]
         finally:
             os.chdir(here)
         assert shell == expected
@@ -302,8 +304,9 @@ def test_bus_send_refuses_the_corpus_as_agent_bus_send_does(server, names, tmp_p
 
 def guard(texts: list[str]) -> list[str | None]:
     """find_secret of each text by the shell library's jq definitions, in one jq run."""
-    script = (f'. "{LIB}" && jq -nc --rawfile words "{WORDS}" '
-              '"$BUS_GUARD_JQ (\\$words | bip39_set) as \\$set | inputs | find_secret(\\$set)"')
+    script = (f'. "{LIB}" && jq -nc --rawfile words "{WORDS}" --slurpfile shapes "{SHAPES}" '
+              '"$BUS_GUARD_JQ (\\$words | bip39_set) as \\$set | inputs '
+              '| find_secret(\\$shapes[0]; \\$set)"')
     result = subprocess.run(["bash", "-c", script], capture_output=True, check=True,
                             input="".join(json.dumps(t) + "\n" for t in texts).encode())
     return [json.loads(line) for line in result.stdout.splitlines()]
@@ -363,23 +366,26 @@ def test_the_shell_guard_names_what_python_names():
     assert guard(odd) == ["a password or secret in an assignment", "an unlabelled 64-hex-digit key"]
 
 
-def test_the_word_list_is_installed_beside_the_library_and_needed(tmp_path, script_tmpdir):
-    assert not (BIN / "lib" / "bip39-english.txt").exists(), "one copy, in busd/data/"
+def test_the_guard_data_is_installed_beside_the_library_and_needed(tmp_path, script_tmpdir):
+    """One copy of the shapes and the word list, in busd/data/, read by Python and shell."""
+    for data in (WORDS, SHAPES):
+        assert not (BIN / "lib" / data.name).exists(), "one copy, in busd/data/"
     home = tmp_path / "home"
     install(home, make_venv(tmp_path))
     installed = home / ".local" / "share" / "agent-bus" / "bin"
-    assert (installed / "lib" / "bip39-english.txt").read_bytes() == WORDS.read_bytes()
+    for data in (WORDS, SHAPES):
+        assert (installed / "lib" / data.name).read_bytes() == data.read_bytes()
     seed = " ".join(sorted(bip39_words())[i * 97 % 2048] for i in range(12))
     env = env_for("http://127.0.0.1:9", tmp_path, AGENT_NAME="spark")
     refused = subprocess.run([str(home / ".local" / "bin" / "bus-send"), "dell"], env=env,
                              input=seed.encode(), capture_output=True, timeout=30)
     _assert_failure(refused, 1, "looks like it holds a seed phrase")
-    # bin/ copied without the list: the guard cannot run, and says what to do.
+    # bin/ copied without the data: the guard cannot run, and says what to do.
     bare = tmp_path / "bare"
     shutil.copytree(BIN, bare)
     lost = subprocess.run([str(bare / "bus-send"), "dell"], env=env, input=b"hello",
                           capture_output=True, timeout=30)
-    _assert_failure(lost, 2, "the secret guard's word list is missing: copy busd/data/bip39-english.txt")
+    _assert_failure(lost, 2, "the secret guard's data is missing: copy busd/data/secret-shapes.json")
 
 
 # -- signing ----------------------------------------------------------------------------

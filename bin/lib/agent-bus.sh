@@ -1,9 +1,12 @@
-# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
-# bin/lib/agent-bus.sh: what every bin/bus-* script shares. Sourced, never run.
-#
-# The scripts mirror the `agent-bus` commands with nothing but bash, curl (7.55 or
-# newer) and jq (1.6 or newer): same environment, same output bytes, same exit codes.
-# GNU coreutils (sha256sum, stat) hash handoffs; openssl (1.1.1 or newer) signs sends.
+# shellcheck shell=bash disable=SC2034,SC2154  # variables set for, and by, bus_args
+# bin/lib/agent-bus.sh: the bus-* commands, in bash with curl (7.55 or newer) and jq (1.6
+# or newer). Each bin/bus-X is an entry point that sources this file and runs
+# `bus_main X "$@"`, which calls cmd_X: the same environment, output bytes and exit codes
+# as `agent-bus X`. GNU coreutils (sha256sum, stat, realpath) hash handoffs; openssl
+# (1.1.1 or newer) signs sends. The Python CLI prints what jq writes naturally
+# (busd/jqtext.py), so nothing here imitates Python.
+set -euo pipefail
+umask 077
 
 readonly EXIT_OK=0
 readonly EXIT_REFUSED=1        # the bus refused the request (a 4xx other than 429)
@@ -11,6 +14,7 @@ readonly EXIT_USAGE=2          # wrong arguments or configuration
 readonly EXIT_UNREACHABLE=3    # the bus could not be reached, or failed (network, 5xx, 429)
 
 bus_prog=${0##*/}
+bus_lib_dir=${BASH_SOURCE[0]%/*}
 
 die() {  # die CODE MESSAGE...: one line on stderr, then exit CODE
   local code=$1
@@ -33,6 +37,7 @@ bus_ua=${AGENT_BUS_UA:-Mozilla/5.0}
 bus_ca=${AGENT_BUS_CA:-}
 bus_key=${AGENT_BUS_KEY:-}
 bus_state_home=${XDG_STATE_HOME:-$HOME/.local/state}
+bus_spool_root=${AGENT_BUS_SPOOL:-$bus_state_home/agent-bus}
 bus_cursor_dir=${AGENT_BUS_STATE_DIR:-$bus_state_home/agent-bus/cursors}
 bus_listen_dir=${AGENT_BUS_LISTEN_DIR:-$bus_state_home/agent-bus/listen}
 case "${AGENT_BUS_NO_CURSOR:-}" in
@@ -40,43 +45,25 @@ case "${AGENT_BUS_NO_CURSOR:-}" in
   *) bus_no_cursor=1 ;;
 esac
 
-# jq definitions every script prepends to its filter.
-#   py_float     a number as Python's repr(float) writes it: jq already writes the
-#                shortest round-trip digits, Python adds ".0" to whole numbers. Both
-#                agree in the range timestamps live in, so cursor files written by
-#                either tool are identical (tests/test_shell.py checks the round trip).
-#   py_json      json.dumps(value) with Python's defaults: ", " and ": " separators,
-#                non-ASCII as \u escapes. Numbers under the keys "ts" and "now" are
-#                floats on the wire and keep their ".0"; others are written as jq does.
-#   monitor_block, summary_line, agents_table: the formats of busd/framing.py,
-#                busd/listener.py and busd/cli/directory.py.
-#   frame_escape busd/framing.py's escape rule, byte for byte: a body segment (the
-#                body's start, and after each control character but tab, U+2028 and
-#                U+2029) that begins with backslashes, blanks, then ---, [, handoff:
-#                or note: gets one backslash more. Written without a global regex
-#                (jq 1.6 takes quadratic time for those): one pass over the codepoints.
+# jq definitions the commands prepend to their filters: the formats of busd/framing.py
+# (monitor_block, and frame_escape, its escape rule, byte for byte), busd/listener.py
+# (summary_line), busd/receive.py (next_since, the cursor rule) and busd/cli/ (the
+# agents table, the status lines).
+#   json_shown   a value on one line as framing.shown_name shows a name that is not one:
+#                JSON, with the characters jq leaves raw but a reader may take for a line
+#                break (U+0080-U+009F, U+2028, U+2029) escaped too.
+#   frame_escape a body segment (the body's start, and after each control character but
+#                tab, U+2028 and U+2029) that begins with backslashes, blanks, then ---,
+#                [, handoff: or note: gets one backslash more. Written without a global
+#                regex (jq 1.6 takes quadratic time for those): one pass over the codepoints.
 # shellcheck disable=SC2016  # jq's $variables, not the shell's
 BUS_JQ='
-def py_float: tostring | if (index(".") or index("e") or index("n")) then . else . + ".0" end;
 def hex4: [(. / 4096 | floor) % 16, (. / 256 | floor) % 16, (. / 16 | floor) % 16, . % 16]
   | map("0123456789abcdef"[.:. + 1]) | add;
-def py_ascii: [explode[] | if . < 128 then [.] | implode
-    elif . < 65536 then "\\u" + hex4
-    else (. - 65536) as $c
-      | "\\u" + (55296 + ($c / 1024 | floor) | hex4) + "\\u" + (56320 + $c % 1024 | hex4)
-    end] | add // "";
-def py_json:
-  def w($key):
-    if type == "object" then
-      "{" + ([to_entries[] | (.key | tojson | py_ascii) + ": " + (.key as $k | .value | w($k))]
-             | join(", ")) + "}"
-    elif type == "array" then "[" + (map(w(null)) | join(", ")) + "]"
-    elif type == "number" and ($key == "ts" or $key == "now") then py_float
-    elif type == "string" then tojson | py_ascii
-    else tojson end;
-  w(null);
+def json_shown: tojson | [explode[] | if (. >= 128 and . <= 159) or . == 8232 or . == 8233
+  then "\\u" + hex4 else [.] | implode end] | add // "";
 def one_line($sep): split("\n") | join($sep) | split("\r") | join(" ") | split("\t") | join(" ");
-def shown_name: if type == "string" and test("^[A-Za-z0-9._-]{1,64}$") and test("[^.]") then . else py_json end;
+def shown_name: if type == "string" and test("^[A-Za-z0-9._-]{1,64}$") and test("[^.]") then . else json_shown end;
 def frame_form: "(\\A|[\u0000-\b\n-\u001f\u007f-\u009f\u2028\u2029])\\\\*[ \t]*(---|\\[|[Hh][Aa][Nn][Dd][Oo][Ff][Ff]:|[Nn][Oo][Tt][Ee]:)";
 def frame_escape:
   if test(frame_form) | not then . else
@@ -91,8 +78,11 @@ def frame_escape:
   | [range(0; $from | length) as $i | (if $i > 0 then 92 else empty end), $c[$from[$i]:$to[$i]][]]
   | implode end;
 def monitor_block: "[\(.ts | floor | strftime("%H:%M:%S"))Z] from \(.from | shown_name):\n\(.msg // "" | tostring | frame_escape)\n---";
-def summary_line: "\(.ts | py_float)\t\(.from)\t\(.msg // "" | tostring | one_line(" | ") | .[0:120])";
-def next_since($since): [$since, (.now | numbers), (.messages[]?.ts | numbers)] | max | py_float;
+def summary_line: "\(.ts)\t\(.from)\t\(.msg // "" | tostring | one_line(" | ") | .[0:120])";
+def next_since($since): [$since, (.now | numbers), (.messages[]?.ts | numbers)] | max;
+def status_lines: .messages[] | . as $m
+  | if ((.recipients // {}) | length) == 0 then "\(.id)\t\(.state)\t\(.to // "-")"
+    else (.recipients | to_entries[] | "\($m.id)\t\(.value)\t\(.key)") end;
 def agents_table:
   def cell($field):
     if . == null or . == "" or . == {} then "-"
@@ -109,6 +99,71 @@ def agents_table:
   | $rows[] | [range(0; 5) as $i | .[$i] | pad($widths[$i])] + [.[5]] | join("  ");
 '
 
+# -- arguments ---------------------------------------------------------------------
+
+bus_opt_var() {  # --some-option -> opt_some_option
+  local name=${1#--}
+  printf 'opt_%s' "${name//-/_}"
+}
+
+# bus_args SPEC... -- ARG...: parse a command's arguments as argparse would. SPEC words:
+# `--opt=` takes a value (opt_opt, unset until given), `--flag` is 0 or 1 (opt_flag),
+# NAME is the next positional (arg_NAME, unset until given), NAME... takes the rest
+# (the array bus_rest). -h prints the command's usage; anything else is a usage error.
+bus_args() {
+  local -a positional=() given=()
+  local valued=" " flags=" " name var
+  while [ "$1" != -- ]; do
+    case "$1" in
+      --*=) valued+="${1%=} "; unset "$(bus_opt_var "${1%=}")" ;;
+      --*) flags+="$1 "; printf -v "$(bus_opt_var "$1")" 0 ;;
+      *) positional+=("$1"); unset "arg_$1" ;;
+    esac
+    shift
+  done
+  shift
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      -h|--help) "usage_$bus_cmd"; exit "$EXIT_OK" ;;
+      --) shift; given+=("$@"); break ;;
+      --*=*)
+        name=${1%%=*}
+        [[ $valued == *" $name "* ]] || bus_usage_error "unknown option: $1"
+        printf -v "$(bus_opt_var "$name")" '%s' "${1#*=}" ;;
+      -?*)
+        var=$(bus_opt_var "$1")
+        if [[ $valued == *" $1 "* ]]; then
+          [ $# -ge 2 ] || bus_usage_error "$1 needs a value"
+          printf -v "$var" '%s' "$2"
+          shift
+        elif [[ $flags == *" $1 "* ]]; then
+          printf -v "$var" 1
+        else
+          bus_usage_error "unknown option: $1"
+        fi ;;
+      *) given+=("$1") ;;
+    esac
+    shift
+  done
+  bus_rest=()
+  for name in "${positional[@]}"; do
+    if [[ $name == *... ]]; then
+      bus_rest=("${given[@]}")
+      given=()
+    elif [ "${#given[@]}" -gt 0 ]; then
+      printf -v "arg_$name" '%s' "${given[0]}"
+      given=("${given[@]:1}")
+    fi
+  done
+  [ "${#given[@]}" -eq 0 ] || bus_usage_error "unexpected argument: ${given[0]}"
+}
+
+bus_given() {  # bus_given VAR: whether the option or argument VAR was given
+  [ -n "${!1+x}" ]
+}
+
+# -- the run of one command --------------------------------------------------------
+
 bus_work=""
 bus_term_status=143    # the followers set 0: for them SIGTERM is the way to stop, as in Python
 bus_child_pid=""
@@ -120,10 +175,13 @@ bus_cleanup() {
   if [ -n "$bus_work" ]; then rm -rf -- "$bus_work"; fi
 }
 
-# bus_start: check the tools, make the private work folder, clean up on any exit.
+# bus_start [TOOL...]: check jq and the tools (default curl), make the private work
+# folder, clean up on any exit.
 bus_start() {
   local tool
-  for tool in ${bus_tools:-curl jq}; do
+  local -a tools=(curl)
+  if [ $# -gt 0 ]; then tools=("$@"); fi
+  for tool in "${tools[@]}" jq; do
     command -v "$tool" >/dev/null 2>&1 \
       || die "$EXIT_USAGE" "$tool is needed and not installed (Debian/Ubuntu: apt-get install $tool)"
   done
@@ -156,6 +214,12 @@ bus_require_name() {  # bus_require_name [GIVEN] [HOW]: the agent name, or a usa
   [ -n "$bus_agent" ] || die "$EXIT_USAGE" "no agent name: set AGENT_NAME or pass ${2:-NAME}"
 }
 
+bus_require_agent_folder() {  # bus_require_name, then the name must make a spool folder
+  bus_require_name "$@"
+  bus_valid_name "$bus_agent" \
+    || die "$EXIT_USAGE" "invalid agent name '$bus_agent': use 1-64 characters of A-Z a-z 0-9 . _ - (not only dots)"
+}
+
 # Run a command in the background and wait for it, so that a signal is handled at
 # once instead of after a 25-second long-poll; bus_cleanup stops the command.
 bus_wait_for() {
@@ -179,33 +243,33 @@ bus_header_value() {  # VALUE as the daemon reads it back from a header line, or
   printf '%s' "${value%"${value##*[![:space:]]}"}"
 }
 
-bus_abspath() {  # bus_abspath PATH: PATH made absolute as os.path.abspath does (no link resolved)
-  local path=$1 rest part lead=/
-  local -a kept=()
-  if [[ $path != /* ]]; then
-    # The physical working folder, as os.getcwd() gives it; the x keeps a trailing newline.
-    rest=$(pwd -P && printf x)
-    path=${rest%$'\nx'}/$path
-  fi
-  # POSIX leaves a leading "//" to the system, and normpath keeps it (but not "///").
-  if [[ $path == //* && $path != ///* ]]; then lead=//; fi
-  rest=$path/
-  while [ -n "$rest" ]; do
-    part=${rest%%/*}
-    rest=${rest#*/}
-    case "$part" in
-      ""|.) ;;
-      ..) if [ "${#kept[@]}" -gt 0 ]; then unset 'kept[-1]'; fi ;;
-      *) kept+=("$part") ;;
-    esac
-  done
-  local IFS=/
-  printf '%s' "$lead${kept[*]}"
+bus_absolute() {  # bus_absolute PATH: PATH made absolute, no link resolved (busd/handoff.py absolute)
+  local path
+  path=$(realpath -m -s -- "$1" && printf x)
+  printf '%s' "${path%$'\nx'}"
 }
 
 bus_uri() {  # bus_uri VALUE: VALUE encoded for a URL query
   jq -rn --arg v "$1" '$v | @uri'
 }
+
+bus_utf8() {  # bus_utf8 FILE: whether FILE holds UTF-8 text that jq carries unchanged
+  # (jq turns bytes that are not UTF-8 into U+FFFD without a word: a changed round trip tells)
+  [ "$(jq -Rsj . <"$1" | cksum)" = "$(cksum <"$1")" ]
+}
+
+# bus_write_atomically FILE [TEMP_DIR]: standard input becomes FILE all at once: written
+# under a hidden temporary name (in TEMP_DIR, default FILE's folder), synced, renamed.
+bus_write_atomically() {
+  local folder=${2:-$(dirname -- "$1")}
+  bus_pending_tmp=$(mktemp "$folder/.${1##*/}.XXXXXXXX.tmp")
+  cat >"$bus_pending_tmp"
+  sync -- "$bus_pending_tmp" 2>/dev/null || true
+  mv -f -- "$bus_pending_tmp" "$1"
+  bus_pending_tmp=""
+}
+
+# -- HTTP ------------------------------------------------------------------------------
 
 # bus_http PATH OUT [BODY_FILE] [MAX_SECONDS]: one request to the bus, a POST of
 # BODY_FILE when given; the reply body lands in OUT. Returns 0 (a 2xx with a JSON
@@ -281,90 +345,78 @@ bus_call() {  # bus_call PATH OUT [BODY_FILE]: bus_http, or exit with its messag
   if [ "$status" -ne 0 ]; then die "$status" "$bus_error"; fi
 }
 
-# -- sending: the secret guard, signing, the /send request (busd/client.py send) -------
+bus_fetch() {  # bus_fetch PATH: GET PATH into $bus_work/reply, or exit with the bus's message
+  bus_start
+  bus_require_url
+  bus_call "$1" "$bus_work/reply"
+}
 
-# The secret guard of busd/secretguard.py as jq definitions: find_secret($set) is the
-# name of the first secret-looking thing in the input string, or null. The shapes are
-# the Python ones, in the same order, with jq's regex engine (Oniguruma) in place of
-# Python's re; where the two engines differ, the text spells Python's meaning out:
+# -- sending: the secret guard, signing, the /send request (busd/mailbox.py send) -------
+
+# The secret guard of busd/secretguard.py: find_secret($shapes; $set) is the name of the
+# first secret-looking thing in the input string, or null. $shapes is
+# busd/data/secret-shapes.json, the file Python reads; this gives its patterns jq's
+# regex engine (Oniguruma) the meaning Python's re gives them:
 #   ws         Python's \s: exactly the characters str.isspace() accepts
-#   wb, we     Python's \b before and after a word ([\p{L}\p{N}_]) character
-#   labelled   the look-behind for "the 24 characters before end in a digest label"
-#              (_DIGEST_LABEL): one fixed-length look-behind per label and separator
-#              count, as Oniguruma allows only those; a label may be followed by one
-#              more newline, as Python's $ allows.
-# A look-behind cannot hold (?i), so the labels spell both cases out ([Ss][Hh][Aa]).
-# Oniguruma's (?i) also folds "ß" to "ss"; Python's does not. Both differences can only
-# make the shell refuse a little more, never less.
+#   <wb>, <we> no word character ([\p{L}\p{N}_]) before, after
+#   labelled   "a digest label, then at most 4 separators, right before": one fixed-length
+#              look-behind per label and separator count (Oniguruma allows only those),
+#              each letter as [Xx]; a label may be followed by one more newline, as
+#              Python's $ allows.
+# Oniguruma's (?i) also folds "ß" to "ss", and the labels match ASCII case only (Python
+# reads "ſ" as an s): both can only make the shell refuse a little more, never less.
 # shellcheck disable=SC2016  # jq's $variables, not the shell's
 BUS_GUARD_JQ='
 def ws: "\t\n\u000b\f\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
-def wb: "(?<![\\p{L}\\p{N}_])";
-def we: "(?![\\p{L}\\p{N}_])";
-def b58: "1-9A-HJ-NP-Za-km-z";
-def shapes: [
-  ["a PEM private key", "-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"],
-  ["a cloud service-account key file", "\"private_key(?:_id)?\"[\(ws)]*:[\(ws)]*\""],
-  ["an AWS access key id", "\(wb)(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\(we)"],
-  ["an AWS secret access key",
-   "(?i)aws.{0,30}?(?:secret|private).{0,30}?[:=][\(ws)]*[\u0027\"]?[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])"],
-  ["a Google API key", "\(wb)AIza[0-9A-Za-z_\\-]{35}(?![0-9A-Za-z_\\-])"],
-  ["an Azure storage key", "AccountKey=[A-Za-z0-9+/=]{40,}"],
-  ["a GitHub token", "\(wb)(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})"],
-  ["a GitLab token", "\(wb)glpat-[A-Za-z0-9_\\-]{20,}"],
-  ["a Slack token", "\(wb)xox[abposr]-[A-Za-z0-9\\-]{10,}"],
-  ["a Stripe secret key", "\(wb)[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"],
-  ["an API secret key (sk-...)", "\(wb)sk-(?:ant-|proj-)?[A-Za-z0-9_\\-]{20,}"],
-  ["an agent-bus token", "\(wb)abt_[A-Za-z0-9_\\-]{30,}"],
-  ["a JSON web token", "\(wb)eyJ[A-Za-z0-9_\\-]{8,}\\.eyJ[A-Za-z0-9_\\-]{8,}\\.[A-Za-z0-9_\\-]{8,}"],
-  ["a bearer token", "\(wb)(?i)bearer[\(ws)]+[A-Za-z0-9._~+/\\-]{20,}"],
-  ["a password or secret in an assignment",
-   "\(wb)(?i)(?:password|passwd|pwd|passphrase|secret|api[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|private[_-]?key)\(we)[\(ws)]*[:=][\(ws)]*[\u0027\"]?[^\(ws)\u0027\"]{8,}"],
-  ["a URL with a password in it", "\(wb)[a-z][a-z0-9+.\\-]{0,30}://[^\(ws):/@]+:[^\(ws)@/]{3,}@"],
-  ["an extended private key (xprv)", "\(wb)[xyzt]prv[\(b58)]{100,}"],
-  ["a WIF private key", "(?<![\(b58)])[5KL][\(b58)]{50,51}(?![\(b58)])"],
-  ["a long base58 secret", "(?<![\(b58)])[\(b58)]{80,90}(?![\(b58)])"]
-];
-def labelled:
-  ["sha256", "sha-256", "sha256sum", "sha", "digest", "hash", "checksum", "txid", "tx",
-   "block", "commit"]
+def meanings($shapes): $shapes.macros + {"<ws>": ws, "<wb>": "(?<![\\p{L}\\p{N}_])", "<we>": "(?![\\p{L}\\p{N}_])"};
+def expand($meanings): reduce ($meanings | to_entries[]) as $m (.; split($m.key) | join($m.value));
+def labelled($shapes):
+  ($shapes.label_separators | expand(meanings($shapes))) as $sep
+  | $shapes.digest_labels
   | map(explode | map(if 97 <= . and . <= 122 then "[\([. - 32, .] | implode)]" else [.] | implode end) | add)
-  | map(. as $word | (range(0; 5) | "\($word)[\(ws)\"\u0027:=(]{\(.)}"), "\($word)[\(ws)\"\u0027:=(]{4}\n")
+  | map(. as $word | (range(0; 5) | "\($word)[\($sep)]{\(.)}"), "\($word)[\($sep)]{4}\n")
   | map("(?<!\(.))") | add;
-def hex64: "(?<![0-9A-Fa-f])(?=(?:0x)?[0-9A-Fa-f]{64}(?![0-9A-Fa-f]))\(labelled)"
+def hex64($shapes): "(?<![0-9A-Fa-f])(?=(?:0x)?[0-9A-Fa-f]{64}(?![0-9A-Fa-f]))\(labelled($shapes))"
   + "(?:0x|(?<!(?<![0-9A-Fa-f])0x))[0-9A-Fa-f]{64}(?![0-9A-Fa-f])";
 def bip39_set: split("\n") | map(select(. != "") | {key: ., value: true}) | from_entries;
-def seed_phrase($set):
+def seed_phrase($set; $enough):
   sub("\\A[\(ws)]+"; "") | sub("[\(ws)]+\\z"; "")
   # Plain splits: a regex split in jq 1.6 takes time quadratic in the length.
   | split("\t") | join(" ") | split("\r") | join(" ") | split("\n") | join(" ")
   | reduce (split(" ")[] | select(. != "")) as $token (0;
-      if . >= 12 then .
+      if . >= $enough then .
       else ($token | until(startswith(".") or startswith(",") or startswith(";") | not; .[1:])
           | until(endswith(".") or endswith(",") or endswith(";") | not; .[:-1])) as $word
         | if $set[$word] == true then . + 1 else 0 end
       end)
-  | . >= 12;
-def find_secret($set):  # $set: the BIP-39 word list made into an object by bip39_set
-  . as $text
-  | first(shapes[] | select(.[1] as $re | $text | test($re)) | .[0])
-    // if test(hex64) then "an unlabelled 64-hex-digit key"
-       elif seed_phrase($set) then "a seed phrase (12 or more BIP-39 words in a row)"
+  | . >= $enough;
+def find_secret($shapes; $set):  # $set: the BIP-39 word list made into an object by bip39_set
+  . as $text | meanings($shapes) as $meanings
+  | first($shapes.shapes[] | select(.[1] | expand($meanings) as $re | $text | test($re)) | .[0])
+    // if test(hex64($shapes)) then "an unlabelled 64-hex-digit key"
+       elif seed_phrase($set; $shapes.seed_phrase_words)
+       then "a seed phrase (\($shapes.seed_phrase_words) or more BIP-39 words in a row)"
        else null end;
 '
 
+# bus_guard_data NAME: bus_data, the path of a data file of busd/data/: beside this
+# library once installed (install.sh copies them there), in busd/data/ of a checkout.
+bus_guard_data() {
+  bus_data=$bus_lib_dir/$1
+  [ -r "$bus_data" ] || bus_data=$bus_lib_dir/../../busd/data/$1
+  [ -r "$bus_data" ] \
+    || die "$EXIT_USAGE" "the secret guard's data is missing: copy busd/data/$1 of agent-bus into $bus_lib_dir/ (./install.sh does)"
+}
+
 # bus_secret_refusal FILE: why the text in FILE must not be sent, in the words of
 # busd/secretguard.py refusal() (pointing at bus-handoff), or nothing when it looks clean.
-# The BIP-39 word list lies beside this file once installed (install.sh copies it there
-# from busd/data/) and in busd/data/ of a checkout.
 bus_secret_refusal() {
-  local lib_dir=${BASH_SOURCE[0]%/*}
-  local words=$lib_dir/bip39-english.txt
-  [ -r "$words" ] || words=$lib_dir/../../busd/data/bip39-english.txt
-  [ -r "$words" ] \
-    || die "$EXIT_USAGE" "the secret guard's word list is missing: copy busd/data/bip39-english.txt of agent-bus into $lib_dir/ (./install.sh does)"
-  jq -Rrs --rawfile words "$words" "$BUS_GUARD_JQ"'
-    find_secret($words | bip39_set) // empty
+  local shapes
+  bus_guard_data secret-shapes.json
+  shapes=$bus_data
+  bus_guard_data bip39-english.txt
+  jq -Rrs --slurpfile shapes "$shapes" --rawfile words "$bus_data" "$BUS_GUARD_JQ"'
+    find_secret($shapes[0]; $words | bip39_set) // empty
     | "the message looks like it holds \(.); send it as a file instead: bus-handoff --to NAME FILE (only its sha256 and path travel); --allow-secret sends this one message anyway"' "$1"
 }
 
@@ -389,7 +441,6 @@ bus_check_key() {  # AGENT_BUS_KEY, when set, must be an unencrypted Ed25519 PEM
     *) die "$EXIT_USAGE" "AGENT_BUS_KEY: $bus_key is not an Ed25519 key" ;;
   esac
 }
-
 # The canonical meta of busd/signing.py canonical_meta, as jq definitions: one line per
 # key in the order of the keys' UTF-8 bytes (jq's `keys`), "base64(key) value", where
 # value is s+base64 (a string), n+number, t, f or z (null). jq writes a number as the
@@ -455,34 +506,47 @@ bus_sign_request() {
       -out "$bus_work/signature" 2>"$bus_work/openssl-error" \
     || die "$EXIT_USAGE" "AGENT_BUS_KEY: signing with $bus_key failed: $(bus_one_line <"$bus_work/openssl-error")"
   jq --arg signature "$(openssl base64 -A -in "$bus_work/signature")" '.signature = $signature' \
-    "$bus_work/signed" >"$request.tmp"
-  mv -f -- "$request.tmp" "$request"
+    "$bus_work/signed" >"$request"
 }
 
 # bus_post_send REQUEST: POST the /send request in REQUEST (signed first when
 # AGENT_BUS_KEY is set) and print the acknowledgement as `agent-bus send` prints it, or
-# exit with the bus's message and code. A 409 with code 40902 says our own earlier
+# exit with the bus's message and code (one line of JSON, as `jq -c .` writes it). A 409 with code 40902 says our own earlier
 # signed send with this key was stored: that is success, as in busd/client.py.
 bus_post_send() {
-  local request=$1 status=0
+  local request=$1 status=0 ack=$bus_work/reply
   if [ -n "$bus_key" ]; then bus_sign_request "$request"; fi
   bus_http /send "$bus_work/reply" "$request" || status=$?
   if [ "$status" -eq "$EXIT_REFUSED" ] \
       && jq -e 'type == "object" and .code == 40902' "$bus_work/reply" >/dev/null 2>&1; then
+    ack=$bus_work/ack
     jq --slurpfile request "$request" \
       '{ok: true, ts: .ts, channel: $request[0].channel, id: .id, duplicate: true}' \
-      "$bus_work/reply" >"$bus_work/reply.tmp"
-    mv -f -- "$bus_work/reply.tmp" "$bus_work/reply"
+      "$bus_work/reply" >"$ack"
   elif [ "$status" -ne 0 ]; then
     die "$status" "$bus_error"
   fi
-  jq -r "$BUS_JQ py_json" "$bus_work/reply"
+  jq -c . "$ack"
 }
 
-# Capped exponential backoff, as busd/client.py Backoff: 0.5 s, 1 s, 2 s ... 10 s,
-# or the server's Retry-After when that is longer. Sets bus_delay (seconds).
+
+# -- receiving: the cursor and the follow loop (busd/receive.py) ------------------------
+
+bus_number() {  # bus_number TEXT: TEXT as jq writes the number, or fail if it is not a finite number
+  jq -rn --arg v "$1" '$v | tonumber | if isinfinite or isnan then error("not finite") else . end' 2>/dev/null
+}
+
+bus_load_cursor() {  # bus_load_cursor FILE: its number (0 when absent or empty)
+  local text=""
+  if [ -e "$1" ]; then text=$(<"$1"); fi
+  text=${text//[[:space:]]/}
+  bus_number "${text:-0}" || die "$EXIT_USAGE" "$1: not a cursor (a number of seconds); fix or delete it"
+}
+
+# Capped exponential backoff, as busd/receive.py Backoff: 0.5 s, 1 s, 2 s ... 10 s, or
+# the server's Retry-After when that is longer; reported in milliseconds, as Python does.
 bus_backoff_ms=0
-bus_next_delay() {
+bus_retry_later() {  # report bus_error, then sleep the next backoff delay
   if [ "$bus_backoff_ms" -eq 0 ]; then
     bus_backoff_ms=500
   else
@@ -492,45 +556,684 @@ bus_next_delay() {
   if [ -n "$bus_retry_after" ] && [ "$((bus_retry_after * 1000))" -gt "$ms" ]; then
     ms=$((bus_retry_after * 1000))
   fi
-  # Every delay is a whole number of half seconds; print it as Python's {:g} does.
-  bus_delay=$((ms / 1000))
-  if [ "$((ms % 1000))" -ne 0 ]; then bus_delay="$bus_delay.5"; fi
+  printf '%s: %s; retrying in %s ms\n' "$bus_prog" "$bus_error" "$ms" >&2
+  bus_wait_for sleep "$((ms / 1000)).$((ms % 1000 / 100))"
 }
 
-bus_retry_later() {  # report bus_error, then sleep the next backoff delay
-  bus_next_delay
-  printf '%s: %s; retrying in %ss\n' "$bus_prog" "$bus_error" "$bus_delay" >&2
-  bus_wait_for sleep "$bus_delay"
+# bus_follow NAME CHANNEL ONCE HANDLER [CURSOR_FILE]: long-poll NAME's messages on
+# CHANNEL from $since; HANDLER REPLY handles each reply's messages past $since, then
+# $since advances by the cursor rule (next_since) and is saved in CURSOR_FILE. A
+# refusal, or with ONCE=1 any error, exits; other errors are retried with backoff.
+bus_follow() {
+  local query once=$3 handler=$4 cursor=${5:-} reply=$bus_work/reply status next
+  query="/recv?to=$(bus_uri "$1")&channel=$(bus_uri "$2")&block=true"
+  if [ -n "$cursor" ]; then mkdir -p -- "$(dirname -- "$cursor")"; fi
+  while :; do
+    status=0
+    bus_http "$query&since=$since" "$reply" "" 35 || status=$?
+    if [ "$status" = "$EXIT_REFUSED" ] || { [ "$status" != 0 ] && [ "$once" = 1 ]; }; then
+      die "$status" "$bus_error"
+    fi
+    if [ "$status" != 0 ]; then
+      bus_retry_later
+      continue
+    fi
+    bus_backoff_ms=0
+    "$handler" "$reply"
+    next=$(jq -r --argjson since "$since" "$BUS_JQ next_since(\$since)" "$reply")
+    if [ "$next" != "$since" ]; then
+      since=$next
+      if [ -n "$cursor" ]; then bus_write_atomically "$cursor" <<<"$since"; fi
+    fi
+    if [ "$once" = 1 ]; then return; fi
+  done
 }
 
-bus_number() {  # bus_number TEXT: TEXT as a py_float, or fail if it is not a finite number
-  jq -rn --arg v "$1" "$BUS_JQ"'
-    $v | tonumber | if isinfinite or isnan then error("not finite") else py_float end' 2>/dev/null
+bus_fresh() {  # bus_fresh REPLY FILTER: FILTER over the reply's messages past $since
+  jq -r --argjson since "$since" "$BUS_JQ .messages[]? | select(.ts > \$since) | $2" "$1"
 }
 
-bus_cursor_file() {  # bus_cursor_file NAME CHANNEL: the file `agent-bus recv` keeps
+# -- the commands ------------------------------------------------------------------------
+
+cmd_send() {
+  bus_args --channel= --from= --key= --meta= --allow-secret to -- "$@"
+  bus_given arg_to || bus_usage_error "TO is required: the recipient name, or '*' for everyone on the channel"
+  # The order of `agent-bus send`: the arguments, the body, the guard, then the bus.
+  bus_start
+  if bus_given opt_meta && ! jq -n --argjson meta "$opt_meta" '$meta' >/dev/null 2>&1; then
+    die "$EXIT_USAGE" "--meta is not JSON: $opt_meta"
+  fi
+  bus_require_name "${opt_from-}" "--from NAME"
+  cat >"$bus_work/stdin"
+  bus_utf8 "$bus_work/stdin" \
+    || die "$EXIT_USAGE" "standard input is not UTF-8 text; send binary data as a handoff instead"
+  local -a jq_args=(--arg from "$bus_agent" --arg to "$arg_to" --arg channel "${opt_channel:-$bus_channel}")
+  local filter='{from: $from, to: $to, msg: ., channel: $channel}'
+  if bus_given opt_key; then jq_args+=(--arg key "$opt_key"); filter+=' + {key: $key}'; fi
+  if bus_given opt_meta; then jq_args+=(--argjson meta "$opt_meta"); filter+=' + {meta: $meta}'; fi
+  jq -Rs "${jq_args[@]}" "$filter" <"$bus_work/stdin" >"$bus_work/request"
+  if [ "$opt_allow_secret" = 0 ]; then
+    local problem
+    problem=$(bus_secret_refusal "$bus_work/stdin")
+    [ -z "$problem" ] || die "$EXIT_REFUSED" "not sent: $problem"
+  fi
+  bus_require_url
+  bus_check_key
+  bus_post_send "$bus_work/request"
+}
+
+cmd_recv() {
+  bus_args --channel= --since= --once --no-cursor name -- "$@"
+  bus_term_status=$EXIT_OK
+  bus_start
+  if bus_given opt_since; then
+    since=$(bus_number "$opt_since") || bus_usage_error "--since must be a number of seconds, got '$opt_since'"
+  fi
+  bus_require_name "${arg_name-}"
+  local channel=${opt_channel:-$bus_channel} cursor=""
+  bus_require_url
   # '@' and '%' never occur in names, so every (name, channel) has its own file.
-  printf '%s/%s@%s.cursor' "$bus_cursor_dir" "$1" "${2//\*/%2A}"
+  if [ "$opt_no_cursor" = 0 ] && [ "$bus_no_cursor" = 0 ]; then
+    cursor=$bus_cursor_dir/$bus_agent@${channel//\*/%2A}.cursor
+  fi
+  if bus_given opt_since; then
+    :
+  elif [ -n "$cursor" ]; then
+    since=$(bus_load_cursor "$cursor")
+  else
+    bus_call /healthz "$bus_work/health"
+    since=$(jq -r .now "$bus_work/health")
+  fi
+  bus_follow "$bus_agent" "$channel" "$opt_once" bus_print_blocks "$cursor"
 }
 
-bus_load_cursor() {  # bus_load_cursor FILE: its number (0.0 when absent or empty)
-  local text=""
-  if [ -e "$1" ]; then text=$(<"$1"); fi
-  text=${text//[[:space:]]/}
-  if [ -z "$text" ]; then
-    printf '0.0\n'
+bus_print_blocks() {
+  bus_fresh "$1" monitor_block
+}
+
+cmd_listen() {
+  bus_args --channel= --dir= --full= --summary= --heartbeat= --since= --once name -- "$@"
+  bus_term_status=$EXIT_OK
+  bus_start
+  if bus_given opt_since; then
+    since=$(bus_number "$opt_since") || bus_usage_error "--since must be a number of seconds, got '$opt_since'"
+  fi
+  bus_require_name "${arg_name-}"
+  local channel=${opt_channel:-$bus_channel} stem file last
+  bus_require_url
+  stem=${opt_dir:-$bus_listen_dir}/$bus_agent@${channel//\*/%2A}
+  listen_full=${opt_full:-$stem.jsonl}
+  listen_summary=${opt_summary:-$stem.tsv}
+  listen_heartbeat=${opt_heartbeat:-$stem.heartbeat}
+  for file in "$listen_full" "$listen_summary" "$listen_heartbeat" "$stem.cursor"; do
+    mkdir -p -- "$(dirname -- "$file")"
+  done
+  # A crash mid-append can leave a partial last line; end it so the next line is whole.
+  for file in "$listen_full" "$listen_summary"; do
+    if [ -s "$file" ] && [ -n "$(tail -c 1 -- "$file")" ]; then printf '\n' >>"$file"; fi
+  done
+  if ! bus_given opt_since; then
+    # Resume at the saved cursor, or at the last logged message if that is later: a
+    # crash between logging a batch and saving the cursor then logs nothing twice.
+    since=$(bus_load_cursor "$stem.cursor")
+    last=$(tail -n 1 -- "$listen_full" 2>/dev/null \
+           | jq 'select(type == "object" and (.ts | type) == "number") | .ts' 2>/dev/null) || last=""
+    if [ -n "$last" ]; then since=$(jq -n "[$since, $last] | max"); fi
+  fi
+  bus_follow "$bus_agent" "$channel" "$opt_once" bus_log_batch "$stem.cursor"
+}
+
+bus_log_batch() {  # the full log, the summary log, the heartbeat (busd/listener.py)
+  bus_fresh "$1" 'tojson' >>"$listen_full"
+  bus_fresh "$1" summary_line >>"$listen_summary"
+  touch -- "$listen_heartbeat"
+}
+
+cmd_drop() {
+  bus_args --channel= --from= to -- "$@"
+  bus_given arg_to || bus_usage_error "TO is required: the recipient name, or '*' for everyone on the channel"
+  bus_start jq
+  bus_require_agent_folder "${opt_from-}" "--from NAME"
+  local to=$arg_to channel=${opt_channel-} shown
+  # The daemon reads `to:` and `channel:` with surrounding blanks trimmed.
+  shown=$(bus_header_value "$to") && { [ "$shown" = "*" ] || bus_valid_name "$shown"; } \
+    || die "$EXIT_USAGE" "not dropped: invalid recipient name '$to': names are 1-64 characters of A-Z a-z 0-9 . _ - and not only dots; '*' means everyone"
+  if [ -n "$channel" ]; then
+    shown=$(bus_header_value "$channel") && bus_valid_name "$shown" \
+      || die "$EXIT_USAGE" "not dropped: invalid channel '$channel': channels are 1-64 characters of A-Z a-z 0-9 . _ - and not only dots"
+  fi
+  cat >"$bus_work/body"
+  jq -Rs . <"$bus_work/body" >"$bus_work/body.json"
+  jq -e 'explode | index(0) == null' "$bus_work/body.json" >/dev/null \
+    || die "$EXIT_USAGE" "not dropped: binary: standard input holds a NUL byte; only UTF-8 text can be sent: share binary files by their path instead"
+  bus_utf8 "$bus_work/body" \
+    || die "$EXIT_USAGE" "not dropped: binary: standard input is not UTF-8 text; only UTF-8 text can be sent: share binary files by their path instead"
+
+  mkdir -p -- "$bus_spool_root"
+  local folder sub now seconds micros stamp random token target
+  folder=$(CDPATH='' cd -- "$bus_spool_root" && pwd)/$bus_agent
+  for sub in "" /outbox /claimed /sent /failed /inbox; do
+    mkdir -p -- "$folder$sub"
+    chmod 700 -- "$folder$sub"
+  done
+  # The name the daemon expects: UTC time to the microsecond, then 8 random hex digits.
+  now=${EPOCHREALTIME:-}
+  now=${now/,/.}   # the decimal mark follows the locale
+  case "$now" in
+    *.*) seconds=${now%.*} micros=${now#*.} ;;
+    *) seconds=$(date +%s) micros=000000 ;;
+  esac
+  TZ=UTC0 printf -v stamp '%(%Y%m%dT%H%M%S)T' "$seconds"
+  random=$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
+  token=$stamp.${micros}Z-$random
+  target=$folder/outbox/drop-$token
+  # Written beside outbox/, then renamed in: the daemon only ever sees a finished file.
+  {
+    printf -- '---bus\nto: %s\n' "$to"
+    if [ -n "$channel" ]; then printf 'channel: %s\n' "$channel"; fi
+    printf -- '---\n'
+    cat -- "$bus_work/body"
+  } | bus_write_atomically "$target" "$folder"
+  sync -- "$folder/outbox" 2>/dev/null || true
+  printf '%s\n' "$target"
+}
+
+# bus_inbox_entries FILE: NAME's inbox files, oldest first, as "ts TAB id TAB from TAB
+# path" lines in FILE. Inbox files are named <ts with 6 decimals>-<id>-<from>.msg
+# (busd/agent/inbox.py).
+bus_inbox_entries() {
+  local inbox=$bus_spool_root/$bus_agent/inbox path file
+  : >"$1"
+  if [ -d "$inbox" ]; then
+    for path in "$inbox"/*.msg; do
+      [ -f "$path" ] || continue
+      file=${path##*/}
+      case "$file" in *[[:cntrl:]]*) continue ;; esac
+      if [[ $file =~ ^([0-9]+\.[0-9]{6})-([0-9]+)-(.+)\.msg$ ]]; then
+        printf '%s\t%s\t%s\t%s\n' "${BASH_REMATCH[1]}" "$((10#${BASH_REMATCH[2]}))" \
+          "${BASH_REMATCH[3]}" "$path" >>"$1"
+      fi
+    done
+  fi
+  LC_ALL=C sort -t $'\t' -k1,1n -k2,2n -o "$1" "$1"
+}
+
+bus_find_message() {  # bus_find_message ID CODE: the inbox file of message ID, or exit CODE
+  local id path
+  bus_inbox_entries "$bus_work/entries"
+  while IFS=$'\t' read -r _ id _ path; do
+    if [ "$id" = "$1" ]; then printf '%s' "$path"; return; fi
+  done <"$bus_work/entries"
+  die "$2" "no message $1 in $(bus_absolute "$bus_spool_root")/$bus_agent/inbox"
+}
+
+cmd_inbox() {
+  bus_args --read= --body name -- "$@"
+  local read_id=${opt_read-}
+  if bus_given opt_read; then
+    [[ $read_id =~ ^[0-9]{1,18}$ ]] || bus_usage_error "--read takes a message id (a whole number), got '$read_id'"
+    read_id=$((10#$read_id))
+  elif [ "$opt_body" = 1 ]; then
+    bus_usage_error "--body goes with --read ID"
+  fi
+  bus_start jq
+  bus_require_agent_folder "${arg_name-}"
+  if [ -n "$read_id" ]; then
+    local found line offset=0 blank=0
+    found=$(bus_find_message "$read_id" "$EXIT_REFUSED")
+    if [ "$opt_body" = 0 ]; then
+      cat -- "$found"
+      return
+    fi
+    # The body starts after the first empty line; count the header's bytes, not characters.
+    local LC_ALL=C
+    while IFS= read -r line; do
+      offset=$((offset + ${#line} + 1))
+      if [ -z "$line" ]; then blank=1; break; fi
+    done <"$found"
+    [ "$blank" = 1 ] || die "$EXIT_REFUSED" "$found: not an inbox file: no blank line after the headers"
+    tail -c "+$((offset + 1))" -- "$found"
     return
   fi
-  bus_number "$text" || die "$EXIT_USAGE" "$1: not a cursor (a number of seconds); fix or delete it"
+  bus_inbox_entries "$bus_work/entries"
+  # One jq for many files; batches keep the command line short in a full inbox.
+  # shellcheck disable=SC2016  # jq's $ARGS
+  local list='$ARGS.positional as $p | range(0; $p | length; 3) as $i
+    | ($ARGS.named["f\($i / 3)"] | split("\n\n") | .[1:] | join("\n\n")
+       | split("\n") | join(" | ") | .[0:120]
+       | explode | map(if . < 32 or (. >= 127 and . < 160) or . == 8232 or . == 8233 then 32 else . end)
+       | implode) as $preview
+    | "\($p[$i + 1])\t\($p[$i] | tonumber | floor | strftime("%Y-%m-%dT%H:%M:%SZ"))\t\($p[$i + 2])\t\($preview)"'
+  local -a batch=() files=()
+  local ts id sender path
+  while IFS=$'\t' read -r ts id sender path; do
+    files+=(--rawfile "f$((${#batch[@]} / 3))" "$path")
+    batch+=("$ts" "$id" "$sender")
+    if [ "${#batch[@]}" -ge 1500 ]; then
+      jq -rn "${files[@]}" "$list" --args "${batch[@]}"
+      batch=() files=()
+    fi
+  done <"$bus_work/entries"
+  if [ "${#batch[@]}" -gt 0 ]; then jq -rn "${files[@]}" "$list" --args "${batch[@]}"; fi
 }
 
-bus_save_cursor() {  # bus_save_cursor FILE VALUE: replace FILE atomically (tmp, sync, mv)
-  local folder
-  folder=$(dirname -- "$1")
-  mkdir -p -- "$folder"
-  bus_pending_tmp=$(mktemp "$folder/.cursor.XXXXXX")
-  printf '%s\n' "$2" >"$bus_pending_tmp"
-  sync -- "$bus_pending_tmp" 2>/dev/null || true
-  mv -f -- "$bus_pending_tmp" "$1"
-  bus_pending_tmp=""
+cmd_handoff() {
+  bus_args --to= --note= --channel= --from= FILE... -- "$@"
+  bus_given opt_to || bus_usage_error "--to NAME is required: the recipient name, or '*'"
+  [ "${#bus_rest[@]}" -gt 0 ] || bus_usage_error "FILE is required: the file(s) to hand off"
+  bus_start curl sha256sum
+  bus_require_name "${opt_from-}" "--from NAME"
+  # Each file, as busd/handoff.py describe() does it: made private, then read once for
+  # its sha256, size, lines and last byte; its mtime as Python's st_mtime (a float).
+  local host path absolute reason counts newlines size sha256 last lines mtime seconds exact nanoseconds
+  local -a facts=()
+  host=$(uname -n)    # what socket.gethostname() returns
+  printf '%s' "$host" >"$bus_work/text"
+  bus_utf8 "$bus_work/text" || die "$EXIT_USAGE" "the host name is not UTF-8 text: $host"
+  for path in "${bus_rest[@]}"; do
+    absolute=$(bus_absolute "$path")
+    [ -f "$absolute" ] || die "$EXIT_USAGE" "$path: not a regular file"
+    printf '%s' "$absolute" >"$bus_work/text"
+    bus_utf8 "$bus_work/text" || die "$EXIT_USAGE" "$path: its path is not UTF-8 text; rename it to hand it off"
+    reason=$(chmod 600 -- "$absolute" 2>&1) || die "$EXIT_USAGE" "$path: $(bus_os_error "$reason")"
+    reason=$( { : <"$absolute"; } 2>&1 ) || die "$EXIT_USAGE" "$path: $(bus_os_error "$reason")"
+    # $(...) returns once every process holding its output has ended; the hash and the
+    # last byte hold it as fd 3, so their files are complete when it returns.
+    counts=$( { tee -- >(sha256sum >"$bus_work/sha256") >(tail -c 1 | od -An -tx1 >"$bus_work/last") \
+                <"$absolute" | wc -lc; } 3>&1 2>"$bus_work/error" ) \
+      || die "$EXIT_USAGE" "$path: $(bus_os_error "$(<"$bus_work/error")")"
+    read -r newlines size <<<"$counts"
+    sha256=$(<"$bus_work/sha256")
+    sha256=${sha256%% *}
+    [[ $sha256 =~ ^[0-9a-f]{64}$ ]] || die "$EXIT_USAGE" "$path: could not be hashed"
+    last=$(<"$bus_work/last")
+    lines=$newlines
+    if [ "$size" -gt 0 ] && [ "${last// /}" != 0a ]; then lines=$((newlines + 1)); fi
+    # st_mtime is tv_sec + tv_nsec * 1e-9 in doubles; %Y is tv_sec, %.9Y the exact time.
+    mtime=$(stat -L -c '%Y %.9Y' -- "$absolute" 2>&1) || die "$EXIT_USAGE" "$path: $(bus_os_error "$mtime")"
+    read -r seconds exact <<<"$mtime"
+    nanoseconds=$((10#${exact#*.}))
+    if [[ $exact == -* ]] && [ "$nanoseconds" -ne 0 ]; then nanoseconds=$((1000000000 - nanoseconds)); fi
+    facts+=("$sha256" "$absolute" "$host" "$size" "$lines" "$seconds" "$nanoseconds")
+  done
+  if [ -n "${opt_note-}" ]; then
+    printf '%s' "$opt_note" >"$bus_work/note"
+    bus_utf8 "$bus_work/note" || die "$EXIT_USAGE" "--note is not UTF-8 text"
+    local problem
+    problem=$(bus_secret_refusal "$bus_work/note")
+    [ -z "$problem" ] || die "$EXIT_REFUSED" "--note: $problem"
+  fi
+  bus_require_url
+  bus_check_key
+  # The message of busd/handoff.py message_for: meta kind, files, then each file's fields
+  # (the first file's plain, the i-th's ending in .i); one line per file, then the note.
+  # shellcheck disable=SC2016  # jq's $variables
+  jq -n --arg from "$bus_agent" --arg to "$opt_to" --arg channel "${opt_channel:-$bus_channel}" \
+    --arg note "${opt_note-}" '
+    [$ARGS.positional | range(0; length; 7) as $i | .[$i:$i + 7]
+     | {sha256: .[0], path: .[1], host: .[2], bytes: (.[3] | tonumber), lines: (.[4] | tonumber),
+        mtime: ((.[5] | tonumber) + (.[6] | tonumber) * 1e-9)}] as $files
+    | {from: $from, to: $to, channel: $channel,
+       msg: (([$files[] | "\(.path | split("/") | last): lines=\(.lines) sha256=\(.sha256) at \(.host):\(.path)"]
+              | join("\n")) + (if $note == "" then "" else "\n" + $note end)),
+       meta: ({kind: "handoff", files: ($files | length)}
+              + ([$files | to_entries[] | (if .key == 0 then "" else ".\(.key + 1)" end) as $suffix
+                  | .value | to_entries[] | {key: (.key + $suffix), value: .value}] | from_entries))}' \
+    --args "${facts[@]}" >"$bus_work/request"
+  bus_post_send "$bus_work/request"
+}
+
+bus_os_error() {  # bus_os_error TEXT: the strerror at the end of a tool's error message
+  local text
+  text=$(bus_one_line <<<"$1")
+  printf '%s' "${text##*: }"
+}
+
+cmd_verify() {
+  bus_args --name= target sha256 -- "$@"
+  bus_given arg_target || bus_usage_error "give an inbox message id, or a FILE and its SHA256"
+  bus_start jq sha256sum dd stat
+  # Each file to check, as "expected sha256 NUL path NUL size NUL" in $bus_work/files
+  # (the size the handoff announced; empty for a FILE and SHA256).
+  if bus_given arg_sha256; then
+    printf '%s\0%s\0\0' "$arg_sha256" "$arg_target" >"$bus_work/files"
+  elif [[ $arg_target =~ ^[0-9]+$ ]]; then
+    local message_id found
+    message_id=${arg_target#"${arg_target%%[!0]*}"}
+    message_id=${message_id:-0}
+    bus_require_agent_folder "${opt_name-}" "--name NAME"
+    found=$(bus_find_message "$message_id" "$EXIT_USAGE")
+    # The headers (spool/README.md): meta.<field> lines, a plain string as it is and
+    # anything else as JSON, and one `meta: {...}` line for other field names; then the
+    # files of the handoff as busd/handoff.py files_in() reads them from that meta (a
+    # count and sizes are JSON whole numbers: their header text is checked as written).
+    # shellcheck disable=SC2016  # jq's $variables
+    jq -Rsj --arg id "$message_id" --arg file "$found" '
+      def whole: type == "string" and test("^(0|[1-9][0-9]*)$");
+      def bad($what): error("message \($id): meta.\($what)");
+      if index("\n\n") == null then error("\($file): not an inbox file: no blank line after the headers")
+      else . end
+      | split("\n\n")[0] | split("\n")
+      | reduce (.[] | split(": ") | {name: .[0], value: (.[1:] | join(": "))}) as $h ({meta: {}, raw: {}};
+          if $h.name | startswith("meta.") then
+            .meta[$h.name[5:]] = ($h.value | try fromjson catch $h.value) | .raw[$h.name[5:]] = $h.value
+          elif $h.name == "meta" then
+            .meta += ($h.value | (try fromjson catch null) | if type == "object" then . else {} end)
+          else . end)
+      | .meta as $meta | .raw as $raw
+      | if $meta.kind != "handoff" then error("message \($id) is not a handoff") else . end
+      | ($raw.files // "1") as $count
+      | if ($count | whole | not) or ($count | tonumber) < 1 or ($count | tonumber) > 1000 then
+          bad("files is not a number of files from 1 to 1000") else . end
+      | range(1; ($count | tonumber) + 1) | (if . == 1 then "" else ".\(.)" end) as $suffix
+      | $meta["sha256" + $suffix] as $sha256 | $meta["path" + $suffix] as $path
+      | $raw["bytes" + $suffix] as $bytes
+      | if ($sha256 | type) != "string" or ($sha256 | test("^[0-9a-fA-F]{64}$") | not) then
+          bad("sha256\($suffix) is not a sha256 (64 hex digits)")
+        elif ($path | type) != "string" or ($path | startswith("/") | not) or ($path | index("\u0000")) then
+          bad("path\($suffix) is not an absolute path")
+        elif ($bytes | whole | not) then bad("bytes\($suffix) is not a size in bytes")
+        else "\($sha256)\u0000\($path)\u0000\($bytes)\u0000" end' "$found" >"$bus_work/files" 2>"$bus_work/error" \
+      || die "$EXIT_USAGE" "$(bus_one_line <"$bus_work/error" | sed 's/^jq: error ([^)]*): //')"
+  else
+    bus_usage_error "give an inbox message id, or a FILE and its SHA256"
+  fi
+  # busd/handoff.py overall: any mismatch wins, then any unreachable.
+  local expected path announced result mismatch=0 unreachable=0 verified=0
+  while IFS= read -r -d '' expected && IFS= read -r -d '' path && IFS= read -r -d '' announced; do
+    result=$(bus_verify_file "$path" "$expected" "$announced")
+    case "$result" in
+      verified) verified=1 ;;
+      mismatch) mismatch=1 ;;
+      *) unreachable=1 ;;
+    esac
+    printf '%s\t%s\n' "$result" "$path"
+  done <"$bus_work/files"
+  if [ "$mismatch" = 1 ]; then exit "$EXIT_REFUSED"; fi
+  if [ "$unreachable" = 1 ] || [ "$verified" = 0 ]; then exit "$EXIT_UNREACHABLE"; fi
+}
+
+# bus_verify_file PATH SHA256 SIZE: verified, mismatch or unreachable, as busd/handoff.py
+# verify_file: only a regular file, read without blocking (a FIFO swapped in meanwhile
+# gives an end of file at once) and never past the size it had when looked at; one of
+# another size than the handoff announced is a mismatch unread.
+bus_verify_file() {
+  local path=$1 expected=$2 announced=$3 size actual
+  if [ ! -f "$path" ] || [ ! -r "$path" ] || ! size=$(stat -L -c %s -- "$path" 2>/dev/null); then
+    echo unreachable
+  elif [ -n "$announced" ] && [ "$size" != "$announced" ]; then
+    echo mismatch
+  elif ! actual=$(set -o pipefail
+                  dd if="$path" iflag=nonblock,count_bytes bs=1M count="$size" status=none 2>/dev/null \
+                    | sha256sum); then
+    echo unreachable
+  elif [ "${actual%% *}" = "${expected,,}" ]; then
+    echo verified
+  else
+    echo mismatch
+  fi
+}
+
+cmd_status() {
+  bus_args ID... -- "$@"
+  [ "${#bus_rest[@]}" -gt 0 ] || bus_usage_error "give at least one message ID"
+  local id query="/status?"
+  for id in "${bus_rest[@]}"; do
+    case "$id" in ''|*[!0-9]*) bus_usage_error "not a message id: $id" ;; esac
+    query+="id=$id&"
+  done
+  bus_fetch "${query%&}"
+  jq -r "$BUS_JQ status_lines" "$bus_work/reply"
+}
+
+cmd_agents() {
+  bus_args -- "$@"
+  bus_fetch /agents
+  jq -e 'type == "array"' "$bus_work/reply" >/dev/null \
+    || die "$EXIT_UNREACHABLE" "GET /agents did not answer a list; is AGENT_BUS_URL pointing at an agent-bus?"
+  jq -r "$BUS_JQ agents_table" "$bus_work/reply"
+}
+
+cmd_health() {
+  bus_args -- "$@"
+  bus_fetch /healthz
+  jq -c . "$bus_work/reply"
+}
+
+cmd_channels() {
+  bus_args -- "$@"
+  bus_fetch /channels
+  jq . "$bus_work/reply"
+}
+
+cmd_agent_card() {
+  bus_args -- "$@"
+  bus_fetch /.well-known/agent-card.json
+  jq . "$bus_work/reply"
+}
+
+# bus_main COMMAND ARG...: run bus-COMMAND (the entry points in bin/ call this).
+bus_main() {
+  bus_cmd=${1//-/_}
+  bus_prog=bus-$1
+  shift
+  "cmd_$bus_cmd" "$@"
+}
+
+# -- usage: what `bus-X -h` prints ------------------------------------------------------
+
+usage_send() {
+  cat <<'USAGE'
+usage: bus-send TO [--channel C] [--from NAME] [--key K] [--meta JSON] [--allow-secret]
+
+Send standard input, byte for byte, as one message to TO ('*' for everyone on the
+channel). Prints the bus's JSON acknowledgement, as `agent-bus send` does.
+
+  --channel C    channel (default $AGENT_BUS_CHANNEL or 'default')
+  --from NAME    sender name (default $AGENT_NAME)
+  --key K        idempotency key: sending the same key again stores nothing new
+  --meta JSON    a flat JSON object of extra fields
+  --allow-secret send even if the body looks like a key or credential
+
+A body that looks like a private key or credential is refused (exit 1): send such
+things as a file with bus-handoff, which sends only its sha256 and path.
+
+Environment: AGENT_BUS_URL (required), AGENT_NAME, AGENT_BUS_CHANNEL, AGENT_BUS_TOKEN,
+AGENT_BUS_KEY (sign with this Ed25519 key; needs openssl), AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 sent, 1 refused (by the bus, or by the secret guard), 2 usage or
+configuration, 3 bus unreachable or failing (network, 5xx).
+USAGE
+}
+
+usage_recv() {
+  cat <<'USAGE'
+usage: bus-recv [NAME] [--channel C] [--once] [--since TS] [--no-cursor]
+
+Long-poll the bus for NAME's messages (default $AGENT_NAME) and print each as a block:
+'[HH:MM:SSZ] from SENDER:', the body, '---'. The cursor is kept in
+$AGENT_BUS_STATE_DIR/NAME@CHANNEL.cursor, the same file `agent-bus recv` keeps, so a
+restart neither skips nor repeats. Errors are retried with backoff (0.5 s to 10 s).
+
+  --channel C    channel, or '*' for all (default $AGENT_BUS_CHANNEL or 'default')
+  --once         wait for one batch (up to the hold time), print it, and exit
+  --since TS     start after this ts instead of the saved cursor
+  --no-cursor    keep no cursor file (also AGENT_BUS_NO_CURSOR=1); starts from now
+
+Environment: AGENT_BUS_URL (required), AGENT_NAME, AGENT_BUS_CHANNEL, AGENT_BUS_TOKEN,
+AGENT_BUS_UA, AGENT_BUS_CA, AGENT_BUS_STATE_DIR (default
+~/.local/state/agent-bus/cursors), AGENT_BUS_NO_CURSOR. Exit codes: 0 done, 1 refused
+by the bus (4xx), 2 usage or configuration, 3 bus unreachable or failing (--once).
+USAGE
+}
+
+usage_listen() {
+  cat <<'USAGE'
+usage: bus-listen [NAME] [--channel C] [--dir DIR] [--full FILE] [--summary FILE]
+                  [--heartbeat FILE] [--since TS] [--once]
+
+Long-poll the bus for NAME's messages (default $AGENT_NAME) and append each, exactly
+once, as one JSON line to the full log and as 'ts<TAB>from<TAB>first 120 characters'
+(newlines shown as ' | ', tabs and carriage returns as spaces) to the summary log.
+The heartbeat file is touched after every successful poll: its age says how current
+the logs are. The cursor, <dir>/NAME@CHANNEL.cursor, moves only after a batch is
+logged. Prints nothing; errors go to stderr and are retried with backoff (0.5 s to
+10 s). For example: nohup bus-listen spark 2>>listen.err & tail -f <dir>/spark@default.tsv
+
+  --channel C       channel, or '*' for all (default $AGENT_BUS_CHANNEL or 'default')
+  --dir DIR         folder for the logs, heartbeat and cursor (default
+                    $AGENT_BUS_LISTEN_DIR or ~/.local/state/agent-bus/listen)
+  --full FILE       the full log (default <dir>/NAME@CHANNEL.jsonl)
+  --summary FILE    the summary log (default <dir>/NAME@CHANNEL.tsv)
+  --heartbeat FILE  the heartbeat file (default <dir>/NAME@CHANNEL.heartbeat)
+  --since TS        start after this ts instead of the saved cursor
+  --once            one poll (waiting up to the hold time), then exit
+
+Environment: AGENT_BUS_URL (required), AGENT_NAME, AGENT_BUS_CHANNEL, AGENT_BUS_TOKEN,
+AGENT_BUS_UA, AGENT_BUS_CA, AGENT_BUS_LISTEN_DIR. Exit codes: 0 done, 1 refused by the
+bus (4xx), 2 usage or configuration, 3 bus unreachable or failing (--once).
+USAGE
+}
+
+usage_drop() {
+  cat <<'USAGE'
+usage: bus-drop TO [--channel C] [--from NAME]
+
+Write standard input, byte for byte, into NAME's outbox as one file addressed to TO
+('*' for everyone on the channel), atomically, and print the file's path. The daemon
+(agent-bus agent NAME) sends it; it need not be running yet. The file starts with a
+header block (---bus, to: TO, channel: C, ---), so any body arrives unchanged.
+
+  --channel C    channel (default: the daemon's channel)
+  --from NAME    whose outbox (default $AGENT_NAME)
+
+Environment: AGENT_NAME, AGENT_BUS_SPOOL (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus).
+Needs no network. Exit codes: 0 dropped, 2 usage, configuration or a body that can
+never be sent (binary).
+USAGE
+}
+
+usage_inbox() {
+  cat <<'USAGE'
+usage: bus-inbox [NAME] [--read ID] [--body]
+
+List the messages in NAME's inbox/ (default $AGENT_NAME), oldest first, one line each:
+id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', other control
+characters as spaces). With --read ID, print that message's file: headers, a blank
+line, the body.
+
+  --read ID    print the message with this id
+  --body       with --read: print only the body, byte for byte
+
+Environment: AGENT_NAME, AGENT_BUS_SPOOL (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus).
+Needs no network. Exit codes: 0 done, 1 no message with that id, 2 usage or configuration.
+USAGE
+}
+
+usage_handoff() {
+  cat <<'USAGE'
+usage: bus-handoff --to NAME FILE... [--note TEXT] [--channel C] [--from NAME]
+
+Make each FILE private (chmod 0600), hash it, and send one message with each file's
+sha256, absolute path, host, size, line count and mtime (in meta, and one readable
+line per file: 'hits.csv: lines=8 sha256=<hex> at host:/abs/path'). The content stays
+here. Prints the bus's JSON acknowledgement, as `agent-bus handoff` does.
+
+  --to NAME      recipient name, or '*'
+  --note TEXT    a line of text to send along (refused if it looks like a secret)
+  --channel C    channel (default $AGENT_BUS_CHANNEL or 'default')
+  --from NAME    sender name (default $AGENT_NAME)
+
+Environment: AGENT_BUS_URL (required), AGENT_NAME, AGENT_BUS_CHANNEL, AGENT_BUS_TOKEN,
+AGENT_BUS_KEY (sign with this Ed25519 key; needs openssl), AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 sent, 1 refused (by the bus, or a note that looks like a secret),
+2 usage, configuration or a file that cannot be handed off, 3 bus unreachable or failing.
+USAGE
+}
+
+usage_verify() {
+  cat <<'USAGE'
+usage: bus-verify ID [--name NAME]
+       bus-verify FILE SHA256
+
+Recompute a handed-off file's sha256. Give an inbox message id (the handoff as the
+daemon filed it in NAME's inbox/), or a FILE and the expected SHA256. Prints one line
+per file, 'verified', 'mismatch' or 'unreachable', a tab, and its path. Only a regular
+file is read, without blocking; with an id, a file whose size is not the one handed off
+is a mismatch without being read, and no more than that size is ever read.
+
+  --name NAME    whose inbox (default $AGENT_NAME)
+
+Environment: AGENT_NAME, AGENT_BUS_SPOOL (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus).
+Needs no network. Exit codes: 0 verified, 1 mismatch, 2 usage or configuration (no such
+message, not a handoff), 3 unreachable (a file that cannot be read here).
+USAGE
+}
+
+usage_status() {
+  cat <<'USAGE'
+usage: bus-status ID...
+
+Print each message's receipt state, one line per recipient: id<TAB>state<TAB>recipient.
+queued: stored; delivered: the recipient fetched it; filed: its daemon's inbox file is
+durable. A broadcast has a line per agent known to read its channel. You see your own
+messages (admins: all); others show as unknown. Same bytes as `agent-bus status`.
+
+Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 done, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus
+unreachable or failing (network, 5xx).
+USAGE
+}
+
+usage_agents() {
+  cat <<'USAGE'
+usage: bus-agents
+
+Print the bus's roster (GET /agents) as a table: name, online, last contact (UTC),
+messages waiting per channel, role and identity. Empty cells show '-'. Same bytes as
+`agent-bus agents`.
+
+Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 done, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus
+unreachable or failing (network, 5xx).
+USAGE
+}
+
+usage_health() {
+  cat <<'USAGE'
+usage: bus-health
+
+Print the bus's health (GET /healthz) as JSON, as `agent-bus health` does.
+
+Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 up, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus
+unreachable or failing (network, 5xx).
+USAGE
+}
+
+usage_channels() {
+  cat <<'USAGE'
+usage: bus-channels
+
+Print every channel with its message count and the time of its newest message, newest
+first (GET /channels), as JSON indented by two, as `agent-bus channels` (and el-ipc's
+`channels`) does. Once auth is on it needs an admin token.
+
+Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 done, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus
+unreachable or failing (network, 5xx).
+USAGE
+}
+
+usage_agent_card() {
+  cat <<'USAGE'
+usage: bus-agent-card
+
+Print the bus's agent card (GET /.well-known/agent-card.json) as JSON indented by two,
+as `agent-bus agent-card` (and el-ipc's `agent-card`) does: an A2A v1.0 card with
+el-ipc's url, authentication schemes and, once an operator exists, its did:key.
+
+Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 done, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus
+unreachable or failing (network, 5xx).
+USAGE
 }

@@ -3,6 +3,5 @@
 spool    the folder's layout, the drop rule, and the names of the files in it
 outbox   watches outbox/ and sends each dropped file exactly once
 inbox    long-polls the bus and files every message in inbox/ and inbox.log
-notify   tells systemd we are ready and alive (sd_notify), if it is listening
-daemon   wires those together: `agent-bus agent NAME`
+daemon   wires those together (and busd/notify.py's sd_notify): `agent-bus agent NAME`
 """

@@ -25,7 +25,8 @@ import threading
 from typing import Callable
 
 from .. import handoff
-from ..client import Backoff, BusClient, BusClientError
+from ..client import BusClient, BusClientError
+from ..receive import Backoff
 from .inbox import InboxWriter
 
 log = logging.getLogger("busd.agent.checks")

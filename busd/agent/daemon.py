@@ -23,7 +23,7 @@ from .. import model
 from ..client import BusClient
 from .checks import CHECK_SECONDS, CheckReporter, HandoffChecker
 from .inbox import InboxWriter, ReceiveLoop
-from .notify import Notifier
+from ..notify import Notifier
 from .outbox import OutboxSender, OutboxSettings, start_observer
 from .spool import AgentLock, SpoolLayout
 

@@ -41,13 +41,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TextIO
 
 from .. import handoff, model
-from ..client import Backoff, BusClient, BusClientError
+from ..client import BusClient
 from ..framing import check_block, monitor_block
-from .spool import FILE_MODE, SpoolLayout, fsync_dir, write_atomically, write_new_file
+from ..fileio import FILE_MODE, fsync_dir, write_atomically, write_new_file
+from ..receive import Backoff, Cursor, follow, messages_of
+from .spool import InboxEntry, SpoolLayout, entries_in, parse_inbox_file
+from .spool import list_inbox, read_header_value  # noqa: F401 - where callers look for them
 
 log = logging.getLogger("busd.agent.inbox")
 
-INBOX_NAME_RE = re.compile(r"(\d+\.\d{6})-(\d+)-(.+)\.msg")
 BLOCK_END = b"\n---\n"
 CHECK_ENTRY_RE = re.compile(rb"\[\d\d:\d\d:\d\dZ\] handoff check of message \d+ from ")
 RECV_BATCH = 1000
@@ -92,13 +94,6 @@ def header_value(value: Any) -> str:
     if isinstance(value, str) and _plain(value):
         return value
     return json_text(value)
-
-
-def read_header_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def _shown(value: Any, limit: int = 80) -> str:
@@ -282,28 +277,6 @@ def format_inbox_file(message: dict, roots: tuple[str, ...] | None = None) -> by
     return interpret(*key, message, roots).file_bytes()
 
 
-def parse_inbox_file(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """(headers, body bytes) of an inbox file; meta.<k> headers gathered in headers["meta"]."""
-    head, sep, body = data.partition(b"\n\n")
-    if not sep:
-        raise ValueError("not an inbox file: no blank line after the headers")
-    headers: dict[str, Any] = {}
-    meta: dict[str, Any] = {}
-    for line in head.decode("utf-8").split("\n"):
-        name, _, value = line.partition(": ")
-        if name.startswith("meta."):
-            meta[name[5:]] = read_header_value(value)
-        elif name == "meta":
-            others = read_header_value(value)
-            if isinstance(others, dict):
-                meta.update(others)
-        else:
-            headers[name] = value
-    if meta:
-        headers["meta"] = meta
-    return headers, body
-
-
 def with_check(data: bytes, check: handoff.Check, checked: str) -> bytes:
     """An inbox file's bytes with its handoff header set to a finished check."""
     head, _, body = data.partition(b"\n\n")
@@ -311,30 +284,6 @@ def with_check(data: bytes, check: handoff.Check, checked: str) -> bytes:
             if not line.startswith((b"handoff: ", b"handoff-reason: ", b"checked: "))]
     tail = handoff_headers(None, check.result, check.reason, checked)
     return b"\n".join(kept + [line.encode("utf-8") for line in tail]) + b"\n\n" + body
-
-
-@dataclass(frozen=True)
-class InboxEntry:
-    id: int
-    ts: float
-    sender: str
-    path: str
-
-
-def list_inbox(layout: SpoolLayout) -> list[InboxEntry]:
-    """The inbox files, oldest first."""
-    entries = []
-    try:
-        names = os.listdir(layout.inbox)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        match = INBOX_NAME_RE.fullmatch(name)
-        if match:
-            entries.append(InboxEntry(id=int(match.group(2)), ts=float(match.group(1)),
-                                      sender=match.group(3),
-                                      path=os.path.join(layout.inbox, name)))
-    return sorted(entries, key=lambda e: (e.ts, e.id))
 
 
 # -- the cursor file -------------------------------------------------------
@@ -393,7 +342,7 @@ class InboxWriter:
         self.out = out
         self.roots = roots
         self.on_marked = on_marked
-        self.since = 0.0
+        self.cursor = Cursor()
         self._ids: set[int] = set()
         self._unlogged: set[int] = set()   # filed, block not yet in inbox.log
         self._status: dict[int, list[str]] = {}  # filed this batch: its block's status lines
@@ -407,11 +356,9 @@ class InboxWriter:
         self._lock = threading.Lock()
 
     def open(self) -> None:
+        self._ids.update(entry.id for entry in entries_in(self.layout.inbox))
         for name in os.listdir(self.layout.inbox):
-            match = INBOX_NAME_RE.fullmatch(name)
-            if match:
-                self._ids.add(int(match.group(2)))
-            elif name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(".") and name.endswith(".tmp"):
                 os.unlink(os.path.join(self.layout.inbox, name))  # a crash's half-written file
         self._open_log()
         state = load_state(self.layout.cursor)
@@ -422,7 +369,7 @@ class InboxWriter:
             state = None
         if state is None:
             return
-        self.since = state.since
+        self.cursor.since = state.since
         self._saved = state
         size = os.fstat(self._log_fd).st_size
         if state.log_bytes is not None and state.log_bytes <= size:
@@ -463,24 +410,27 @@ class InboxWriter:
         except FileNotFoundError:
             return True
 
-    def write_batch(self, messages: list[dict], now: float | None) -> list[tuple[int, str]]:
-        """File a batch; returns (id, result) of the handoffs whose result is known at once
+    @property
+    def since(self) -> float:
+        return self.cursor.since
+
+    def write_batch(self, batch: dict) -> list[tuple[int, str]]:
+        """File a /recv reply's messages; returns (id, result) of the handoffs whose result is known at once
         (not checked), for the bus. Raises only OSError (the disk), never for content."""
         with self._lock:
-            reports, marked = self._write_batch(messages, now)
+            reports, marked = self._write_batch(batch)
         if marked and self.on_marked is not None:
             self.on_marked()  # after the blocks: a check entry never precedes its block
         return reports
 
-    def _write_batch(self, messages: list[dict], now: float | None
-                     ) -> tuple[list[tuple[int, str]], bool]:
+    def _write_batch(self, batch: dict) -> tuple[list[tuple[int, str]], bool]:
         fresh: list[tuple[int, float, dict]] = []
-        for message in messages:
+        for message in messages_of(batch):
             key = message_key(message)
             if key is None:
                 log.error("skipping something the bus sent that is not a message (no id and "
                           "ts the bus would give): %s", _shown(message))
-            elif key[1] > self.since:
+            elif self.cursor.is_new(message):
                 fresh.append((*key, message))
         reports: list[tuple[int, str]] = []
         was_recovering = self._recovering
@@ -494,9 +444,7 @@ class InboxWriter:
                 marked += 1
             elif filing.handoff is not None:
                 reports.append((message_id, filing.handoff))
-            temp = os.path.join(self.layout.inbox, f".{filing.name}.tmp")
-            write_new_file(temp, filing.file_bytes())
-            os.rename(temp, os.path.join(self.layout.inbox, filing.name))
+            write_atomically(os.path.join(self.layout.inbox, filing.name), filing.file_bytes())
             self._status[message_id] = status_lines(message_id, filing.note, filing.handoff,
                                                     filing.reason)
             self._ids.add(message_id)
@@ -536,11 +484,8 @@ class InboxWriter:
             self._append(b"".join(blocks))
             self._unlogged.difference_update(logged)
 
-        since = max([self.since] + [ts for _, ts, _ in fresh])
-        if isinstance(now, (int, float)) and math.isfinite(now) and now > since:
-            since = float(now)
-        self.since = since
-        state = ReceiveState(since=since, channel=self.channel,
+        self.cursor.advance(batch)
+        state = ReceiveState(since=self.cursor.since, channel=self.channel,
                              log_bytes=os.fstat(self._log_fd).st_size)
         if state != self._saved:
             save_state(self.layout.cursor, state)
@@ -603,16 +548,7 @@ class InboxWriter:
 
     def pending_checks(self, limit: int) -> list[str]:
         """The inbox names of up to `limit` handoffs waiting for their check, oldest first."""
-        try:
-            names = os.listdir(self.layout.checking)
-        except FileNotFoundError:
-            return []
-        keyed = []
-        for name in names:
-            match = INBOX_NAME_RE.fullmatch(name)
-            if match:
-                keyed.append(((float(match.group(1)), int(match.group(2))), name))
-        return [name for _, name in sorted(keyed)[:limit]]
+        return [os.path.basename(e.path) for e in entries_in(self.layout.checking)[:limit]]
 
     def files_to_check(self, name: str) -> list[handoff.FileFacts] | handoff.Check | None:
         """What the handoff filed as `name` asks to check; a Check if that is known without
@@ -634,12 +570,11 @@ class InboxWriter:
     def record_check(self, name: str, check: handoff.Check) -> int | None:
         """Write a finished check into the inbox file (atomically) and inbox.log, then drop
         its marker; the message id, or None if its inbox file is gone."""
-        path = os.path.join(self.layout.inbox, name)
-        match = INBOX_NAME_RE.fullmatch(name)
-        if match is None:
+        entry = InboxEntry.named(self.layout.inbox, name)
+        if entry is None:
             self._unmark(name)
             return None
-        message_id = int(match.group(2))
+        path, message_id = entry.path, entry.id
         when = time.time()
         with self._lock:
             if self._log_fd is None:
@@ -674,54 +609,54 @@ class CheckReports(Protocol):
 
 # -- the receive loop --------------------------------------------------------
 
+def receive_batch(client: BusClient, writer: InboxWriter, name: str, channel: str,
+                  block: bool = True) -> dict:
+    """The next batch for `writer` to file. filed=True: the bus may count everything up
+    to our since as filed, because the writer saves it only once the files are durable."""
+    return client.recv(name, since=writer.since, block=block, channel=channel,
+                       max_batch=RECV_BATCH, filed=True)
+
+
+@dataclass
 class ReceiveLoop:
     """Long-polls the bus and hands each batch to the writer; never gives up."""
-
-    def __init__(self, writer: InboxWriter, client: BusClient, name: str, channel: str,
-                 stop: threading.Event, backoff: Backoff | None = None,
-                 reporter: CheckReports | None = None):
-        self.writer = writer
-        self.reporter = reporter
-        self.client = client
-        self.name = name
-        self.channel = channel
-        self.stop = stop
-        self.backoff = backoff or Backoff(0.25, 5.0)
-        # Held while a batch is being filed; shutdown takes it so no batch is cut short.
-        self.busy = threading.Lock()
+    writer: InboxWriter
+    client: BusClient
+    name: str
+    channel: str
+    stop: threading.Event
+    reporter: CheckReports | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.25, 5.0))
+    # Held while a batch is being filed; shutdown takes it so no batch is cut short.
+    busy: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self) -> None:
         failing = False
-        while not self.stop.is_set():
-            try:
-                # filed=True: our since is saved only once the files are durable.
-                data = self.client.recv(self.name, since=self.writer.since, block=True,
-                                        channel=self.channel, max_batch=RECV_BATCH, filed=True)
-            except BusClientError as exc:
-                if self.stop.is_set():
-                    return
-                delay = self.backoff.delay(exc.retry_after)
-                level = logging.WARNING if not failing else logging.INFO
-                log.log(level, "cannot receive: %s; retrying in %gs", exc, delay)
-                failing = True
-                self.stop.wait(delay)
-                continue
+
+        def poll() -> dict:
+            return receive_batch(self.client, self.writer, self.name, self.channel)
+
+        def report(exc: Exception, delay: float) -> None:
+            nonlocal failing
+            log.log(logging.INFO if failing else logging.WARNING,
+                    "cannot receive: %s; retrying in %gs", exc, delay)
+            failing = True
+
+        for batch in follow(poll, self.stop, backoff=self.backoff, on_error=report):
             if failing:
                 log.info("receiving again from %s", self.client.url)
             failing = False
-            self.backoff.reset()
-            messages = data.get("messages") or []
             with self.busy:
-                if self.stop.is_set() and not messages:
+                if self.stop.is_set() and not messages_of(batch):
                     return
                 try:
-                    checked = self.writer.write_batch(messages, data.get("now"))
+                    checked = self.writer.write_batch(batch)
                 except Exception as exc:  # noqa: BLE001
                     # Disk full, or a message we cannot file: the cursor did not move,
                     # so the same batch comes again after the pause.
                     delay = self.backoff.delay()
                     log.exception("cannot file %d messages (%s); trying again in %gs",
-                                  len(messages), exc, delay)
+                                  len(messages_of(batch)), exc, delay)
                     self.stop.wait(delay)
                     continue
             if checked and self.reporter is not None:

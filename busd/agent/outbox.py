@@ -32,10 +32,12 @@ from typing import Callable
 from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileMovedEvent,
                              FileSystemEvent, FileSystemEventHandler)
 
-from ..client import Backoff, BusClient, BusClientError
-from .spool import (BadDrop, SpoolLayout, claimed_name, fit_name, fsync_dir, idempotency_key,
+from ..client import BusClient, BusClientError
+from ..fileio import fsync_dir, write_atomically
+from ..receive import Backoff
+from .spool import (BadDrop, SpoolLayout, claimed_name, fit_name, idempotency_key,
                     is_being_written, new_token, outbox_place, parse_drop, read_drop_file,
-                    shown_path, split_claimed_name, write_atomically)
+                    shown_path, split_claimed_name)
 
 log = logging.getLogger("busd.agent.outbox")
 

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import re
 import secrets
 import stat
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .. import model, secretguard
 from ..errors import BusError
+from ..fileio import FILE_MODE, fsync_dir, write_atomically
 
 FOLDER_MODE = 0o700
-FILE_MODE = 0o600
 
 # A header block may use this much of a file on top of the message size limit.
 MAX_HEADER_BYTES = 8 * 1024
@@ -374,44 +376,73 @@ def is_being_written(path: str) -> bool | None:
         os.close(fd)
 
 
+# -- the inbox: its file names and the file format (agent/inbox.py writes them) -----
+
+INBOX_NAME_RE = re.compile(r"(\d+\.\d{6})-(\d+)-(.+)\.msg")
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    id: int
+    ts: float
+    sender: str
+    path: str
+
+    @classmethod
+    def named(cls, folder: str, name: str) -> "InboxEntry | None":
+        """The entry a file name `<ts>-<id>-<from>.msg` stands for, or None."""
+        match = INBOX_NAME_RE.fullmatch(name)
+        if match is None:
+            return None
+        return cls(id=int(match.group(2)), ts=float(match.group(1)), sender=match.group(3),
+                   path=os.path.join(folder, name))
+
+
+def entries_in(folder: str) -> list[InboxEntry]:
+    """The inbox names in `folder` (inbox/, or checking/), oldest first."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    entries = [e for e in (InboxEntry.named(folder, name) for name in names) if e is not None]
+    return sorted(entries, key=lambda e: (e.ts, e.id))
+
+
+def list_inbox(layout: SpoolLayout) -> list[InboxEntry]:
+    """The inbox files, oldest first."""
+    return entries_in(layout.inbox)
+
+
+def read_header_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_inbox_file(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """(headers, body bytes) of an inbox file; meta.<k> headers gathered in headers["meta"]."""
+    head, sep, body = data.partition(b"\n\n")
+    if not sep:
+        raise ValueError("not an inbox file: no blank line after the headers")
+    headers: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    for line in head.decode("utf-8").split("\n"):
+        name, _, value = line.partition(": ")
+        if name.startswith("meta."):
+            meta[name[5:]] = read_header_value(value)
+        elif name == "meta":
+            others = read_header_value(value)
+            if isinstance(others, dict):
+                meta.update(others)
+        else:
+            headers[name] = value
+    if meta:
+        headers["meta"] = meta
+    return headers, body
+
+
 # -- writing ---------------------------------------------------------------
-
-def fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_new_file(path: str, data: bytes) -> None:
-    """Create `path` (O_EXCL, 0600) with `data`, durably. A leftover from a crash is replaced."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags, FILE_MODE)
-    except FileExistsError:
-        os.unlink(path)
-        fd = os.open(path, flags, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Replace `path` with `data`: a hidden temp file, fsync, rename."""
-    folder, name = os.path.split(path)
-    temp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
-    write_new_file(temp, data)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
-
 
 def drop_bytes(to: str, body: bytes, channel: str | None = None) -> bytes:
     """A drop file that says its own recipient (and channel): a header block, then the body."""
@@ -437,20 +468,8 @@ def drop(layout: SpoolLayout, to: str, body: bytes, channel: str | None,
     parse_drop(data, None, channel or model.DEFAULT_CHANNEL, max_msg_bytes)
     layout.create()
     token = new_token()
-    temp = os.path.join(layout.root, f".drop-{token}.tmp")
     target = os.path.join(layout.outbox, f"drop-{token}")
-    write_new_file(temp, data)
-    try:
-        os.rename(temp, target)
-    except BaseException:
-        _unlink_quietly(temp)
-        raise
+    write_atomically(target, data, temp_dir=layout.root)
     fsync_dir(layout.outbox)
     return target
 
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -15,9 +15,9 @@ from ..errors import BusError
 from ..identity import Access, Principal
 from ..metrics import BusMetrics
 from ..receipts import Presence
-from ..model import Limits, NewMessage, SendResult
+from ..model import Limits, NewMessage, SendResult, check_key, check_meta
 from ..store import Store
-from ..waiters import WaiterHub
+from ..waiters import Waiter, WaiterHub
 
 
 @dataclass
@@ -185,11 +185,17 @@ def check_signature(value: object) -> str | None:
     return value
 
 
-async def accept_send(request: web.Request, message: NewMessage, signed_at: object,
-                      legacy: bool, allow_secret: object = False) -> SendResult:
-    """The one way a send is stored: who may send it, its signature, then a durable commit."""
+async def accept_send(request: web.Request, body: dict, legacy: bool, *, channel: str,
+                      sender: str, to: str, text: str) -> SendResult:
+    """The one way a send is stored: the fields both protocols share (meta, key,
+    signature) checked, who may send it, its signature, then a durable commit."""
     bus = bus_of(request)
-    if bus.settings.secret_guard and allow_secret is not True:
+    message = NewMessage(channel=channel, sender=sender, to=to, body=text,
+                         meta=check_meta(body.get("meta"), bus.settings.limits.max_meta_bytes),
+                         key=check_key(body.get("key")),
+                         signature=check_signature(body.get("signature")))
+    signed_at = body.get("signed_at")
+    if bus.settings.secret_guard and body.get("allow_secret") is not True:
         if problem := secretguard.refusal(message.body):
             raise BusError(errors.SECRET_REFUSED,
                            problem.replace("--allow-secret", '"allow_secret": true'))
@@ -205,41 +211,41 @@ async def accept_send(request: web.Request, message: NewMessage, signed_at: obje
     return result
 
 
-async def visible_pending(bus: Bus, principal: Principal) -> dict[str, dict[str, int]]:
-    """The store's pending counts, {channel: {recipient: count}}, on the channels this
-    principal may see."""
-    return {channel: counts for channel, counts in (await bus.store.pending_counts()).items()
-            if bus.access.sees_channel(principal, channel)}
-
-
 Found = TypeVar("Found")
 
 
-async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Awaitable[Found]],
-                    block: bool, has_messages: Callable[[Found], bool]) -> Found:
-    """Fetch; if nothing and `block`, park until a matching commit or the hold ends.
-
-    Returns what the last fetch found (a rapid fetch carries its own safe `now`).
-    """
+async def wait_for_news(bus: Bus, fetch: Callable[[], Awaitable[Found]], block: bool,
+                news: Callable[[Found], bool], register: Callable[[], Waiter]) -> Found:
+    """Fetch; if `block` and nothing is news, wait for a wake-up (or the hold) and look
+    again. Returns what the last fetch found (a rapid fetch carries its own safe `now`)."""
     if not block or bus.hub.closed:
         return await fetch()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + bus.settings.hold_seconds
+    while True:
+        # Registered before looking, so a change between the look and the wait still wakes us.
+        waiter = register()
+        try:
+            found = await fetch()
+            remaining = deadline - loop.time()
+            if news(found) or remaining <= 0 or bus.hub.closed:
+                return found
+            await waiter.wait(remaining)
+        finally:
+            bus.hub.unregister(waiter)
+
+
+async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Awaitable[Found]],
+                    block: bool, has_messages: Callable[[Found], bool]) -> Found:
+    """Fetch; if nothing and `block`, park (seen as present) until a matching commit or
+    the hold ends."""
+    if not block or bus.hub.closed:
+        return await fetch()
     bus.presence.parked_now(name)
     bus.hub.changed()  # presence: the console shows who is listening
     hung_up = False
     try:
-        while True:
-            # Park before looking, so a commit between the look and the park still wakes us.
-            waiter = bus.hub.register(channel, name)
-            try:
-                found = await fetch()
-                remaining = deadline - loop.time()
-                if has_messages(found) or remaining <= 0 or bus.hub.closed:
-                    return found
-                await waiter.wait(remaining)
-            finally:
-                bus.hub.unregister(waiter)
+        return await wait_for_news(bus, fetch, True, has_messages, lambda: bus.hub.register(channel, name))
     except asyncio.CancelledError:
         hung_up = True  # the client went away (the server cancels its handler)
         raise

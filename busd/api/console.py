@@ -24,17 +24,15 @@ import string
 import time
 from functools import lru_cache
 from importlib import resources
-from typing import Awaitable, Callable, Mapping
+from typing import Mapping
 
 from aiohttp import web
 
-from .. import __version__, errors, receipts
+from .. import __version__, errors, roster
 from ..errors import BusError
 from ..identity import OPEN, Principal
 from ..model import StoredMessage, check_channel, check_name
-from . import elipc
-from .common import Bus, bus_of, principal_of, query_bool, query_value, reply, visible_pending
-from .handoffs import checks_of, is_handoff
+from .common import bus_of, principal_of, query_bool, query_value, reply, wait_for_news
 
 PREFIX = "/ui"
 COOKIE = "agent_bus_console"
@@ -205,64 +203,44 @@ async def feed(request: web.Request) -> web.Response:
                 found[message.id] = message
         return [found[i] for i in sorted(found)[-limit:]]
 
-    messages = await _watch(bus, fetch, block and after is not None,
-                            lambda found: bool(found) or bus.hub.version != version)
+    messages = await wait_for_news(bus, fetch, block and after is not None,
+                                   lambda found: bool(found) or bus.hub.version != version,
+                                   bus.hub.register_watcher)
     # Taken before the states are read: a change from here on moves it again.
     version = bus.hub.version
     new_ids = {m.id for m in messages}
     followed = [m for m in await bus.store.messages_by_id(sorted(set(watch) - new_ids))
                 if bus.access.sees_channel(principal, m.channel)]
     everything = messages + followed
-    rows, marks = await bus.store.receipts({m.channel for m in everything})
-    states = {s["id"]: s for s in receipts.message_states(everything, rows, marks)}
-    checks = await checks_of(bus, everything)
-    pending = await visible_pending(bus, principal)
+    states = await roster.states(bus.store, everything)
+    pending = await roster.visible_pending(bus.store, bus.access, principal)
     return reply({
         "version": version,
-        "messages": [_entry(m, states[m.id], checks.get(m.id)) for m in messages],
-        "states": {str(m.id): _state(m, states[m.id], checks.get(m.id)) for m in followed},
+        "messages": [_entry(m, states[m.id]) for m in messages],
+        "states": {str(m.id): _state(m, states[m.id]) for m in followed},
         "gone": sorted(set(watch) - new_ids - {m.id for m in followed}),
-        "agents": await elipc.roster(bus, principal, pending=pending),
+        "agents": await roster.roster(bus.store, bus.access, bus.presence, principal,
+                                      pending=pending),
         "channels": await _channels(bus, principal, pending),
         "auth": principal is not OPEN,
         "now": time.time(),
     })
 
 
-async def _watch(bus: Bus, fetch: Callable[[], Awaitable[list[StoredMessage]]], block: bool,
-                 news: Callable[[list[StoredMessage]], bool]) -> list[StoredMessage]:
-    """Fetch; if `block` and nothing is news, wait for a change (or the hold) and look again."""
-    if not block or bus.hub.closed:
-        return await fetch()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + bus.settings.hold_seconds
-    while True:
-        # Registered before looking, so a change between the look and the wait still wakes us.
-        waiter = bus.hub.register_watcher()
-        try:
-            found = await fetch()
-            remaining = deadline - loop.time()
-            if news(found) or remaining <= 0 or bus.hub.closed:
-                return found
-            await waiter.wait(remaining)
-        finally:
-            bus.hub.unregister(waiter)
-
-
-def _state(message: StoredMessage, state: dict, checks: dict[str, str] | None) -> dict:
+def _state(message: StoredMessage, state: dict) -> dict:
     out = {"state": state["state"], "recipients": state["recipients"]}
-    if is_handoff(message):
-        out["handoff"] = checks or {}
+    if roster.is_handoff(message):
+        out["handoff"] = state.get("handoff", {})
     return out
 
 
-def _entry(message: StoredMessage, state: dict, checks: dict[str, str] | None) -> dict:
+def _entry(message: StoredMessage, state: dict) -> dict:
     first_line, _, rest = message.body.partition("\n")
     entry = {"id": message.id, "ts": message.ts, "from": message.sender, "to": message.to,
              "channel": message.channel, "first_line": first_line[:FIRST_LINE_CHARS],
              "more": bool(rest) or len(first_line) > FIRST_LINE_CHARS,
              "signed": bool(message.signature)}
-    entry.update(_state(message, state, checks))
+    entry.update(_state(message, state))
     return entry
 
 

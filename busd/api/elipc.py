@@ -5,16 +5,12 @@ that channel get it too; a reader's watermark only ever moves forward.
 """
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 
-from .. import __version__, agent_card as agent_cards, errors
+from .. import __version__, agent_card as agent_cards, errors, roster
 from ..errors import BusError
-from ..identity import Principal
-from ..model import NewMessage, check_body, check_channel, check_key, check_meta, check_name
-from .common import (Bus, accept_send, bus_of, check_signature, long_poll, principal_of, query_bool,
-                     query_value, reply, visible_pending)
+from ..model import check_body, check_channel, check_name
+from .common import accept_send, bus_of, long_poll, principal_of, query_bool, query_value, reply
 
 FIELDS = ("channel", "sender", "content")
 READ_BATCH = 1000
@@ -26,17 +22,10 @@ async def send(request: web.Request, body: dict) -> web.Response:
     for name in FIELDS:
         if body.get(name) in (None, ""):
             raise BusError(errors.MISSING_FIELD, name)
-    message = NewMessage(
-        channel=check_channel(body["channel"]),
-        sender=check_name(body["sender"], "sender"),
-        to="*",
-        body=check_body(body["content"], "content", limits.max_msg_bytes, allow_empty=False),
-        meta=check_meta(body.get("meta"), limits.max_meta_bytes),
-        key=check_key(body.get("key")),
-        signature=check_signature(body.get("signature")),
-    )
-    result = await accept_send(request, message, body.get("signed_at"), legacy=True,
-                               allow_secret=body.get("allow_secret"))
+    result = await accept_send(
+        request, body, legacy=True, channel=check_channel(body["channel"]),
+        sender=check_name(body["sender"], "sender"), to="*",
+        text=check_body(body["content"], "content", limits.max_msg_bytes, allow_empty=False))
     return reply({"ok": True, "id": result.message.id})
 
 
@@ -90,38 +79,7 @@ async def agents(request: web.Request) -> web.Response:
     principal = principal_of(request)
     if not principal.admin:
         bus.access.require_token(principal)
-    return reply(await roster(bus, principal))
-
-
-async def roster(bus: Bus, principal: Principal, pending: dict[str, dict[str, int]] | None = None
-                 ) -> list[dict]:
-    """The roster as /agents answers it; `pending` (admins): the pending counts this
-    principal may see (visible_pending), if the caller already has them."""
-    admin = principal.admin
-    registered = {a["name"]: a for a in await bus.store.registered_agents()}
-    contacts = await bus.store.last_contacts()
-    if pending is None:
-        # Queues are for admins (on their channels); others see no counts, and no names
-        # known only from them.
-        pending = await visible_pending(bus, principal) if admin else {}
-    now = time.time()
-    entries = []
-    waiting_for = {name for counts in pending.values() for name in counts}
-    for name in sorted(set(registered) | set(contacts) | set(bus.presence.parked) | waiting_for):
-        seen = contacts.get(name)
-        online = bus.presence.online(name, seen, now)
-        if not admin:
-            # Details (identities, who registered whom, queues) are for admins once auth is on.
-            entries.append({"name": name, "role": registered.get(name, {}).get("role", "agent"),
-                            "online": online, "last_seen": seen})
-            continue
-        entry = dict(registered.get(name) or {"name": name, "identity": "", "role": "agent",
-                                              "registered_by": None, "created_at": None})
-        entry.update(registered=name in registered, online=online, last_seen=seen,
-                     pending={channel: counts[name] for channel, counts in sorted(pending.items())
-                              if name in counts})
-        entries.append(entry)
-    return entries
+    return reply(await roster.roster(bus.store, bus.access, bus.presence, principal))
 
 
 async def health(request: web.Request) -> web.Response:

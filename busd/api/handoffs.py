@@ -17,15 +17,12 @@ from .. import errors
 from ..errors import BusError
 from ..handoff import REPORTED
 from ..model import BROADCAST, StoredMessage, check_name
+from ..roster import is_handoff
 from .common import bus_of, principal_of, read_json_object, reply
 
 # verified, mismatch, not checked; `unreachable` (older daemons) told a sender what exists
 # on the recipient's machine, and is refused. Rows stored before stay readable.
 RESULTS = REPORTED
-
-
-def is_handoff(message: StoredMessage) -> bool:
-    return isinstance(message.meta, dict) and message.meta.get("kind") == "handoff"
 
 
 def is_recipient(message: StoredMessage, agent: str) -> bool:
@@ -62,8 +59,3 @@ async def report(request: web.Request) -> web.Response:
     await bus.store.record_handoff_check(message_id, agent, result)
     bus.hub.changed()
     return reply({"ok": True})
-
-
-async def checks_of(bus, messages: list[StoredMessage]) -> dict[int, dict[str, str]]:
-    """{id: {agent: result}} for the handoffs among `messages` that have reports."""
-    return await bus.store.handoff_checks([m.id for m in messages if is_handoff(m)])

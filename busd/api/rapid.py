@@ -5,13 +5,11 @@ import time
 
 from aiohttp import web
 
-from .. import errors, receipts
+from .. import errors, roster
 from ..errors import BusError
-from ..model import (NewMessage, check_body, check_channel, check_key, check_meta,
-                     check_name, check_recipient)
-from .handoffs import checks_of
-from .common import (accept_send, bus_of, check_signature, long_poll, principal_of, query_batch,
-                     query_bool, query_float, query_value, reply)
+from ..model import check_body, check_channel, check_name, check_recipient
+from .common import (accept_send, bus_of, long_poll, principal_of, query_batch, query_bool,
+                     query_float, query_value, reply)
 
 FIELDS = ("from", "to", "msg")
 
@@ -22,17 +20,10 @@ async def send(request: web.Request, body: dict) -> web.Response:
     for name in FIELDS:
         if body.get(name) is None:
             raise BusError(errors.MISSING_FIELD, name)
-    message = NewMessage(
-        channel=check_channel(body.get("channel")),
-        sender=check_name(body["from"], "from"),
-        to=check_recipient(body["to"]),
-        body=check_body(body["msg"], "msg", limits.max_msg_bytes, allow_empty=True),
-        meta=check_meta(body.get("meta"), limits.max_meta_bytes),
-        key=check_key(body.get("key")),
-        signature=check_signature(body.get("signature")),
-    )
-    result = await accept_send(request, message, body.get("signed_at"), legacy=False,
-                               allow_secret=body.get("allow_secret"))
+    result = await accept_send(
+        request, body, legacy=False, channel=check_channel(body.get("channel")),
+        sender=check_name(body["from"], "from"), to=check_recipient(body["to"]),
+        text=check_body(body["msg"], "msg", limits.max_msg_bytes, allow_empty=True))
     stored = result.message
     payload = {"ok": True, "ts": stored.ts, "channel": stored.channel, "id": stored.id}
     if result.duplicate:
@@ -83,9 +74,7 @@ async def inbox(request: web.Request) -> web.Response:
     principal = principal_of(request)
     bus.access.check_admin(principal)
     now = await bus.store.now()
-    queues = await bus.store.queue_counts()
-    return reply({"recipients": {channel: counts for channel, counts in queues.items()
-                                 if bus.access.sees_channel(principal, channel)},
+    return reply({"recipients": await roster.visible_queues(bus.store, bus.access, principal),
                   "now": now})
 
 
@@ -118,11 +107,7 @@ async def status(request: web.Request) -> web.Response:
              # on the channels their token may see.
              if (principal.admin or m.sender == principal.name)
              and bus.access.sees_channel(principal, m.channel)]
-    rows, marks = await bus.store.receipts({m.channel for m in found})
-    states = {s["id"]: s for s in receipts.message_states(found, rows, marks)}
-    # A handoff's checks, as its recipients' daemons reported them.
-    for message_id, checks in (await checks_of(bus, found)).items():
-        states[message_id]["handoff"] = checks
+    states = await roster.states(bus.store, found)
     return reply({"messages": [states.get(i, {"id": i, "state": "unknown"}) for i in ids]})
 
 

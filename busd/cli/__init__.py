@@ -6,11 +6,13 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Mapping, NoReturn
+from typing import TYPE_CHECKING, Mapping, NoReturn
 
-from .. import __version__
+from .. import __version__, model
 from ..client import DEFAULT_UA, BusClient, BusClientError
-from ..signing import SigningError, read_private_file
+
+if TYPE_CHECKING:
+    from ..mailbox import Mailbox
 
 # Exit codes, shared with the bin/ shell mirrors (README, "Exit codes").
 EXIT_OK = 0
@@ -93,6 +95,7 @@ class Env:
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
         signing_key = None
         if self.key_path:
+            from ..signing import SigningError, read_private_file
             try:
                 signing_key = read_private_file(self.key_path)
             except SigningError as exc:
@@ -105,6 +108,68 @@ class Env:
         if not name:
             raise CommandError("no agent name: set AGENT_NAME or pass --from NAME", EXIT_USAGE)
         return name
+
+    def reading_channel(self, given: str | None) -> str:
+        """The channel a reader follows: a name, or '*' for all."""
+        channel = given or self.channel
+        if channel != "*" and not model.is_valid_name(channel):
+            raise CommandError(f"invalid channel {channel!r}: use 1-64 characters of "
+                               "A-Z a-z 0-9 . _ -, or '*' for all", EXIT_USAGE)
+        return channel
+
+    def mailbox(self, name: str | None = None, channel: str | None = None) -> Mailbox:
+        """The agent's mailbox (its spool folder; the bus once a flow needs it)."""
+        from ..mailbox import Mailbox
+
+        return Mailbox(self.agent_name(name), self.spool_root, channel or self.channel,
+                       connect=self.client)
+
+
+# -- the arguments several commands take ---------------------------------------------
+
+def command(commands: argparse._SubParsersAction, name: str, func) -> argparse.ArgumentParser:
+    """Add command `name`, run by `func(args, env)`: its docstring's first line is the
+    command's one-line help, the rest its description (`-h`)."""
+    summary, _, details = (func.__doc__ or "").strip().partition("\n")
+    parser = commands.add_parser(name, help=summary, description=" ".join(details.split()))
+    parser.set_defaults(func=func)
+    return parser
+
+
+def name_argument(parser: argparse.ArgumentParser, what: str = "agent name") -> None:
+    parser.add_argument("name", nargs="?", default=None, help=f"{what} (default $AGENT_NAME)")
+
+
+def channel_option(parser: argparse.ArgumentParser, help: str = "channel (default "
+                   "$AGENT_BUS_CHANNEL or 'default')", metavar: str | None = None) -> None:
+    parser.add_argument("--channel", default=None, help=help, metavar=metavar)
+
+
+def sender_option(parser: argparse.ArgumentParser, help: str = "sender name") -> None:
+    parser.add_argument("--from", dest="sender", default=None, help=f"{help} (default $AGENT_NAME)")
+
+
+def bounded(kind: type, low: float, high: float | None = None, *, low_ok: bool = True):
+    """An argparse type: a number of `kind` from `low` (above it, with `low_ok=False`) up to
+    `high`; argparse answers anything else with a usage error (exit 2)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low or (value == low and not low_ok) or (high is not None and value > high):
+            bounds = f"{'at least' if low_ok else 'more than'} {low:g}"
+            raise argparse.ArgumentTypeError(
+                f"{text} is not {bounds}" + (f" and at most {high:g}" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in "invalid float value"
+    return parse
+
+
+def retry_report(command_name: str):
+    """How a follower says it will retry: one line on stderr, the delay in milliseconds
+    (bin/lib/agent-bus.sh prints the same)."""
+    def report(exc: Exception, delay: float) -> None:
+        print(f"agent-bus {command_name}: {exc}; retrying in {round(delay * 1000)} ms",
+              file=sys.stderr, flush=True)
+    return report
 
 
 def exit_code_for(exc: BusClientError) -> int:
@@ -127,14 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+        # Before the commands are imported: a launcher asks this to find the program.
+        print(f"agent-bus {__version__}")
+        return EXIT_OK
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..mailbox import USAGE, MailboxError
     env = Env.from_environ(os.environ)
     try:
         return args.func(args, env)
     except CommandError as exc:
         print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MailboxError as exc:
+        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.kind == USAGE else EXIT_REFUSED
     except BusClientError as exc:
         print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
         return exit_code_for(exc)

@@ -4,84 +4,52 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
-import time
 
-from .. import model
+from .. import logs, model
 from ..agent import spool
 from ..agent.checks import CHECK_SECONDS
 from ..agent.daemon import AgentConfig, AgentDaemon
-from ..agent.inbox import list_inbox, parse_inbox_file
-from ..agent.notify import Notifier
-from ..agent.spool import AgentLocked, BadDrop, SpoolLayout
-from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+from ..agent.spool import AgentLocked, BadDrop
+from ..mailbox import inbox_line
+from ..notify import Notifier
+from . import (EXIT_OK, EXIT_USAGE, CommandError, Env, bounded, channel_option, command,
+               name_argument, sender_option)
 
-PREVIEW_CHARS = 120
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 SHARED_SEPARATOR = ":"   # AGENT_BUS_SHARED lists folders as PATH lists them
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    agent = commands.add_parser(
-        "agent", help="run NAME's daemon: send the outbox, fill the inbox",
-        description="Turn NAME's spool folder ($AGENT_BUS_SPOOL/NAME, see spool/README.md) "
-                    "into its mailbox: every file dropped in outbox/ is sent exactly once, "
-                    "every message for NAME becomes a 0600 file in inbox/ and a block in "
-                    "inbox.log, also printed on stdout. Logs go to stderr. The first SIGTERM "
-                    "finishes the file in flight and exits 0.")
-    agent.add_argument("name", nargs="?", default=None, help="agent name (default $AGENT_NAME)")
-    agent.add_argument("--channel", default=None, metavar="C",
-                       help="channel to receive on, '*' for all, and to send on when a drop "
-                            "names none (default $AGENT_BUS_CHANNEL or 'default')")
-    agent.add_argument("--max-msg-bytes", type=int, default=model.DEFAULT_MAX_MSG_BYTES,
+    agent = command(commands, "agent", _agent)
+    name_argument(agent)
+    channel_option(agent, "channel to receive on, '*' for all, and to send on when a drop "
+                          "names none (default $AGENT_BUS_CHANNEL or 'default')", "C")
+    agent.add_argument("--max-msg-bytes", type=bounded(int, 1), default=model.DEFAULT_MAX_MSG_BYTES,
                        metavar="N", help="a drop whose body is larger goes to failed/ (default 65536)")
-    agent.add_argument("--senders", type=int, default=8, metavar="N",
+    agent.add_argument("--senders", type=bounded(int, 1, 64), default=8, metavar="N",
                        help="files sent at once (default 8); 1 keeps strict drop order even "
                             "within a burst, at a lower rate")
     agent.add_argument("--shared", action="append", default=None, metavar="DIR",
                        help="a folder shared with the senders (repeat for more): handoffs of "
                             "files under it are checked on arrival; every other handoff is "
                             "'not checked' (default $AGENT_BUS_SHARED, ':'-separated; none)")
-    agent.add_argument("--check-seconds", type=float, default=CHECK_SECONDS, metavar="S",
+    agent.add_argument("--check-seconds", type=bounded(float, 0, 86400, low_ok=False),
+                       default=CHECK_SECONDS, metavar="S",
                        help="the most time one handoff's check may take (default "
                             f"{CHECK_SECONDS:g}); a slower one is 'not checked'")
-    agent.set_defaults(func=_agent)
 
-    drop = commands.add_parser(
-        "drop", help="drop stdin into the outbox, for the daemon to send to TO",
-        description="Write standard input, byte for byte, into $AGENT_NAME's outbox as one "
-                    "file addressed to TO ('*' for everyone on the channel), atomically. "
-                    "Prints the file's path. The daemon (agent-bus agent) sends it; it need "
-                    "not be running yet.")
+    drop = command(commands, "drop", _drop)
     drop.add_argument("to", help="recipient name, or '*' for everyone on the channel")
-    drop.add_argument("--channel", default=None,
-                      help="channel (default: the daemon's channel)")
-    drop.add_argument("--from", dest="sender", default=None,
-                      help="whose outbox (default $AGENT_NAME)")
-    drop.set_defaults(func=_drop)
+    channel_option(drop, "channel (default: the daemon's channel)")
+    sender_option(drop, "whose outbox")
 
-    inbox = commands.add_parser(
-        "inbox", help="list NAME's inbox, or print one message",
-        description="List the messages in NAME's inbox/, oldest first, one line each: "
-                    "id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', "
-                    "other control characters as spaces). "
-                    "With --read ID, print that message's file: headers, a blank line, "
-                    "the body.")
-    inbox.add_argument("name", nargs="?", default=None, help="agent name (default $AGENT_NAME)")
+    inbox = command(commands, "inbox", _inbox)
+    name_argument(inbox)
     inbox.add_argument("--read", type=int, default=None, metavar="ID",
                        help="print the message with this id")
     inbox.add_argument("--body", action="store_true",
                        help="with --read: print only the body, byte for byte")
-    inbox.set_defaults(func=_inbox)
-
-
-def _layout(env: Env, name: str) -> SpoolLayout:
-    try:
-        return SpoolLayout.for_agent(env.spool_root, name)
-    except ValueError as exc:
-        raise CommandError(str(exc), EXIT_USAGE) from None
 
 
 def shared_roots(folders: list[str], source: str, relative_ok: bool) -> tuple[str, ...]:
@@ -104,28 +72,23 @@ def shared_roots(folders: list[str], source: str, relative_ok: bool) -> tuple[st
 
 
 def _agent(args: argparse.Namespace, env: Env) -> int:
+    """run NAME's daemon: send the outbox, fill the inbox
+
+    Turn NAME's spool folder ($AGENT_BUS_SPOOL/NAME, see spool/README.md) into its mailbox:
+    every file dropped in outbox/ is sent exactly once, every message for NAME becomes a
+    0600 file in inbox/ and a block in inbox.log, also printed on stdout. Logs go to stderr.
+    The first SIGTERM finishes the file in flight and exits 0."""
     name = env.agent_name(args.name)
-    channel = args.channel or env.channel
-    if channel != model.ALL_CHANNELS and not model.is_valid_name(channel):
-        raise CommandError(f"invalid channel {channel!r}: use 1-64 characters of "
-                           "A-Z a-z 0-9 . _ -, or '*' for all", EXIT_USAGE)
-    if args.max_msg_bytes < 1:
-        raise CommandError("--max-msg-bytes must be at least 1", EXIT_USAGE)
-    if not 1 <= args.senders <= 64:
-        raise CommandError("--senders must be from 1 to 64", EXIT_USAGE)
-    if not 0 < args.check_seconds <= 86400:
-        raise CommandError("--check-seconds must be more than 0 and at most 86400", EXIT_USAGE)
+    channel = env.reading_channel(args.channel)
     if args.shared is not None:
         shared = shared_roots(args.shared, "--shared", relative_ok=True)
     else:
         shared = shared_roots(env.shared.split(SHARED_SEPARATOR), "AGENT_BUS_SHARED",
                               relative_ok=False)
     env.client().close()  # fails early, with the usual message, if AGENT_BUS_URL is unset
-    _layout(env, name)
+    env.mailbox(name).layout   # a name no folder can have fails here
     os.umask(0o077)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"agent-bus agent {name}: %(message)s")
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    logs.setup(f"agent-bus agent {name}")
     logging.getLogger("busd.agent").info(
         "handoffs are checked under: %s", ", ".join(shared) if shared else
         "no folder (none is shared: every handoff is 'not checked')")
@@ -155,8 +118,12 @@ def _agent(args: argparse.Namespace, env: Env) -> int:
 
 
 def _drop(args: argparse.Namespace, env: Env) -> int:
-    name = env.agent_name(args.sender)
-    layout = _layout(env, name)
+    """drop stdin into the outbox, for the daemon to send to TO
+
+    Write standard input, byte for byte, into $AGENT_NAME's outbox as one file addressed to
+    TO ('*' for everyone on the channel), atomically. Prints the file's path. The daemon
+    (agent-bus agent) sends it; it need not be running yet."""
+    layout = env.mailbox(args.sender).layout
     body = sys.stdin.buffer.read()
     os.umask(0o077)
     try:
@@ -172,33 +139,27 @@ def _drop(args: argparse.Namespace, env: Env) -> int:
 
 
 def _inbox(args: argparse.Namespace, env: Env) -> int:
-    name = env.agent_name(args.name)
-    layout = _layout(env, name)
-    entries = list_inbox(layout)
+    """list NAME's inbox, or print one message
+
+    List the messages in NAME's inbox/, oldest first, one line each:
+    id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', other control
+    characters as spaces). With --read ID, print that message's file: headers, a blank line,
+    the body."""
+    mailbox = env.mailbox(args.name)
     if args.read is None:
         if args.body:
             raise CommandError("--body goes with --read ID", EXIT_USAGE)
-        out = sys.stdout
-        for entry in entries:
+        for entry in mailbox.entries():
             try:
-                with open(entry.path, "rb") as handle:
-                    _, body = parse_inbox_file(handle.read())
+                body = mailbox.read(entry)[1]
             except FileNotFoundError:
                 continue  # deleted while we listed
-            preview = body.decode("utf-8", "replace").replace("\n", " | ")[:PREVIEW_CHARS]
-            # One line that cannot redraw the terminal (a carriage return, an escape).
-            preview = _CONTROL.sub(" ", preview)
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
-            out.write(f"{entry.id}\t{when}\t{entry.sender}\t{preview}\n")
-        out.flush()
+            sys.stdout.write(inbox_line(entry, body))
+        sys.stdout.flush()
         return EXIT_OK
-    found = [e for e in entries if e.id == args.read]
-    if not found:
-        raise CommandError(f"no message with id {args.read} in {layout.inbox}", EXIT_REFUSED)
-    with open(found[0].path, "rb") as handle:
+    entry = mailbox.find(args.read)
+    with open(entry.path, "rb") as handle:
         data = handle.read()
-    if args.body:
-        data = parse_inbox_file(data)[1]
-    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.write(mailbox.read(entry)[1] if args.body else data)
     sys.stdout.buffer.flush()
     return EXIT_OK

@@ -2,28 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from . import EXIT_OK, Env
+from ..jqtext import dumps
+from . import EXIT_OK, Env, command
 
 AGENT_COLUMNS = (("NAME", "name"), ("ONLINE", "online"), ("LAST SEEN", "last_seen"),
                  ("PENDING", "pending"), ("ROLE", "role"), ("IDENTITY", "identity"))
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    agents = commands.add_parser(
-        "agents", help="who is on the bus, and who can receive right now",
-        description="Print the bus's roster (GET /agents) as a table: name, online (a parked "
-                    "long-poll or contact within the last minute), last contact (UTC), messages "
-                    "waiting per channel (admins), role and identity. Empty cells show '-'.")
-    agents.set_defaults(func=_agents)
+    command(commands, "agents", _agents)
 
-    health = commands.add_parser(
-        "health", help="ask whether the bus is up",
-        description="Print the bus's health (GET /healthz) as JSON. Exits 3 when the bus "
-                    "cannot be reached or fails.")
-    health.set_defaults(func=_health)
+    command(commands, "health", _health)
 
 
 def agents_table(agents: list) -> str:
@@ -50,10 +41,19 @@ def _cell(value: object, field: str) -> str:
 
 
 def _agents(args: argparse.Namespace, env: Env) -> int:
+    """who is on the bus, and who can receive right now
+
+    Print the bus's roster (GET /agents) as a table: name, online (a parked long-poll or
+    contact within the last minute), last contact (UTC), messages waiting per channel
+    (admins), role and identity. Empty cells show '-'."""
     print(agents_table(env.client().agents()), end="", flush=True)
     return EXIT_OK
 
 
 def _health(args: argparse.Namespace, env: Env) -> int:
-    print(json.dumps(env.client().healthz()), flush=True)
+    """ask whether the bus is up
+
+    Print the bus's health (GET /healthz) as JSON. Exits 3 when the bus cannot be reached or
+    fails."""
+    print(dumps(env.client().healthz()), flush=True)
     return EXIT_OK

@@ -5,11 +5,11 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 
 from .. import model
 from ..agent.spool import SpoolLayout
-from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+from ..fileio import write_atomically
+from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env, command
 from .agent import SHARED_SEPARATOR, shared_roots
 
 DEFAULT_URL = "http://127.0.0.1:9876"
@@ -18,13 +18,7 @@ _BARE_VALUE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    init = commands.add_parser(
-        "init", help="write NAME's settings file and spool folder, for agent-bus@NAME",
-        description="Write $XDG_CONFIG_HOME/agent-bus/NAME.env (default ~/.config/agent-bus; "
-                    "mode 0600), the settings the systemd unit agent-bus@NAME starts NAME's "
-                    "daemon with, and make NAME's spool folder (0700). The file is also "
-                    "shell syntax: `set -a; . ~/.config/agent-bus/NAME.env` gives a shell "
-                    "the same settings. An existing file is left alone unless --force.")
+    init = command(commands, "init", _init)
     init.add_argument("name", help="agent name")
     init.add_argument("--url", default=None,
                       help=f"the bus (default $AGENT_BUS_URL, else {DEFAULT_URL})")
@@ -40,7 +34,6 @@ def register(commands: argparse._SubParsersAction) -> None:
                            "handoff is 'not checked' (default: none)")
     init.add_argument("--force", action="store_true",
                       help="replace an existing settings file")
-    init.set_defaults(func=_init)
 
 
 def _quote(key: str, value: str) -> str:
@@ -82,30 +75,14 @@ def _settings(name: str, url: str, channel: str, token: str, spool_root: str,
     return "\n".join(lines) + "\n"
 
 
-def _write_private(path: str, text: str, replace: bool) -> None:
-    """Write `path` 0600 all at once (temp file, fsync, rename): never half a file."""
-    folder = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if replace:
-            os.replace(temp, path)
-        else:
-            # link() fails if the name exists: a file made meanwhile is never replaced.
-            os.link(temp, path)
-            os.unlink(temp)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _init(args: argparse.Namespace, env: Env) -> int:
+    """write NAME's settings file and spool folder, for agent-bus@NAME
+
+    Write $XDG_CONFIG_HOME/agent-bus/NAME.env (default ~/.config/agent-bus; mode 0600), the
+    settings the systemd unit agent-bus@NAME starts NAME's daemon with, and make NAME's
+    spool folder (0700). The file is also shell syntax: `set -a; .
+    ~/.config/agent-bus/NAME.env` gives a shell the same settings. An existing file is left
+    alone unless --force."""
     name = args.name
     if not model.is_valid_name(name):
         raise CommandError(f"invalid agent name {name!r}: use 1-64 characters of "
@@ -143,7 +120,7 @@ def _init(args: argparse.Namespace, env: Env) -> int:
     except OSError as exc:
         raise CommandError(f"cannot make {exc.filename}: {exc.strerror}", EXIT_USAGE) from None
     try:
-        _write_private(path, text, replace=args.force)
+        write_atomically(path, text.encode("utf-8"), replace=args.force)
     except FileExistsError:
         raise CommandError(f"{path} already exists and was left as it is; edit it, or run "
                            "again with --force to replace it", EXIT_REFUSED) from None

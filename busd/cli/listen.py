@@ -4,26 +4,16 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 
 from .. import listener
-from ..client import BusClientError
-from . import EXIT_OK, EXIT_USAGE, CommandError, Env
+from . import (EXIT_OK, EXIT_USAGE, CommandError, Env, channel_option, command, name_argument,
+               retry_report)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    listen = commands.add_parser(
-        "listen", help="log NAME's messages to files, unattended",
-        description="Long-poll the bus for NAME's messages and append each, exactly once, "
-                    "as one JSON line to the full log and as 'ts<TAB>from<TAB>first 120 "
-                    "characters' (newlines shown as ' | ') to the summary log; touch the "
-                    "heartbeat file after every poll. The files are "
-                    "<dir>/NAME@CHANNEL.jsonl, .tsv, .heartbeat and .cursor. "
-                    "Prints nothing; errors go to stderr and are retried.")
-    listen.add_argument("name", nargs="?", default=None,
-                        help="recipient name (default $AGENT_NAME)")
-    listen.add_argument("--channel", default=None,
-                        help="channel, or '*' for all (default $AGENT_BUS_CHANNEL or 'default')")
+    listen = command(commands, "listen", _listen)
+    name_argument(listen, "recipient name")
+    channel_option(listen, "channel, or '*' for all (default $AGENT_BUS_CHANNEL or 'default')")
     listen.add_argument("--dir", default=None,
                         help="folder for the logs, heartbeat and cursor (default "
                              "$AGENT_BUS_LISTEN_DIR or ~/.local/state/agent-bus/listen)")
@@ -37,10 +27,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="start after this ts instead of the saved cursor")
     listen.add_argument("--once", action="store_true",
                         help="one poll (waiting up to the hold time), then exit")
-    listen.set_defaults(func=_listen)
 
 
 def _listen(args: argparse.Namespace, env: Env) -> int:
+    """log NAME's messages to files, unattended
+
+    Long-poll the bus for NAME's messages and append each, exactly once, as one JSON line to
+    the full log and as 'ts<TAB>from<TAB>first 120 characters' (newlines shown as ' | ') to
+    the summary log; touch the heartbeat file after every poll. The files are
+    <dir>/NAME@CHANNEL.jsonl, .tsv, .heartbeat and .cursor. Prints nothing; errors go to
+    stderr and are retried."""
     name = env.agent_name(args.name)
     channel = args.channel or env.channel
     client = env.client()
@@ -52,9 +48,6 @@ def _listen(args: argparse.Namespace, env: Env) -> int:
     # logged, and a restart resumes from the log's last line, so nothing is lost.
     signal.signal(signal.SIGTERM, _exit_quietly)
 
-    def report(exc: BusClientError, delay: float) -> None:
-        print(f"agent-bus listen: {exc}; retrying in {delay:g}s", file=sys.stderr, flush=True)
-
     log = listener.ListenLog(paths)
     since = args.since
     if since is None:
@@ -64,7 +57,7 @@ def _listen(args: argparse.Namespace, env: Env) -> int:
         except ValueError as exc:  # a cursor file that holds no number
             raise CommandError(str(exc), EXIT_USAGE) from None
     listener.run(client, log, name, channel=channel, since=since, once=args.once,
-                 on_error=report)
+                 on_error=retry_report("listen"))
     return EXIT_OK
 
 

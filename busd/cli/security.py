@@ -19,7 +19,7 @@ from ..identity import hash_token, new_token
 from ..model import check_channel, check_name
 from ..errors import BusError
 from ..store import StoreError, shown_database
-from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env
+from . import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CommandError, Env, command
 
 
 DB_HELP = ("the server's database: a SQLite path or a postgresql:// URL (default: the "
@@ -27,57 +27,48 @@ DB_HELP = ("the server's database: a SQLite path or a postgresql:// URL (default
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    token = commands.add_parser(
-        "token", help="create, list or revoke bearer tokens (on the server's database)",
-        description="Manage per-agent bearer tokens. Once any token exists, every request "
-                    "needs one. The database keeps only a hash: a token is shown once.")
-    actions = token.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = actions.add_parser("create", help="create a token for NAME and print it once")
+    actions = group(commands, "token", "create, list or revoke bearer tokens (on the server's "
+                    "database)", "Manage per-agent bearer tokens. Once any token exists, every "
+                    "request needs one. The database keeps only a hash: a token is shown once.")
+    create = command(actions, "create", _token_create)
     create.add_argument("name", help="the agent the token is bound to")
     create.add_argument("--channels", default=None,
                         help="comma-separated channels it may use (default: every channel)")
     create.add_argument("--admin", action="store_true",
                         help="may also read /inbox, /channels and agent details")
     create.add_argument("--db", default=None, help=DB_HELP)
-    create.set_defaults(func=_token_create)
-    revoke = actions.add_parser("revoke", help="revoke NAME's tokens (or one, with --id)")
+    revoke = command(actions, "revoke", _token_revoke)
     revoke.add_argument("name", nargs="?", default=None, help="revoke every token of this agent")
     revoke.add_argument("--id", type=int, default=None, help="revoke only the token with this id")
     revoke.add_argument("--db", default=None, help=DB_HELP)
-    revoke.set_defaults(func=_token_revoke)
-    listing = actions.add_parser("list", help="list tokens (never their secret)")
+    listing = command(actions, "list", _token_list)
     listing.add_argument("--db", default=None, help=DB_HELP)
-    listing.set_defaults(func=_token_list)
 
-    keygen = commands.add_parser(
-        "keygen", help="make an Ed25519 keypair: PREFIX.key (0600) and PREFIX.pub",
-        description="Make an Ed25519 keypair as PEM files (PKCS8 private, SubjectPublicKeyInfo "
-                    "public), interchangeable with the el-ipc tool's.")
+    keygen = command(commands, "keygen", _keygen)
     keygen.add_argument("--out", required=True, metavar="PREFIX", help="write PREFIX.key and PREFIX.pub")
-    keygen.set_defaults(func=_keygen)
 
-    operator = commands.add_parser(
-        "operator", help="seed an operator key (turns on secure mode)",
-        description="Operators authorise agents' keys. The first one turns on secure mode: "
-                    "from then on every send must be signed.")
-    op_actions = operator.add_subparsers(dest="action", metavar="ACTION", required=True)
-    seed = op_actions.add_parser("seed", help="make operator NAME's keypair; store the public key")
+    op_actions = group(commands, "operator", "seed an operator key (turns on secure mode)",
+                       "Operators authorise agents' keys. The first one turns on secure mode: "
+                       "from then on every send must be signed.")
+    seed = command(op_actions, "seed", _operator_seed)
     seed.add_argument("name", help="the operator's name")
     seed.add_argument("--out", default=None, metavar="PREFIX",
                       help="write PREFIX.key and PREFIX.pub instead of printing the private key")
     seed.add_argument("--db", default=None, help=DB_HELP)
-    seed.set_defaults(func=_operator_seed)
 
-    reg = commands.add_parser(
-        "register", help="register agent NAME's public key, signed by an operator",
-        description="Sign NAME's registration with the operator's private key here, and send "
-                    "the bus only the signature.")
+    reg = command(commands, "register", _register)
     reg.add_argument("name", help="the agent to register")
     reg.add_argument("--pubkey", required=True, help="the agent's public key file (PEM)")
     reg.add_argument("--as", dest="operator", required=True, help="the operator's name")
     reg.add_argument("--key", required=True, help="the operator's private key file")
     reg.add_argument("--identity", default="", help="a secondary identifier (UUID, description)")
-    reg.set_defaults(func=_register)
+
+
+def group(commands: argparse._SubParsersAction, name: str, help: str,
+          description: str) -> argparse._SubParsersAction:
+    """A command made of actions (`agent-bus token create`): their subparsers."""
+    parser = commands.add_parser(name, help=help, description=description)
+    return parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
 
 def _db(args: argparse.Namespace, env: Env) -> str:
@@ -115,6 +106,7 @@ def _valid(check, value, what: str) -> str:
 
 
 def _token_create(args: argparse.Namespace, env: Env) -> int:
+    """create a token for NAME and print it once"""
     name = _valid(check_name, args.name, "name")
     channels = None
     if args.channels:
@@ -130,6 +122,7 @@ def _token_create(args: argparse.Namespace, env: Env) -> int:
 
 
 def _token_revoke(args: argparse.Namespace, env: Env) -> int:
+    """revoke NAME's tokens (or one, with --id)"""
     if (args.name is None) == (args.id is None):
         raise CommandError("name an agent, or give --id (not both)", EXIT_USAGE)
     count = _with_store(_db(args, env), lambda store: store.revoke_tokens(args.name, args.id))
@@ -140,12 +133,17 @@ def _token_revoke(args: argparse.Namespace, env: Env) -> int:
 
 
 def _token_list(args: argparse.Namespace, env: Env) -> int:
+    """list tokens (never their secret)"""
     for row in _with_store(_db(args, env), lambda store: store.list_tokens()):
         print(json.dumps(row))
     return EXIT_OK
 
 
 def _keygen(args: argparse.Namespace, env: Env) -> int:
+    """make an Ed25519 keypair: PREFIX.key (0600) and PREFIX.pub
+
+    Make an Ed25519 keypair as PEM files (PKCS8 private, SubjectPublicKeyInfo public),
+    interchangeable with the el-ipc tool's."""
     try:
         key_path, pub_path = signing.write_keypair(args.out)
     except signing.SigningError as exc:
@@ -155,6 +153,7 @@ def _keygen(args: argparse.Namespace, env: Env) -> int:
 
 
 def _operator_seed(args: argparse.Namespace, env: Env) -> int:
+    """make operator NAME's keypair; store the public key"""
     name = _valid(check_name, args.name, "name")
     path = _db(args, env)
 
@@ -185,6 +184,10 @@ def _operator_seed(args: argparse.Namespace, env: Env) -> int:
 
 
 def _register(args: argparse.Namespace, env: Env) -> int:
+    """register agent NAME's public key, signed by an operator
+
+    Sign NAME's registration with the operator's private key here, and send the bus only the
+    signature."""
     try:
         with open(args.pubkey, encoding="ascii") as handle:
             public = handle.read().strip() + "\n"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from urllib.parse import urlsplit
 
 from ..identity import LEGACY_SIGNATURES
 from ..model import Limits
+from . import EXIT_OK, EXIT_USAGE, CommandError, bounded, command, die
 
 
 DB_HELP = ("a SQLite database path, or a postgresql://USER@HOST:PORT/DATABASE URL that several "
@@ -16,12 +18,36 @@ DB_HELP = ("a SQLite database path, or a postgresql://USER@HOST:PORT/DATABASE UR
            "${XDG_STATE_HOME:-~/.local/state}/agent-bus/bus.db)")
 
 
+SECONDS = bounded(float, 0, low_ok=False)
+# The server's numeric settings: flag, type (with its bounds), default, metavar, help.
+SETTINGS = (
+    ("--rate", bounded(float, 0), 50.0, "PER_SECOND",
+     "requests per second per authenticated agent (default 50; 0: no limit)"),
+    ("--burst", bounded(float, 1), 200.0, "N",
+     "requests an agent may make at once above the rate (default 200)"),
+    ("--idle-timeout", SECONDS, 60.0, "SECONDS",
+     "close a connection idle this long, before or between requests (default 60)"),
+    ("--hold", bounded(float, 0, 30, low_ok=False), 25.0, "SECONDS",
+     "how long a long-poll is held when nothing arrives (default 25, at most 30: clients "
+     "time out at 35)"),
+    ("--body-timeout", SECONDS, 10.0, "SECONDS",
+     "how long a request body may take to arrive (default 10)"),
+    ("--max-msg-bytes", bounded(int, 1), Limits().max_msg_bytes, "N",
+     "largest message body in bytes (default 65536)"),
+    ("--online-window", SECONDS, 60.0, "SECONDS",
+     "an agent counts as online this long after its last contact, unless it hung up "
+     "(default 60)"),
+    ("--retain-days", bounded(float, 0), 0, "DAYS",
+     "remove messages older than this once read (default 0: keep all)"),
+    ("--retain-per-queue", bounded(int, 0), 0, "N",
+     "keep at most the newest N per channel and recipient, removing only read ones "
+     "(default 0: no cap)"),
+    ("--retention-every", SECONDS, 60.0, "SECONDS", "how often retention runs (default 60)"),
+)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "serve", help="run the bus server",
-        description="Run the bus server: the rapid and el-ipc protocols on one port, "
-                    "stored durably in SQLite, or in PostgreSQL shared by any number of "
-                    "servers (--db postgresql://...).")
+    parser = command(commands, "serve", _serve)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other address "
                              "needs authentication or --insecure-open)")
@@ -38,33 +64,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--legacy-signatures", choices=LEGACY_SIGNATURES, default="auto",
                         help="el-ipc-format signatures (replayable): auto = accepted until a "
                              "natively signed send is seen (default), on, off")
-    parser.add_argument("--rate", type=float, default=50.0, metavar="PER_SECOND",
-                        help="requests per second per authenticated agent (default 50; 0: no limit)")
-    parser.add_argument("--burst", type=float, default=200.0,
-                        help="requests an agent may make at once above the rate (default 200)")
-    parser.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="close a connection idle this long, before or between requests "
-                             "(default 60)")
-    parser.add_argument("--hold", type=float, default=25.0, metavar="SECONDS",
-                        help="how long a long-poll is held when nothing arrives (default 25, "
-                             "at most 30)")
-    parser.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="how long a request body may take to arrive (default 10)")
-    parser.add_argument("--max-msg-bytes", type=int, default=Limits().max_msg_bytes,
-                        help="largest message body in bytes (default 65536)")
     parser.add_argument("--secret-guard", action="store_true",
                         help="refuse message bodies that look like keys or credentials "
                              "(a send may still pass \"allow_secret\": true)")
-    parser.add_argument("--online-window", type=float, default=60.0, metavar="SECONDS",
-                        help="an agent counts as online this long after its last contact, "
-                             "unless it hung up (default 60)")
-    parser.add_argument("--retain-days", type=float, default=0, metavar="DAYS",
-                        help="remove messages older than this once read (default 0: keep all)")
-    parser.add_argument("--retain-per-queue", type=int, default=0, metavar="N",
-                        help="keep at most the newest N per channel and recipient, removing "
-                             "only read ones (default 0: no cap)")
-    parser.add_argument("--retention-every", type=float, default=60.0, metavar="SECONDS",
-                        help="how often retention runs (default 60)")
+    for flag, kind, default, metavar, text in SETTINGS:
+        parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     parser.add_argument("--card-name", default=None, metavar="NAME",
                         help="the agent card's name (default $IPC_AGENT_NAME, else agent-bus)")
     parser.add_argument("--card-description", default=None, metavar="TEXT",
@@ -72,31 +76,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--card-url", default=None, metavar="URL",
                         help="the public URL the agent card gives, e.g. a reverse proxy's "
                              "(default $IPC_AGENT_URL, else the URL the card was fetched at)")
-    parser.set_defaults(func=_serve)
 
-    migrate = commands.add_parser(
-        "migrate", help="create or upgrade the database schema, then exit",
-        description="Apply the schema migrations the database lacks (serve also does this "
-                    "as it starts). Run it before starting several servers on a new "
-                    "PostgreSQL database, or to upgrade one without serving.")
+    migrate = command(commands, "migrate", _migrate)
     migrate.add_argument("--db", default=None, help=DB_HELP)
-    migrate.set_defaults(func=_migrate)
 
 
 def _serve(args: argparse.Namespace, env) -> int:
-    # Imported here: every other command starts faster and smaller without aiohttp.
-    from .. import agent_card
-    from ..agent.notify import Notifier
-    from ..api.common import BusSettings
-    from ..server import ServerConfig, run
-    from . import die
+    """run the bus server
 
-    if not 0 < args.hold <= 30:
-        die("--hold must be more than 0 and at most 30 seconds (clients time out at 35)")
-    if args.body_timeout <= 0:
-        die("--body-timeout must be more than 0 seconds")
-    if args.max_msg_bytes < 1:
-        die("--max-msg-bytes must be at least 1")
+    Run the bus server: the rapid and el-ipc protocols on one port, stored durably in
+    SQLite, or in PostgreSQL shared by any number of servers (--db postgresql://...)."""
+    # Imported here: every other command starts faster and smaller without aiohttp.
+    from .. import agent_card, logs
+    from ..api.common import BusSettings
+    from ..notify import Notifier
+    from ..server import ClientFaultFilter, ConfigError, ServerConfig, run
+    from ..store import StoreError, shown_database
+
     if env.ipc_api_key:
         # el-ipc's shared key would leave this bus open to anyone without it; say so, and
         # stop, rather than run open while its operator believes it is closed.
@@ -117,14 +113,6 @@ def _serve(args: argparse.Namespace, env) -> int:
                            card_description=(args.card_description or env.card_description
                                              or agent_card.DEFAULT_DESCRIPTION),
                            public_url=card_url)
-    if args.online_window <= 0:
-        die("--online-window must be more than 0 seconds")
-    if args.idle_timeout <= 0:
-        die("--idle-timeout must be more than 0 seconds")
-    if args.rate < 0 or args.burst < 1:
-        die("--rate must be 0 or more and --burst at least 1")
-    if args.retain_days < 0 or args.retain_per_queue < 0 or args.retention_every <= 0:
-        die("--retain-days and --retain-per-queue must be 0 or more, --retention-every above 0")
     config = ServerConfig(host=args.host, port=port, db=db,
                           insecure_open=args.insecure_open, settings=settings,
                           tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -134,20 +122,31 @@ def _serve(args: argparse.Namespace, env) -> int:
                           retain_max_age=args.retain_days * 86400 or None,
                           retain_per_queue=args.retain_per_queue or None,
                           retention_every=args.retention_every)
+    logs.setup("agent-bus", filters={"aiohttp.server": ClientFaultFilter()})
     # Under systemd (Type=notify) READY=1 goes out once the socket is bound, so units
     # ordered after the server start when it can answer; a no-op in a terminal.
     notifier = Notifier(env.notify_socket)
+
+    def ready(address: str) -> None:
+        # Tests and scripts read this line to learn the port (with --port 0).
+        print(f"agent-bus: listening on {address} (db {shown_database(db)})",
+              file=sys.stderr, flush=True)
+        notifier.ready(f"listening on {address}")
+
     try:
-        return run(config, on_ready=lambda address: notifier.ready(f"listening on {address}"),
-                   on_stopping=notifier.stopping)
+        run(config, on_ready=ready, on_stopping=notifier.stopping)
+    except (ConfigError, StoreError) as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}",
+                           EXIT_USAGE) from None
     finally:
         notifier.close()
+    return EXIT_OK
 
 
 def _port(text: str) -> int:
     """IPC_PORT, el-ipc's port setting; 9876 (both seeds' port) when unset."""
-    from . import die
-
     if not text:
         return 9876
     try:
@@ -165,10 +164,13 @@ def _absolute_http_url(text: str) -> bool:
 
 
 def _migrate(args: argparse.Namespace, env) -> int:
+    """create or upgrade the database schema, then exit
+
+    Apply the schema migrations the database lacks (serve also does this as it starts). Run
+    it before starting several servers on a new PostgreSQL database, or to upgrade one
+    without serving."""
     from ..store_factory import open_store
     from ..store import StoreError, shown_database
-    from . import EXIT_OK, die
-
     os.umask(0o077)
     db = args.db or env.db
 

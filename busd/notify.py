@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-log = logging.getLogger("busd.agent.notify")
+log = logging.getLogger("busd.notify")
 
 
 class Notifier:
