@@ -166,3 +166,15 @@ class Limits:
         # JSON escaping can make a body up to 6x its text (\u00XX); allow for it
         # so a legal message is never refused by the transport limit first.
         return 6 * self.max_msg_bytes + 2 * self.max_meta_bytes + 4096
+
+
+def check_message(message: NewMessage, limits: Limits) -> NewMessage:
+    """A message made outside a request (a command writing straight into the database)
+    meets the rules a /send enforces: names, channel, sizes, key."""
+    check_channel(message.channel)
+    check_name(message.sender, "from")
+    check_recipient(message.to)
+    check_body(message.body, "body", limits.max_msg_bytes, allow_empty=True)
+    check_meta(message.meta, limits.max_meta_bytes)
+    check_key(message.key)
+    return message

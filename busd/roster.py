@@ -22,7 +22,19 @@ async def visible_pending(store: Store, access: Access, principal: Principal
                           ) -> dict[str, dict[str, int]]:
     """The store's pending counts, {channel: {recipient: count}}, on the channels this
     principal may see."""
-    return {channel: counts for channel, counts in (await store.pending_counts()).items()
+    return _visible(access, principal, await store.pending_counts())
+
+
+async def visible_queues(store: Store, access: Access, principal: Principal
+                         ) -> dict[str, dict[str, int]]:
+    """The store's queue lengths (rapid's /inbox: read or not), {channel: {recipient:
+    count}}, on the channels this principal may see."""
+    return _visible(access, principal, await store.queue_counts())
+
+
+def _visible(access: Access, principal: Principal, by_channel: dict[str, dict[str, int]]
+             ) -> dict[str, dict[str, int]]:
+    return {channel: counts for channel, counts in by_channel.items()
             if access.sees_channel(principal, channel)}
 
 

@@ -4,13 +4,13 @@ A store knows no HTTP. It assigns each message its id and ts at commit, keeps
 idempotency keys, el-ipc watermarks and recipients' acknowledged cursors, and
 tells the server (on the event loop thread) what became visible, so it can wake
 parked long-polls: `on_commit` with the messages this server committed,
-`on_remote_commit` with what another server sharing the database committed, and
+`on_remote_commit` with what another process sharing the database committed (a
+replica, or a command writing straight into it), and
 `on_commits_missed` when such news may have been lost (every waiter re-checks).
 """
 from __future__ import annotations
 
 import abc
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -141,6 +141,11 @@ class Store(abc.ABC):
         """{channel: {recipient: count}} of addressed messages the recipient has not fetched."""
 
     @abc.abstractmethod
+    async def queue_counts(self) -> dict[str, dict[str, int]]:
+        """{channel: {recipient: count}} of the messages the bus holds, read or not (retention
+        aside): rapid's queues. A broadcast is one message, counted under its `to`, "*"."""
+
+    @abc.abstractmethod
     async def enforce_retention(self, max_age: float | None, per_queue: int | None) -> int:
         """Delete messages older than max_age seconds or beyond the newest per_queue of
         their (channel, recipient) queue -- only those already read. Returns how many."""
@@ -213,48 +218,59 @@ class StoreError(Exception):
     """The store cannot open or run; the message says what is wrong and what to do."""
 
 
-class CommitClock:
-    """Strictly increasing ts for messages, and safe `now` values.
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """A message's place in commit order: its id and its ts."""
+    id: int
+    ts: float
 
-    Messages get their ts in the order they will commit. `now()` must never
-    return a value above the ts of a message that is assigned but not yet
-    visible, and every ts assigned later must exceed every `now()` given out:
-    that is the whole since-cursor guarantee.
+
+NO_STAMP = Stamp(0, 0.0)
+
+
+class CommitClock:
+    """Strictly increasing stamps (id, ts), above a floor.
+
+    The rule that keeps every since-cursor whole, whichever process writes: a
+    transaction that stores messages stamps them, while it holds the database's write
+    lock, above the floor (the newest stamp committed before it: the largest id ever
+    given and the clock row), and moves the clock row to its last stamp in the same
+    transaction. `now` is the clock row read in the same snapshot as the messages it
+    goes with. So a message that is not in a reader's snapshot commits later, above a
+    floor that is at least that reader's `now`: a cursor moved to `now` never skips it.
+
+    A serving store stamps a message as it joins a group (`next`, on the event loop),
+    which is right whenever nobody else wrote meanwhile; under the lock `restamp`
+    keeps those stamps or, if another process committed past them, gives new ones.
     """
 
     # At today's epoch a double resolves ~2.4e-7 s, so 1 us steps stay distinct.
     STEP = 1e-6
 
-    def __init__(self, last_ts: float = 0.0):
-        self._lock = threading.Lock()
-        self._assigned = last_ts
-        self._committed = last_ts
-        self._issued = last_ts
-        self._pending = 0
+    def __init__(self, floor: Stamp = NO_STAMP):
+        self._last = floor
 
-    def assign(self) -> float:
-        with self._lock:
-            ts = max(time.time(), self._assigned + self.STEP, self._issued + self.STEP)
-            self._assigned = ts
-            self._pending += 1
-            return ts
+    def next(self) -> Stamp:
+        stamp = Stamp(self._last.id + 1, max(time.time(), self._last.ts + self.STEP))
+        self._last = stamp
+        return stamp
 
-    def settled(self, count: int, committed_up_to: float | None) -> None:
-        """`count` assigned stamps are done: committed up to a ts, or (None) abandoned."""
-        with self._lock:
-            self._pending -= count
-            if committed_up_to is not None and committed_up_to > self._committed:
-                self._committed = committed_up_to
+    def raise_floor(self, floor: Stamp) -> None:
+        """Someone committed up to `floor`: later stamps go above it."""
+        last = self._last
+        if floor.id > last.id or floor.ts > last.ts:
+            self._last = Stamp(max(floor.id, last.id), max(floor.ts, last.ts))
 
-    def high_water(self) -> float:
-        """What must survive a restart: the largest ts assigned or now issued."""
-        with self._lock:
-            return max(self._assigned, self._issued)
 
-    def now(self) -> float:
-        with self._lock:
-            if self._pending:
-                return self._committed
-            value = max(time.time(), self._committed, self._issued)
-            self._issued = value
-            return value
+def restamp(floor: Stamp, first: Stamp, count: int) -> list[Stamp] | None:
+    """What a transaction does with `count` stamps planned from `first` on (each above the
+    one before), given the floor it found under the write lock.
+
+    None: they stand (the first is above the floor, so all are: nobody else wrote since
+    they were given). Otherwise another process committed past them: `count` fresh
+    stamps from the floor up, to take their places in the same order.
+    """
+    if first.id > floor.id and first.ts > floor.ts:
+        return None
+    clock = CommitClock(floor)
+    return [clock.next() for _ in range(count)]

@@ -21,7 +21,7 @@ from . import errors
 from .errors import BusError
 from .model import NewMessage, SendResult, StoredMessage
 from .receipts import ReceiptRow, WatermarkRow
-from .store import Store, StoreError, TokenRecord
+from .store import Received, Store, StoreError, TokenRecord
 from .store_sql import SCHEMA_VERSION, PostgresDialect, Queries
 
 # Last contact is written at most this often per agent: presence needs no finer grain.
@@ -215,6 +215,16 @@ class SQLStore(Store):
 
     # -- the interface -------------------------------------------------------
 
+    async def now(self) -> float:
+        return float(await self._value(self.sql.now))
+
+    async def recv(self, to: str, channel: str, since: float, limit: int) -> Received:
+        params = {"to": to, "channel": channel, "since": since, "limit": limit}
+        rows = await self._rows(self.sql.recv_all_channels_with_now if channel == "*"
+                                else self.sql.recv_with_now, params)
+        return Received([self._message(row[1:]) for row in rows if row[1] is not None],
+                        float(rows[0][0]))
+
     async def append(self, message: NewMessage) -> SendResult:
         group = self._join()
         future = self._loop.create_future()
@@ -320,8 +330,15 @@ class SQLStore(Store):
                  "created_at": r[4]} for r in await self._rows(self.sql.agents)]
 
     async def pending_counts(self) -> dict[str, dict[str, int]]:
+        return await self._counts(self.sql.pending)
+
+    async def queue_counts(self) -> dict[str, dict[str, int]]:
+        return await self._counts(self.sql.queues)
+
+    async def _counts(self, sql: str) -> dict[str, dict[str, int]]:
+        """{channel: {recipient: count}} from rows of (channel, recipient, count)."""
         out: dict[str, dict[str, int]] = {}
-        for channel, recipient, count in await self._scan(self.sql.pending):
+        for channel, recipient, count in await self._scan(sql):
             out.setdefault(channel, {})[recipient] = count
         return out
 

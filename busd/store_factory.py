@@ -5,6 +5,9 @@ Apart from the stores so that what needs only a store (the server, `agent-bus to
 """
 from __future__ import annotations
 
+import asyncio
+
+from .model import Limits, NewMessage, SendResult, check_message
 from .store import Store, is_postgres
 from .store_sqlite import SQLiteStore
 
@@ -18,3 +21,26 @@ def open_store(db: str, exclusive: bool = True) -> Store:
         from .store_pg import PostgresStore  # psycopg only for PostgreSQL
         return PostgresStore(db, listen=exclusive)
     return SQLiteStore(db, exclusive=exclusive)
+
+
+def append_directly(db: str, message: NewMessage, limits: Limits | None = None) -> SendResult:
+    """Store one message straight into the database, beside a server that may be serving
+    it, through the store's own write path (`agent-bus send --db`): the same stamps in
+    commit order, the same idempotency keys, the same rules as a /send on the message
+    (sizes after `limits`, the defaults if None). A server on the database wakes the
+    long-polls it concerns (SQLite: it watches the WAL; PostgreSQL: the commit notifies).
+
+    Who may send as `message.sender`, and its signature, are the caller's to check first,
+    as a /send's are (identity.Access).
+    """
+    checked = check_message(message, limits or Limits())
+
+    async def append() -> SendResult:
+        store = open_store(db, exclusive=False)
+        await store.open()
+        try:
+            return await store.append(checked)
+        finally:
+            await store.close()
+
+    return asyncio.run(append())

@@ -42,9 +42,9 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 from . import errors
 from .errors import BusError
 from .model import SendResult, StoredMessage, encode_meta
-from .store import CommitNotice, Received, StoreError, shown_database
+from .store import CommitNotice, StoreError, shown_database
 from .store_core import Group, Send, SQLStore, answer, refuse_newer, settle
-from .store_sql import POSTGRES, SCHEMA_VERSION, Queries
+from .store_sql import POSTGRES, SCHEMA_VERSION, US_TO_TS, Queries
 
 log = logging.getLogger("busd.store")
 
@@ -73,9 +73,6 @@ SQL_MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(%s)"
 SQL_IS_OURS = ("SELECT to_regclass('schema_version') IS NOT NULL, "
                "to_regclass('messages') IS NOT NULL")
 
-# Microseconds to a ts, written once: `now` and message stamps must convert alike.
-_US_TO_TS = "::float8 / 1000000"
-SQL_NOW = f"SELECT last_us{_US_TO_TS} FROM clock"
 # A group's messages in one statement, so one transaction and one round trip.
 # Updating the clock row takes its lock (held to COMMIT) and reserves `count` ids
 # and stamps: message `ord` of `count` gets the ord-th. A (from, key) already
@@ -90,7 +87,7 @@ WITH stamp AS (
     RETURNING last_id, last_us
 ), stored AS (
     INSERT INTO messages (id, ts, channel, from_name, to_name, body, meta, key, signature)
-    SELECT s.last_id - %(count)s + m.ord, (s.last_us - %(count)s + m.ord){_US_TO_TS},
+    SELECT s.last_id - %(count)s + m.ord, (s.last_us - %(count)s + m.ord){US_TO_TS},
            m.channel, m.from_name, m.to_name, m.body, m.meta, m.key, m.signature
     FROM stamp s,
          unnest(%(channel)s::text[], %(from_name)s::text[], %(to_name)s::text[],
@@ -110,11 +107,6 @@ SQL_TELLING_IDENTITY = ("WITH changed AS ({statement} RETURNING 1), "
                         "told AS (SELECT pg_notify(%s, %s)) "
                         "SELECT (SELECT count(*) FROM changed), (SELECT 1 FROM told)")
 SQL_LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
-
-# A recv: the clock row joins in so `now` comes from the same snapshot as the
-# messages; it yields one row with no message when nothing matched.
-_WITH_NOW = (f"SELECT c.last_us{_US_TO_TS}, m.* FROM clock c LEFT JOIN LATERAL ({{recv}}) m "
-             "ON TRUE ORDER BY m.ts")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -147,8 +139,6 @@ class PostgresStore(SQLStore):
 
     dialect = POSTGRES
     sql = Queries(POSTGRES)
-    sql_recv = _WITH_NOW.format(recv=sql.recv)
-    sql_recv_all_channels = _WITH_NOW.format(recv=sql.recv_all_channels)
 
     def __init__(self, url: str, listen: bool = True):
         super().__init__()
@@ -526,15 +516,3 @@ class PostgresStore(SQLStore):
                 # shows only when used: weed out the others like it, then retry.
                 await pool.check()
         raise AssertionError("unreachable")
-
-    # -- the interface -----------------------------------------------------
-
-    async def now(self) -> float:
-        return await self._value(SQL_NOW)
-
-    async def recv(self, to: str, channel: str, since: float, limit: int) -> Received:
-        params = {"to": to, "channel": channel, "since": since, "limit": limit}
-        rows = await self._rows(self.sql_recv_all_channels if channel == "*" else self.sql_recv,
-                                params)
-        now = rows[0][0]
-        return Received([self._message(row[1:]) for row in rows if row[1] is not None], now)

@@ -14,8 +14,15 @@ import re
 from typing import Any, Sequence
 
 
+# PostgreSQL's clock counts whole microseconds; a ts is seconds. Written once: `now` and
+# message stamps must convert alike.
+US_TO_TS = "::float8 / 1000000"
+
+
 class PostgresDialect:
     name = "postgresql"
+    # `now`: the clock as committed (see store.CommitClock).
+    clock_now = f"SELECT last_us{US_TO_TS} AS now FROM clock"
     types = {
         # One row: where ids and ts go on from. Updating it is the lock that orders
         # every message-writing transaction of every replica (store_pg).
@@ -54,8 +61,11 @@ class PostgresDialect:
 
 class SQLiteDialect(PostgresDialect):
     name = "sqlite"
+    # The clock row is `meta`'s "clock", a ts written as repr() text (exact in Python;
+    # SQLite's own REAL-to-text conversion would round it); none yet in a new database.
+    clock_now = "SELECT COALESCE((SELECT value FROM meta WHERE key = 'clock'), '0') AS now"
     types = {
-        "clock_table": "",  # the clock is in-process (store.CommitClock)
+        "clock_table": "",  # the clock row is in `meta` (store_sqlite)
         # AUTOINCREMENT: ids of deleted messages are never given again.
         "message_id": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -188,6 +198,10 @@ _RECV = (f"SELECT {_COLUMNS} FROM messages WHERE to_name IN (%(to)s, '*') {{chan
          "AND ts > %(since)s AND NOT (to_name = '*' AND from_name = %(to)s) "
          "ORDER BY ts LIMIT %(limit)s")
 
+# `now` from the same statement, so the same snapshot, as the messages it goes with; one
+# row with no message when none matched.
+_WITH_NOW = "SELECT c.now, m.* FROM ({clock}) c LEFT JOIN ({recv}) m ON TRUE ORDER BY m.ts"
+
 # el-ipc readers see the whole channel's broadcasts (their own included, as the
 # older server did) and what is addressed to them, past their watermark.
 _UNREAD = ("FROM messages WHERE channel = %(channel)s AND id > COALESCE((SELECT last_id "
@@ -246,6 +260,8 @@ class Queries:
     receipts = ("SELECT agent, channel, delivered_ts, filed_ts FROM acknowledged "
                 "WHERE channel = ANY(%s)")
     watermarks = "SELECT agent, channel, last_id FROM watermarks WHERE channel = ANY(%s)"
+    # rapid's /inbox: every queue's length, read or not.
+    queues = "SELECT channel, to_name, COUNT(*) FROM messages GROUP BY channel, to_name"
     pending = (f"SELECT m.channel, m.to_name, COUNT(*) FROM messages m WHERE {_NOT_FETCHED} "
                "GROUP BY m.channel, m.to_name")
     undelivered = (f"SELECT m.id, m.ts, m.from_name, m.to_name, m.channel, {_NEVER_SEEN} "
@@ -332,3 +348,7 @@ class Queries:
                 setattr(self, name, dialect.render(sql))
         self.migrations = tuple(dialect.render(text.format(**dialect.types))
                                 for text in MIGRATIONS)
+        self.now = dialect.clock_now
+        self.recv_with_now = _WITH_NOW.format(clock=dialect.clock_now, recv=self.recv)
+        self.recv_all_channels_with_now = _WITH_NOW.format(clock=dialect.clock_now,
+                                                           recv=self.recv_all_channels)

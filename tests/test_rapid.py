@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 import time
 
+from harness.bus import wait_until
+
 WAKEUPS = "agent_bus_long_poll_wakeups_total"
 
 
@@ -180,19 +182,31 @@ def test_block_not_woken_by_other_recipients_or_channels(server, names):
     assert server.metric(WAKEUPS, reason="commit") == woken + 1
 
 
-def test_inbox_counts_pending_until_acknowledged(server, names):
+def test_inbox_counts_each_queue_read_or_not_and_the_roster_what_is_unread(server, names):
     a, b, ch = names("a", "b", "ch")
+
+    def roster_pending() -> dict:
+        return next((entry["pending"] for entry in server.get("/agents").json()
+                     if entry["name"] == b), {})
+
     server.send(a, b, "1", channel=ch)
-    last = server.send(a, b, "2", channel=ch)
+    server.send(a, b, "2", channel=ch)
+    server.send(a, "*", "all hands", channel=ch)
     body = server.get("/inbox").json()
     assert set(body) == {"recipients", "now"}
-    assert body["recipients"][ch] == {b: 2}
-    # b's next poll says it has everything up to `last`: nothing is pending.
-    server.get(f"/recv?to={b}&channel={ch}&since={last['ts']!r}")
-    # The acknowledgement joined the group forming when the poll was answered; groups
-    # commit in order, so it is durable once a send made after it is answered.
+    # As the reference server counts: a queue per recipient, a broadcast once under "*".
+    assert body["recipients"][ch] == {b: 2, "*": 1}
+    assert roster_pending() == {ch: 2}
+    # b reads everything: the queues stay as long (reading consumes nothing) ...
+    got = server.get(f"/recv?to={b}&channel={ch}&since=0").json()["messages"]
+    assert len(got) == 3
+    server.get(f"/recv?to={b}&channel={ch}&since={got[-1]['ts']!r}")
+    assert server.get("/inbox").json()["recipients"][ch] == {b: 2, "*": 1}
+    # ... while the roster's pending count, what b has not fetched, drops to nothing once
+    # the acknowledgement is stored (it rides a group commit: on PostgreSQL after the
+    # group's sends are answered, so a later send does not prove it is there yet).
     server.send(a, b + "x", "nudge the writer", channel=ch)
-    assert b not in server.get("/inbox").json()["recipients"].get(ch, {})
+    wait_until(lambda: ch not in roster_pending(), timeout=5, what="b's pending count to go")
 
 
 def test_healthz_shape(server):

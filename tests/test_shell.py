@@ -404,10 +404,11 @@ def test_agents_and_health_print_what_python_prints(tmp_path):
             "x           no      -          -        agent     -",
         ]
 
+        # `now` is the bus's clock as committed: 0 here, where no message was ever stored.
         health = ok(run_script("bus-health", env=env))
-        assert re.fullmatch(rb'\{"ok":true,"now":\d+\.\d+\}\n', health)
+        assert re.fullmatch(rb'\{"ok":true,"now":\d+(\.\d+)?\}\n', health)
         assert jq_compact_format(health)
-        assert re.fullmatch(rb'\{"ok":true,"now":\d+\.\d+\}\n', ok(run_cli("health", env=env)))
+        assert health == ok(run_cli("health", env=env))
         bus.stop()
         for args in (("health",), ("agents",)):
             shell, python = run_script(f"bus-{args[0]}", env=env), run_cli(*args, env=env)

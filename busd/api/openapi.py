@@ -201,7 +201,8 @@ def document(version: str) -> dict:
              _query("filed", BOOL_TEXT,
                     description="true from a daemon: since also says its files are durable")])},
         "/inbox": {"get": _operation(
-            "Pending counts per channel and recipient (admin)",
+            "Each queue's length per channel and recipient, read or not; a broadcast "
+            "counts once under \"*\" (admin)",
             _json({"type": "object", "required": ["recipients", "now"],
                    "properties": {"recipients": {"type": "object", "additionalProperties": {
                        "type": "object", "additionalProperties": {"type": "integer"}}},

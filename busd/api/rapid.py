@@ -68,11 +68,13 @@ async def recv(request: web.Request) -> web.Response:
 
 
 async def inbox(request: web.Request) -> web.Response:
+    """Every queue's length as the reference server counts it: the messages the bus holds
+    per channel and recipient, read or not (a broadcast once, under "*")."""
     bus = bus_of(request)
     principal = principal_of(request)
     bus.access.check_admin(principal)
     now = await bus.store.now()
-    return reply({"recipients": await roster.visible_pending(bus.store, bus.access, principal),
+    return reply({"recipients": await roster.visible_queues(bus.store, bus.access, principal),
                   "now": now})
 
 
