@@ -153,8 +153,6 @@ class PostgresStore(SQLStore):
         self._listener: asyncio.Task | None = None
         self._committing: asyncio.Task | None = None
         self._hearing = False
-        self._identity_cache: dict[tuple, Any] = {}
-        self._identity_generation = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -322,27 +320,14 @@ class PostgresStore(SQLStore):
             notice = json.dumps({"replica": self.replica, "wake_all": True})
         return notice
 
-    # -- identity answers, cached ------------------------------------------
+    # -- identity answers, cached (store_core) ---------------------------------
     #
-    # Every request asks whether auth is on and every send whether secure mode is;
-    # a round trip for each would halve throughput. So these answers are kept
-    # while this replica hears the others' commits: every write to tokens, keys
-    # or flags (by any replica, or an admin command) notifies in its transaction,
-    # and the cache is dropped when that arrives, or when hearing is lost.
+    # A round trip for each would halve throughput. Every write to tokens, keys or
+    # flags (by any replica, or an admin command) notifies in its transaction, and the
+    # cache is dropped when that arrives, or when hearing is lost.
 
-    def _forget_identity(self) -> None:
-        self._identity_cache.clear()
-        self._identity_generation += 1
-
-    async def _identity_value(self, key: tuple, sql: str, params: Any = ()) -> Any:
-        if key in self._identity_cache:
-            return self._identity_cache[key]
-        generation = self._identity_generation
-        value = await self._value(sql, params)
-        # Kept only if nothing changed while we asked, and we would hear of a change.
-        if self._hearing and generation == self._identity_generation:
-            self._identity_cache[key] = value
-        return value
+    def _hears_identity_changes(self) -> bool:
+        return self._hearing
 
     # -- group commit ------------------------------------------------------
 
