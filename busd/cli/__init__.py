@@ -3,15 +3,16 @@ then calls the library. Each submodule registers one group of commands."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, NoReturn
 
 from .. import __version__, model
-from ..client import DEFAULT_UA, BusClient, BusClientError
 
 if TYPE_CHECKING:
+    from ..client import BusClient, BusClientError
     from ..mailbox import Mailbox
 
 # Exit codes, shared with the bin/ shell mirrors (README, "Exit codes").
@@ -36,7 +37,7 @@ class Env:
     channel: str
     token: str
     key_path: str       # AGENT_BUS_KEY: the agent's Ed25519 private key; sends get signed
-    user_agent: str
+    user_agent: str     # AGENT_BUS_UA; "" is the client's own (client.DEFAULT_UA)
     ca: str
     state_dir: str      # ${XDG_STATE_HOME:-~/.local/state}/agent-bus: the default DB lives here
     cursor_dir: str     # AGENT_BUS_STATE_DIR, else <state_dir>/cursors
@@ -66,7 +67,7 @@ class Env:
             channel=environ.get("AGENT_BUS_CHANNEL") or "default",
             token=environ.get("AGENT_BUS_TOKEN", ""),
             key_path=environ.get("AGENT_BUS_KEY", ""),
-            user_agent=environ.get("AGENT_BUS_UA") or DEFAULT_UA,
+            user_agent=environ.get("AGENT_BUS_UA", ""),
             ca=environ.get("AGENT_BUS_CA", ""),
             state_dir=os.path.join(state_home, "agent-bus"),
             cursor_dir=environ.get("AGENT_BUS_STATE_DIR") or os.path.join(
@@ -90,6 +91,8 @@ class Env:
         )
 
     def client(self) -> BusClient:
+        from ..client import DEFAULT_UA, BusClient
+
         if not self.url:
             raise CommandError("AGENT_BUS_URL is not set; export it, for example "
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
@@ -100,7 +103,8 @@ class Env:
                 signing_key = read_private_file(self.key_path)
             except SigningError as exc:
                 raise CommandError(f"AGENT_BUS_KEY: {exc}", EXIT_USAGE) from None
-        return BusClient(self.url, token=self.token or None, user_agent=self.user_agent,
+        return BusClient(self.url, token=self.token or None,
+                         user_agent=self.user_agent or DEFAULT_UA,
                          ca=self.ca or None, signing_key=signing_key)
 
     def agent_name(self, given: str | None = None) -> str:
@@ -176,47 +180,83 @@ def exit_code_for(exc: BusClientError) -> int:
     return EXIT_UNREACHABLE if exc.transient else EXIT_REFUSED
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import (agent, directory, discovery, handoff, init, listen, mcp, messaging, security,
-                   serve)
+# The module that registers each command, in the order `agent-bus -h` lists them. A
+# command imports only its own module, and that module what the command uses, so the
+# commands agents and hooks run often (drop, inbox) start fast; help and an unknown
+# command import them all. tests/fast/test_cli_start.py keeps this table whole.
+COMMAND_MODULES = {
+    "serve": "serve", "migrate": "serve",
+    "send": "messaging", "status": "messaging", "undelivered": "messaging", "recv": "messaging",
+    "listen": "listen",
+    "agents": "directory", "health": "directory",
+    "channels": "discovery", "agent-card": "discovery",
+    "agent": "agent",
+    "drop": "spool", "inbox": "spool",
+    "token": "security", "keygen": "security", "operator": "security", "register": "security",
+    "handoff": "handoff", "verify": "handoff", "fetch": "handoff",
+    "init": "init",
+    "mcp": "mcp",
+}
 
+
+def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or (given a known `command_name`) of that one's module."""
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, messaging, listen, directory, discovery, agent, security, handoff, init,
-                   mcp):
-        module.register(commands)
+    # prog given: argparse would otherwise make a help formatter to work it out, which
+    # imports shutil (a few ms of every start).
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     prog=parser.prog)
+    if command_name in COMMAND_MODULES:
+        modules = [COMMAND_MODULES[command_name]]
+    else:
+        modules = list(dict.fromkeys(COMMAND_MODULES.values()))
+    for module in modules:
+        importlib.import_module(f"{__name__}.{module}").register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:
         # Before the commands are imported: a launcher asks this to find the program.
         print(f"agent-bus {__version__}")
         return EXIT_OK
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else None)
     args = parser.parse_args(argv)
-    from ..mailbox import USAGE, MailboxError
     env = Env.from_environ(os.environ)
     try:
         return args.func(args, env)
     except CommandError as exc:
         print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except MailboxError as exc:
-        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE if exc.kind == USAGE else EXIT_REFUSED
-    except BusClientError as exc:
-        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         # The reader went away (| head); that is not an error of ours.
         sys.stderr.close()
         return EXIT_OK
+    except Exception as exc:
+        code = _exit_code_of(exc)
+        if code is None:
+            raise
+        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
+        return code
+
+
+def _exit_code_of(exc: Exception) -> int | None:
+    """The exit code of a mailbox or client error; None for anything else. An error of a
+    module the command never imported cannot have happened, so none is imported here."""
+    package = __name__.rpartition(".")[0]
+    mailbox = sys.modules.get(f"{package}.mailbox")
+    if mailbox is not None and isinstance(exc, mailbox.MailboxError):
+        return EXIT_USAGE if exc.kind == mailbox.USAGE else EXIT_REFUSED
+    client = sys.modules.get(f"{package}.client")
+    if client is not None and isinstance(exc, client.BusClientError):
+        return exit_code_for(exc)
+    return None
 
 
 def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
