@@ -121,7 +121,7 @@ async def _roll_back(conn: psycopg.AsyncConnection) -> None:
                                                            TransactionStatus.INERROR):
         return
     try:
-        await conn.execute("ROLLBACK")
+        await conn.execute(PostgresStore.sql.roll_back)
     except psycopg.Error as exc:
         log.warning("could not roll back a failed write (%s); the connection is replaced",
                     _one_line(exc))
@@ -447,7 +447,7 @@ class PostgresStore(SQLStore):
                 cursor = await conn.execute(SQL_SEND_MESSAGES, {
                     **_columns(group), "notify_channel": NOTIFY_CHANNEL,
                     "notice": self._wake_notice(group.sends)})
-                await conn.execute("COMMIT")
+                await conn.execute(self.sql.commit)
             return await cursor.fetchall()
 
         try:

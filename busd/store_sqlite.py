@@ -91,9 +91,9 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        conn.execute("ROLLBACK")
+        conn.execute(SQLiteStore.sql.roll_back)
         raise
-    conn.execute("COMMIT")
+    conn.execute(SQLiteStore.sql.commit)
 
 
 def _insert_params(send: Send) -> tuple:
