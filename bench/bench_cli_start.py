@@ -49,7 +49,8 @@ def fill_inbox(spool_root: str, name: str, count: int) -> None:
 
 def timed(cmd: list[str], env: dict[str, str], stdin: bytes) -> float:
     started = time.perf_counter()
-    done = subprocess.run(cmd, input=stdin, capture_output=True, env=env, timeout=30)
+    # cwd: `python -c` puts the working folder first on sys.path.
+    done = subprocess.run(cmd, input=stdin, capture_output=True, env=env, timeout=30, cwd=REPO)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{cmd[-2:]} failed ({done.returncode}): {done.stderr.decode()[-500:]}")
