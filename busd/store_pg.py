@@ -5,7 +5,7 @@ row of the `clock` table first and holds that row lock to COMMIT, so these
 transactions run one at a time, whichever replica sent them, and each becomes
 visible before the next one can take the lock. A replica takes the lock before it
 fixes its group: the sends that reach it while another replica holds the clock join
-the group, so replicas taking turns still commit in large groups. Each takes its ids and stamps
+the group, so replicas taking turns commit in larger groups. Each takes its ids and stamps
 from the clock row: ids go on from the last id, and ts (whole microseconds) is
 the database's wall clock, or the last ts + 1 us if that is not later. So ids
 and ts increase strictly in commit order, for everything every replica writes.
@@ -440,7 +440,7 @@ class PostgresStore(SQLStore):
         async def under_the_clock(conn: psycopg.AsyncConnection) -> list[tuple]:
             # The clock row's lock first: while another replica's group holds it (to its
             # COMMIT), the sends that reach this replica join this group, so replicas
-            # that take turns on the clock commit in groups as large as one replica's.
+            # that take turns on the clock commit in larger groups.
             await conn.execute(SQL_TAKE_THE_CLOCK)
             self._take_latecomers(group)
             async with conn.pipeline():  # the group and its COMMIT: one round trip
