@@ -65,7 +65,6 @@ class DirectBus:
             return
         try:
             if self._bus is not None:
-                self._bus.hub.close()
                 self._runner.run(self._bus.store.close())
         finally:
             self._bus = None
