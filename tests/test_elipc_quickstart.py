@@ -104,6 +104,11 @@ def test_quick_start_open_mode(tmp_path):
         assert shell.ok("read", "my-channel", "agent-b", "--db", db) == b"[]\n"
         # ... and only agent-b's: another reader on the database gets it too.
         assert json.loads(shell.ok("read", "my-channel", "agent-c", "--db", db)) == [message]
+        # Receipts are the same both ways: each read made the message delivered to its reader.
+        status = shell.ok("status", str(ack["id"]))
+        assert status == shell.ok("status", str(ack["id"]), "--db", db)
+        assert f"{ack['id']}\tdelivered\tagent-b\n".encode() in status
+        assert f"{ack['id']}\tdelivered\tagent-c\n".encode() in status
 
         # python3 ipc-server.py read my-channel agent-b --wait, over HTTP and on the
         # database: each woken by the next send, from the CLI or over HTTP (a read that
