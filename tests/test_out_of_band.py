@@ -21,7 +21,7 @@ import requests
 from busd.model import DEFAULT_MAX_MSG_BYTES, NewMessage
 from busd.store_factory import open_store
 from busd.store_sqlite import SQLiteStore
-from harness.bus import BusServer, agent_bus_cmd, park, repo_env
+from harness.bus import BusServer, agent_bus_cmd, park, repo_env, wait_until
 from harness.load import advanced
 
 
@@ -84,6 +84,38 @@ def test_a_cli_send_wakes_a_parked_recv_and_a_parked_messages_wait(server, names
     # start-up, its durable commit).
     assert rapid.answered_at - bob_sent_at < 1
     assert elipc.answered_at - room_sent_at < 1
+
+
+def test_a_waiting_cli_read_on_the_database_is_woken_by_a_send(server, names):
+    """`agent-bus read CHANNEL AGENT --db DB --wait` parks in its own process and hears the
+    server's commits (and other commands') as a server hears a replica's."""
+    room, carol, sender = names("room", "carol", "web")
+
+    def contact() -> float | None:
+        return {a["name"]: a["last_seen"] for a in server.get("/agents").json()}.get(carol)
+
+    for send in (lambda: server.post("/send", json={"channel": room, "sender": sender,
+                                                     "content": "over http"}),
+                 lambda: write_directly(server.db, [{"channel": room, "sender": sender,
+                                                     "to": "*", "body": "from the cli"}])):
+        before = contact()
+        reader = subprocess.Popen(agent_bus_cmd("read", room, carol, "--db", server.db,
+                                                "--wait"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=repo_env())
+        try:
+            # Its contact is recorded in the database just before it looks.
+            wait_until(lambda: contact() != before, 20, what="the reader to begin")
+            sent_at = time.monotonic()
+            send()
+            out, err = reader.communicate(timeout=20)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+        assert reader.returncode == 0, err
+        assert len(json.loads(out)) == 1
+        # Woken: a read that waited out its hold (25 s) would have printed [].
+        assert time.monotonic() - sent_at < 10
 
 
 def test_a_direct_write_right_after_the_servers_own_commit_wakes_a_parked_poll(server, names):
