@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from busd import signing
 from harness.bus import BusServer, agent_bus_cmd, park, repo_env, wait_until
+from harness.processes import finish
 
 ELIPC_FIELDS = {"id", "sender", "content", "timestamp"}
 
@@ -50,13 +51,9 @@ class Shell:
                                 env=repo_env(**self.environ))
 
 
-def finish(process: subprocess.Popen) -> list[dict]:
-    try:
-        out, err = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def printed(process: subprocess.Popen) -> list[dict]:
+    """What a waiting `agent-bus read` printed, once it exits."""
+    out, err = finish(process, 20)
     assert process.returncode == 0, err.decode()
     return json.loads(out)
 
@@ -93,9 +90,9 @@ def test_quick_start_open_mode(tmp_path):
         assert ack["ok"] is True and ack["channel"] == "my-channel"
 
         # python3 ipc-server.py read my-channel agent-b: el-ipc's JSON list, indented by two
-        printed = shell.ok("read", "my-channel", "agent-b")
-        [message] = json.loads(printed)
-        assert printed.startswith(b'[\n  {\n    "id": ')
+        shown = shell.ok("read", "my-channel", "agent-b")
+        [message] = json.loads(shown)
+        assert shown.startswith(b'[\n  {\n    "id": ')
         assert set(message) == ELIPC_FIELDS
         assert (message["id"], message["sender"], message["content"]) == \
             (ack["id"], "agent-a", "Hello from Agent A")
@@ -119,15 +116,15 @@ def test_quick_start_open_mode(tmp_path):
         sent_at = time.monotonic()
         shell.ok("send", "*", "--db", db, "--channel", "my-channel", "--from", "agent-a",
                  stdin=b"second")
-        assert [m["content"] for m in finish(over_http)] == ["second"]
-        assert [m["content"] for m in finish(on_the_db)] == ["second"]
+        assert [m["content"] for m in printed(over_http)] == ["second"]
+        assert [m["content"] for m in printed(on_the_db)] == ["second"]
         assert time.monotonic() - sent_at < 10
 
         on_the_db = started_reading(bus, shell, "agent-b", "--db", db)
         sent_at = time.monotonic()
         bus.post("/send", json={"channel": "my-channel", "sender": "agent-d",
                                 "content": "over http"})
-        assert [(m["sender"], m["content"]) for m in finish(on_the_db)] == \
+        assert [(m["sender"], m["content"]) for m in printed(on_the_db)] == \
             [("agent-d", "over http")]
         assert time.monotonic() - sent_at < 10
 

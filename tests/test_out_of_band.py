@@ -23,6 +23,7 @@ from busd.store_factory import open_store
 from busd.store_sqlite import SQLiteStore
 from harness.bus import BusServer, agent_bus_cmd, park, repo_env, wait_until
 from harness.load import advanced
+from harness.processes import finish
 
 
 def cli_send(db: str, message: dict, **env: str) -> subprocess.CompletedProcess:
@@ -107,11 +108,8 @@ def test_a_waiting_cli_read_on_the_database_is_woken_by_a_send(server, names):
             wait_until(lambda: contact() != before, 20, what="the reader to begin")
             sent_at = time.monotonic()
             send()
-            out, err = reader.communicate(timeout=20)
         finally:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
+            out, err = finish(reader, 20)
         assert reader.returncode == 0, err
         assert len(json.loads(out)) == 1
         # Woken: a read that waited out its hold (25 s) would have printed [].

@@ -23,6 +23,7 @@ from busd.framing import monitor_block
 from busd.cli.directory import agents_table
 from busd.listener import summary_line
 from harness.bus import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.processes import finish
 
 BIN = REPO / "bin"
 LIB = BIN / "lib" / "agent-bus.sh"
@@ -460,11 +461,8 @@ def test_read_prints_what_python_prints_and_moves_the_watermark(tmp_path):
         try:
             bus.wait_parked()
             bus.post("/send", json={"channel": "ops", "sender": "herald", "content": "late"})
-            out, err = waiting.communicate(timeout=10)
         finally:
-            if waiting.poll() is None:
-                waiting.kill()
-                waiting.wait()
+            out, err = finish(waiting, 10)
         assert waiting.returncode == 0, err
         assert [m["content"] for m in json.loads(out)] == ["late"]
 
