@@ -4,11 +4,9 @@ requests (and signing's cryptography) are imported when a client is made, not wi
 this module: what only reads the spool (`agent-bus inbox`, the hooks) starts fast."""
 from __future__ import annotations
 
-import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
-from .errors import REPLAY
+from .errors import REPLAY, replayed_ack
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -96,15 +94,12 @@ class BusClient:
         body: dict[str, Any] = {"from": sender, "to": to, "msg": msg, "channel": channel}
         if self.signing_key is not None:
             from . import signing
-            # A signed send needs a key: it is the nonce that makes a replay detectable.
-            key = key or uuid.uuid4().hex
-            body["signed_at"] = int(time.time() * 1000)
             try:
-                payload = signing.native_payload(channel, sender, to, body["signed_at"], key,
-                                                 msg, meta)
+                signed = signing.sign_send(self.signing_key, channel, sender, to, msg, meta, key)
             except signing.SigningError as exc:
                 raise BusClientError(f"cannot sign this message: {exc}") from None
-            body["signature"] = signing.sign(self.signing_key, payload)
+            key = signed.pop("key")
+            body.update(signed)
         if key is not None:
             body["key"] = key
         if meta is not None:
@@ -114,8 +109,7 @@ class BusClient:
         except BusClientError as exc:
             if exc.code == REPLAY.code and exc.payload:
                 # Our own earlier send with this key was stored: that is success.
-                return {"ok": True, "ts": exc.payload.get("ts"), "channel": channel,
-                        "id": exc.payload.get("id"), "duplicate": True}
+                return replayed_ack(channel, exc.payload)
             raise
 
     def recv(self, to: str, *, since: float = 0.0, block: bool = False,
@@ -131,6 +125,15 @@ class BusClient:
             params["filed"] = "true"
         return self.request("GET", "/recv", params=params,
                             timeout=RECV_TIMEOUT if block else None)
+
+    def messages(self, channel: str, agent: str, wait: bool = False) -> list[dict]:
+        """el-ipc's read: `agent`'s unread messages on `channel`; its watermark moves past
+        them. `wait`: the bus holds the request until one comes or its hold ends."""
+        params = {"channel": channel, "agent": agent}
+        if wait:
+            params["wait"] = "true"
+        return self.request("GET", "/messages", params=params,
+                            timeout=RECV_TIMEOUT if wait else None)
 
     def healthz(self) -> dict:
         return self.request("GET", "/healthz")

@@ -23,6 +23,7 @@ from busd.framing import monitor_block
 from busd.cli.directory import agents_table
 from busd.listener import summary_line
 from harness.bus import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.processes import finish
 
 BIN = REPO / "bin"
 LIB = BIN / "lib" / "agent-bus.sh"
@@ -437,6 +438,43 @@ def test_channels_and_agent_card_print_what_python_prints(tmp_path):
             shell, python = run_script(f"bus-{command}", env=env), run_cli(command, env=env)
             assert shell.returncode == python.returncode == 3
             assert b"cannot reach the bus" in shell.stderr and shell.stderr.count(b"\n") == 1
+
+
+def test_read_prints_what_python_prints_and_moves_the_watermark(tmp_path):
+    """bus-read and `agent-bus read` (el-ipc's read over GET /messages): the same bytes for
+    the same unread messages, each reader's watermark moved past them; --wait answered by
+    the next send; the same exit codes."""
+    with BusServer(tmp_path / "read.db", "--hold", "5") as bus:
+        env = env_for(bus.url, tmp_path)
+        for body in ("plain", BODIES[1], BODIES[2], BODIES[13]):
+            bus.post("/send", json={"channel": "ops", "sender": "herald", "content": body})
+        shell = ok(run_script("bus-read", "ops", "carol", env=env))
+        assert shell == ok(run_cli("read", "ops", "dave", env=env))
+        assert shell == (jqtext.dumps(json.loads(shell), pretty=True) + "\n").encode()
+        assert [m["content"] for m in json.loads(shell)] == [
+            "plain", BODIES[1], BODIES[2], BODIES[13]]
+        assert ok(run_script("bus-read", "ops", "carol", env=env)) == \
+            ok(run_cli("read", "ops", "dave", env=env)) == b"[]\n"
+
+        waiting = subprocess.Popen([str(BIN / "bus-read"), "ops", "carol", "--wait"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            bus.wait_parked()
+            bus.post("/send", json={"channel": "ops", "sender": "herald", "content": "late"})
+        finally:
+            out, err = finish(waiting, 10)
+        assert waiting.returncode == 0, err
+        assert [m["content"] for m in json.loads(out)] == ["late"]
+
+        for args in (("ops",), ("ops", "bad/name")):
+            shell, python = run_script("bus-read", *args, env=env), run_cli("read", *args, env=env)
+            assert (shell.returncode, python.returncode) == \
+                ((2, 2) if len(args) == 1 else (1, 1)), (shell.stderr, python.stderr)
+        bus.stop()
+        shell, python = run_script("bus-read", "ops", "carol", env=env), \
+            run_cli("read", "ops", "carol", env=env)
+        assert shell.returncode == python.returncode == 3
+        assert b"cannot reach the bus" in shell.stderr and shell.stderr.count(b"\n") == 1
 
 
 # -- failures -----------------------------------------------------------------

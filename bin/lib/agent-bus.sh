@@ -1006,6 +1006,19 @@ cmd_channels() {
   jq . "$bus_work/reply"
 }
 
+cmd_read() {
+  bus_args CHANNEL AGENT --wait -- "$@"
+  { bus_given arg_CHANNEL && bus_given arg_AGENT; } || bus_usage_error "give a CHANNEL and an AGENT"
+  bus_start
+  bus_require_url
+  local query seconds=15
+  query="/messages?channel=$(bus_uri "$arg_CHANNEL")&agent=$(bus_uri "$arg_AGENT")"
+  # A waiting read is held up to the bus's hold (25 s, at most 30): wait 35 s, as recv does.
+  if [ "$opt_wait" = 1 ]; then query+="&wait=true"; seconds=35; fi
+  bus_call "$query" "$bus_work/reply" "" "$seconds"
+  jq . "$bus_work/reply"
+}
+
 cmd_agent_card() {
   bus_args -- "$@"
   bus_fetch /.well-known/agent-card.json
@@ -1217,6 +1230,24 @@ usage: bus-channels
 Print every channel with its message count and the time of its newest message, newest
 first (GET /channels), as JSON indented by two, as `agent-bus channels` (and el-ipc's
 `channels`) does. Once auth is on it needs an admin token.
+
+Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 done, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus
+unreachable or failing (network, 5xx).
+USAGE
+}
+
+usage_read() {
+  cat <<'USAGE'
+usage: bus-read CHANNEL AGENT [--wait]
+
+Print what AGENT has not read yet on CHANNEL, oldest first (GET /messages; at most
+1,000, read again for the rest), as `agent-bus read` (and el-ipc's `read`) does: a JSON
+list of {id, sender, content, timestamp, signed?} indented by two, '[]' when there is
+nothing. AGENT's watermark on CHANNEL moves past them.
+
+  --wait         if nothing is unread, wait until a message comes or the bus's hold
+                 ends (25 s; then '[]')
 
 Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
 Exit codes: 0 done, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus

@@ -5,11 +5,12 @@ import time
 
 from aiohttp import web
 
-from .. import errors, roster
+from .. import errors, roster, service
 from ..errors import BusError
 from ..model import check_body, check_channel, check_name, check_recipient
-from .common import (accept_send, bus_of, long_poll, principal_of, query_batch, query_bool,
-                     query_float, query_value, reply)
+from ..service import long_poll
+from .common import (accept_send, bus_of, principal_of, query_batch, query_bool, query_float,
+                     query_value, reply)
 
 FIELDS = ("from", "to", "msg")
 
@@ -24,11 +25,7 @@ async def send(request: web.Request, body: dict) -> web.Response:
         request, body, legacy=False, channel=check_channel(body.get("channel")),
         sender=check_name(body["from"], "from"), to=check_recipient(body["to"]),
         text=check_body(body["msg"], "msg", limits.max_msg_bytes, allow_empty=True))
-    stored = result.message
-    payload = {"ok": True, "ts": stored.ts, "channel": stored.channel, "id": stored.id}
-    if result.duplicate:
-        payload["duplicate"] = True
-    return reply(payload)
+    return reply(service.send_ack(result))
 
 
 async def recv(request: web.Request) -> web.Response:
@@ -97,18 +94,7 @@ async def status(request: web.Request) -> web.Response:
         ids = [int(text) for text in texts]
     except ValueError:
         raise BusError(errors.BAD_PARAM, "id must be a whole number") from None
-    principal = principal_of(request)
-    if not principal.admin:
-        bus.access.require_token(principal)
-    # An id no database integer can hold is simply unknown (the stores cannot look it up).
-    stored_range = sorted({i for i in ids if 0 < i < 2 ** 63})
-    found = [m for m in await bus.store.messages_by_id(stored_range)
-             # A sender may follow its own messages; admins follow everyone's; both only
-             # on the channels their token may see.
-             if (principal.admin or m.sender == principal.name)
-             and bus.access.sees_channel(principal, m.channel)]
-    states = await roster.states(bus.store, found)
-    return reply({"messages": [states.get(i, {"id": i, "state": "unknown"}) for i in ids]})
+    return reply({"messages": await service.states(bus, principal_of(request), ids)})
 
 
 async def undelivered(request: web.Request) -> web.Response:
