@@ -173,13 +173,13 @@ class Mailbox:
             return parse_inbox_file(handle.read())
 
     def message(self, entry: InboxEntry) -> dict:
-        """An inbox message as one JSON object: {id, ts, time, from, to, channel, body,
-        file, meta?, note?, handoff?, handoff_reason?}."""
+        """An inbox message as one JSON object: {id, ts, time, from, to, channel, signed,
+        body, file, meta?, note?, handoff?, handoff_reason?}."""
         headers, body = self.read(entry)
         shown = {"id": entry.id, "ts": entry.ts, "time": headers.get("time"),
                  "from": headers.get("from"), "to": headers.get("to"),
-                 "channel": headers.get("channel"), "body": body.decode("utf-8", "replace"),
-                 "file": entry.path}
+                 "channel": headers.get("channel"), "signed": headers.get("signed") == "true",
+                 "body": body.decode("utf-8", "replace"), "file": entry.path}
         for name in ("meta", "note", "handoff", "handoff-reason"):
             if name in headers:
                 shown[name.replace("-", "_")] = headers[name]

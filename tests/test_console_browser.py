@@ -1,7 +1,6 @@
 """The operator console in a real headless Chromium, against a real bus with auth on and
-two real agent daemons: log in, watch agents and messages arrive, receipts turn filed
-then read,
-a handoff verify; a hostile body stays text; the page keeps a bounded number of rows."""
+two real agent daemons: log in, watch agents and messages arrive, receipts turn filed then
+read, a handoff verify; a hostile body stays text; the page keeps a bounded number of rows."""
 from __future__ import annotations
 
 import json
