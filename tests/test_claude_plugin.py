@@ -1,0 +1,61 @@
+"""The Claude Code plugin, judged by the real client (npm @anthropic-ai/claude-code, which
+install.sh --dev puts under the data folder): the repository is a marketplace whose
+plugin validates strictly, installs into a fresh HOME with its options, and wires the MCP
+server and the four hooks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from harness.bus import REPO
+from harness.claude import CLAUDE, claude_env
+
+
+@pytest.fixture
+def claude(tmp_path):
+    if not CLAUDE.exists():
+        message = f"the Claude Code client is not installed at {CLAUDE}: run ./install.sh --dev"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: the plugin tests must run)", pytrace=False)
+        pytest.skip(message)
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(CLAUDE), *args], capture_output=True, text=True, timeout=120,
+                              env=claude_env(home), cwd=str(tmp_path), stdin=subprocess.DEVNULL)
+        return done
+    return run
+
+
+def test_the_repository_and_its_plugin_validate_strictly(claude):
+    for target in (REPO, REPO / "claude-code"):
+        done = claude("plugin", "validate", "--strict", str(target))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "Validation passed" in done.stdout
+
+
+def test_the_marketplace_installs_the_plugin_with_its_mcp_server_and_hooks(claude):
+    added = claude("plugin", "marketplace", "add", str(REPO))
+    assert added.returncode == 0, added.stdout + added.stderr
+    marketplace = json.loads((REPO / ".claude-plugin" / "marketplace.json").read_text())["name"]
+    installed = claude("plugin", "install", f"agent-bus@{marketplace}",
+                       "--config", "bus_url=http://127.0.0.1:9876", "--config", "agent_name=spark")
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+
+    details = claude("plugin", "details", f"agent-bus@{marketplace}")
+    assert details.returncode == 0, details.stdout + details.stderr
+    assert "Hooks (4)  SessionStart, UserPromptSubmit, PostToolUse, Stop" in details.stdout
+    assert "MCP servers (1)  agent-bus" in details.stdout
+
+    # The options are the plugin's own, the token among them kept as a secret.
+    configured = claude("plugin", "configure", f"agent-bus@{marketplace}", "--json")
+    assert configured.returncode == 0, configured.stdout + configured.stderr
+    options = json.loads(configured.stdout)
+    assert set(options["schema"]) == {"bus_url", "agent_name", "token", "channel", "stop_hook"}
+    assert options["schema"]["token"]["sensitive"] is True
+    assert options["inputs"]["bus_url"] == "http://127.0.0.1:9876"
+    assert options["inputs"]["agent_name"] == "spark"
