@@ -25,10 +25,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .mailbox import Mailbox
 
 # Claude Code cuts a hook's additionalContext at 10,000 characters; stay well inside.
 CONTEXT_CHARS = 8000
@@ -163,7 +159,8 @@ def frame(messages: list[dict], left: int, budget: int = CONTEXT_CHARS
 class ClaudeHooks:
     """The hooks of agent `mailbox.name`; `url`: the bus, as the hooks name it."""
 
-    def __init__(self, mailbox: Mailbox, url: str):
+    # Not imported for the annotation: `typing` alone costs the fast path milliseconds.
+    def __init__(self, mailbox: "Mailbox", url: str):  # noqa: F821
         self.mailbox = mailbox
         self.url = url
 
