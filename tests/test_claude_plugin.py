@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 
 import pytest
 
-from harness.bus import REPO
+from harness.bus import REPO, repo_env
 from harness.claude import CLAUDE, claude_env
 
 
@@ -24,9 +26,10 @@ def claude(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
 
-    def run(*args: str) -> subprocess.CompletedProcess:
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
         done = subprocess.run([str(CLAUDE), *args], capture_output=True, text=True, timeout=120,
-                              env=claude_env(home), cwd=str(tmp_path), stdin=subprocess.DEVNULL)
+                              env={**claude_env(home), **env}, cwd=str(tmp_path),
+                              stdin=subprocess.DEVNULL)
         return done
     return run
 
@@ -59,3 +62,10 @@ def test_the_marketplace_installs_the_plugin_with_its_mcp_server_and_hooks(claud
     assert options["schema"]["token"]["sensitive"] is True
     assert options["inputs"]["bus_url"] == "http://127.0.0.1:9876"
     assert options["inputs"]["agent_name"] == "spark"
+
+    # The client starts the MCP server through the plugin's launcher, and it answers.
+    health = claude("mcp", "list", AGENT_BUS_PYTHON=sys.executable,
+                    PYTHONPATH=repo_env()["PYTHONPATH"])
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert re.search(r"plugin:agent-bus:agent-bus: .*run-agent-bus mcp - \S+ Connected",
+                     health.stdout), health.stdout
