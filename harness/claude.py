@@ -101,3 +101,104 @@ def run_hook(event: str, options: dict[str, str], *, cwd: str, spool: str | Path
         hook_payload(event, cwd, **payload_fields)).encode(), capture_output=True, env=env,
         cwd=cwd, timeout=timeout)
     return HookResult(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+class StandInAPI:
+    """A loopback stand-in for the Anthropic Messages API, so the real client can run a
+    session (`claude -p`) here with no network: every request is kept (`requests`) and
+    answered with a one-word assistant turn, streamed when asked. Claude Code reaches it
+    through ANTHROPIC_BASE_URL."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        self.requests: list[tuple[str, dict]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self._reply(404, b'{"type":"error","error":{"type":"not_found_error",'
+                                 b'"message":"not here"}}')
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                except ValueError:
+                    body = {}
+                api.requests.append((self.path, body))
+                if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
+                    self._reply(200, b'{"input_tokens": 10}')
+                    return
+                message = {"id": "msg_standin", "type": "message", "role": "assistant",
+                           "model": body.get("model", "claude"), "content": [],
+                           "stop_reason": None, "stop_sequence": None,
+                           "usage": {"input_tokens": 10, "output_tokens": 1}}
+                if not body.get("stream"):
+                    done = {**message, "content": [{"type": "text", "text": "ok"}],
+                            "stop_reason": "end_turn"}
+                    self._reply(200, json.dumps(done).encode())
+                    return
+                events = [
+                    ("message_start", {"type": "message_start", "message": message}),
+                    ("content_block_start", {"type": "content_block_start", "index": 0,
+                                             "content_block": {"type": "text", "text": ""}}),
+                    ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": "ok"}}),
+                    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                    ("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": "end_turn",
+                                                 "stop_sequence": None},
+                                       "usage": {"output_tokens": 1}}),
+                    ("message_stop", {"type": "message_stop"})]
+                data = "".join(f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+                               for name, payload in events).encode()
+                self._reply(200, data, "text/event-stream")
+
+            def _reply(self, status: int, data: bytes,
+                       content_type: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="standin-api",
+                                       daemon=True)
+
+    def __enter__(self) -> "StandInAPI":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+    def texts(self) -> list[str]:
+        """Every text the client sent the model, in the order sent (messages and system)."""
+        found: list[str] = []
+
+        def walk(value) -> None:
+            if isinstance(value, str):
+                found.append(value)
+            elif isinstance(value, list):
+                for item in value:
+                    walk(item)
+            elif isinstance(value, dict):
+                for key in ("text", "content", "system", "messages"):
+                    if key in value:
+                        walk(value[key])
+        for path, body in self.requests:
+            if path.startswith("/v1/messages") and "count_tokens" not in path:
+                walk(body)
+        return found
