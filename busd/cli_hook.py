@@ -21,6 +21,7 @@ import sys
 EVENTS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop")
 CONTEXT_EVENTS = ("SessionStart", "UserPromptSubmit", "PostToolUse")
 ON = ("1", "true", "yes", "on")
+BUS_SECONDS = 3.0   # the most one request to the bus may take in a hook
 
 
 def spool_root(environ) -> str:
@@ -88,6 +89,8 @@ def _run(event: str, stdin: bytes, environ) -> str | None:
                 "shown: set the plugin's bus_url option (or AGENT_BUS_URL).")
     try:
         mailbox = env.mailbox(env.name, env.reading_channel(None))
+        # A bus that does not answer must not hold up every prompt and tool call.
+        mailbox.connect = lambda: env.client(timeout=BUS_SECONDS)
         hooks = ClaudeHooks(mailbox, env.url)
         try:
             if event == "SessionStart":
