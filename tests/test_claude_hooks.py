@@ -3,15 +3,14 @@ command from hooks.json, its documented stdin JSON, CLAUDE_PLUGIN_ROOT and the p
 options as CLAUDE_PLUGIN_OPTION_*), against a real bus, with and without a daemon."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import socket
 import subprocess
-import sys
 
 import pytest
-import requests
 
 from busd import cli, cli_hook, hooks
 from busd.agent.spool import SpoolLayout
@@ -174,7 +173,6 @@ def test_a_handoff_shows_its_files_name_path_and_hash_only(bus, session, tmp_pat
     assert done.returncode == 0, done.stderr
     context = session("UserPromptSubmit").context
     [(_, body)] = frames(context)
-    import hashlib
     digest = hashlib.sha256(data.read_bytes()).hexdigest()
     assert body[0] == f'file 1: "hits.csv" at "{data}", sha256 {digest}'
     assert "SECRET-CONTENT" not in context and "the note stays out" not in context
