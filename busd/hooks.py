@@ -150,9 +150,11 @@ def frame(messages: Iterable[dict], total: int, budget: int = CONTEXT_CHARS
         if len(block) > room:
             if shown:
                 break
-            block = _cut(render, message, room)   # the first alone is too long: cut it
-            if block is None:
-                break
+            # The first alone is too long: cut it; what cannot be cut (a handoff of many
+            # files) shows where it is, so that no message can hold up those after it.
+            block = _cut(render, message, room) or render(
+                {**message, "meta": None, "note": None,
+                 "body": f"(too long to show here: the message is in {message['file']})"})
         parts.append(block)
         used += len(block)
         shown.append(message)

@@ -188,7 +188,8 @@ class Mailbox:
     def read_message(self, message_id: int) -> dict:
         """Message `message_id` of the inbox as message() gives it, reported read."""
         shown = self.message(self.find(message_id))
-        self.report_read([message_id])
+        with self.showing():
+            self.report_read([message_id])
         return shown
 
     # What has been shown to the model is remembered as the (ts, id) of the last entry
@@ -245,7 +246,8 @@ class Mailbox:
     def report_read(self, ids: list[int]) -> bool:
         """Tell the bus these messages were shown (their state becomes `read`), with any
         an earlier call could not report; whether the bus heard all of them. Those it could
-        not hear because it was unreachable are kept for the next call, never lost."""
+        not hear because it was unreachable are kept for the next call, never lost.
+        Called under showing(), which keeps the ids not told yet whole."""
         path = os.path.join(self.layout.root, UNREPORTED)
         waiting = sorted(set(self._unreported()) | set(ids))
         if not waiting:

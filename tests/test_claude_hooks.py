@@ -259,3 +259,23 @@ def test_the_fast_path_finds_the_spool_folder_the_cli_does(tmp_path):
     layout = SpoolLayout("/a")
     assert os.path.basename(layout.inbox_log) == hooks.INBOX_LOG
     assert os.path.basename(layout.lock_file) == hooks.LOCK_FILE
+
+
+def test_a_message_too_long_to_cut_shows_where_it_is_and_holds_up_nothing(bus, session):
+    """A handoff of many files cannot be cut like a body: it shows its inbox file, and the
+    message after it still comes."""
+    meta = {"kind": "handoff", "files": 60}
+    for n in range(1, 61):
+        suffix = "" if n == 1 else f".{n}"
+        meta.update({"sha256" + suffix: f"{n:064x}", "path" + suffix: "/shared/" + "d" * 60
+                     + f"/file-{n}.csv", "host" + suffix: "lab", "bytes" + suffix: 10,
+                     "lines" + suffix: 1, "mtime" + suffix: 1.0})
+    big = bus.send("spark", session.name, "sixty files", meta=meta)
+    after = bus.send("spark", session.name, "the one after")
+    first = session("UserPromptSubmit").context
+    assert len(first) <= hooks.CONTEXT_CHARS
+    [(header, body), (next_header, next_body)] = frames(first)
+    assert f"(message {big['id']}," in header
+    assert body == [f"(too long to show here: the message is in {session.layout.inbox}/"
+                    f"{big['ts']:.6f}-{big['id']}-spark.msg)"]
+    assert f"(message {after['id']}," in next_header and next_body == ["the one after"]

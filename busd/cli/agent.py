@@ -164,7 +164,8 @@ def _inbox(args: argparse.Namespace, env: Env) -> int:
     sys.stdout.buffer.write(mailbox.read(entry)[1] if args.body else data)
     sys.stdout.buffer.flush()
     try:
-        told = mailbox.report_read([entry.id])
+        with mailbox.showing():
+            told = mailbox.report_read([entry.id])
     except CommandError as exc:   # no bus configured: the message was still shown
         told, exc_text = False, str(exc)
     else:
