@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -279,3 +280,19 @@ def test_a_message_too_long_to_cut_shows_where_it_is_and_holds_up_nothing(bus, s
     assert body == [f"(too long to show here: the message is in {session.layout.inbox}/"
                     f"{big['ts']:.6f}-{big['id']}-spark.msg)"]
     assert f"(message {after['id']}," in next_header and next_body == ["the one after"]
+
+
+def test_hooks_running_at_once_show_each_message_once(bus, session):
+    """Parallel tool calls run their PostToolUse hooks at once: no message shows twice."""
+    sent = [bus.send("spark", session.name, f"n{n} " + "w" * 3000)["id"] for n in range(12)]
+    seen: list[int] = []
+    for _ in range(10):   # rounds of four hooks at once, until all is shown (bounded)
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: session("PostToolUse"), range(4)))
+        for result in results:
+            if result.reply is not None:
+                seen += [int(re.search(r"message (\d+),", h).group(1))
+                         for h, _ in frames(result.context)]
+        if len(seen) >= len(sent):
+            break
+    assert sorted(seen) == sent
