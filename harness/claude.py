@@ -89,11 +89,14 @@ def hook_payload(event: str, cwd: str, **fields) -> dict:
 
 
 def run_hook(event: str, options: dict[str, str], *, cwd: str, spool: str | Path,
-             timeout: float = 30, **payload_fields) -> HookResult:
+             timeout: float = 30, session_env: dict[str, str] | None = None,
+             **payload_fields) -> HookResult:
     """Run the plugin's hook for `event` as Claude Code does. `options`: the plugin's
     options (bus_url, agent_name, token, channel, stop_hook); `spool`: the agent's spool
-    root (AGENT_BUS_SPOOL, from the session's environment)."""
+    root (AGENT_BUS_SPOOL, from the session's environment); `session_env`: more of the
+    session's environment (AGENT_BUS_URL and the like, the options' fallbacks)."""
     env = {k: v for k, v in repo_env().items() if k not in AGENT_VARIABLES}
+    env.update(session_env or {})
     env.update({option_variable(k): str(v) for k, v in options.items()})
     env.update(CLAUDE_PLUGIN_ROOT=str(PLUGIN), CLAUDE_PROJECT_DIR=cwd,
                AGENT_BUS_SPOOL=str(spool), AGENT_BUS_PYTHON=sys.executable)

@@ -296,3 +296,18 @@ def test_hooks_running_at_once_show_each_message_once(bus, session):
         if len(seen) >= len(sent):
             break
     assert sorted(seen) == sent
+
+
+def test_unset_options_fall_back_to_the_environment_and_set_ones_win(bus, session, tmp_path):
+    ack = bus.send("spark", session.name, "by the environment's settings")
+    fallback = {"AGENT_BUS_URL": bus.url, "AGENT_NAME": session.name}
+    shown = run_hook("UserPromptSubmit", {"bus_url": "", "agent_name": ""}, cwd=str(tmp_path),
+                     spool=session.spool, session_env=fallback)
+    assert shown.returncode == 0, shown.stderr
+    assert f"(message {ack['id']}," in shown.context
+    # An option that is set wins over the environment.
+    wrong = {"AGENT_BUS_URL": "http://127.0.0.1:9", "AGENT_NAME": "someone-else"}
+    later = bus.send("spark", session.name, "by the options")
+    shown = run_hook("UserPromptSubmit", session.options, cwd=str(tmp_path),
+                     spool=session.spool, session_env=wrong)
+    assert f"(message {later['id']}," in shown.context
