@@ -149,6 +149,10 @@ class BusClient:
         return self.request("POST", "/handoff-checks",
                             body={"id": message_id, "agent": agent, "result": result})
 
+    def mark_read(self, agent: str, ids: list[int]) -> dict:
+        """Tell the bus `agent` was shown these messages: {ok, read, unknown}."""
+        return self.request("POST", "/read", body={"agent": agent, "ids": ids})
+
     def inbox(self) -> dict:
         return self.request("GET", "/inbox")
 

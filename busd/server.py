@@ -215,6 +215,7 @@ def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
         web.get("/undelivered", rapid.undelivered),
         web.get("/openapi.json", _openapi),
         web.post("/handoff-checks", handoffs.report),
+        web.post("/read", rapid.mark_read),
         *console.routes(),
     ])
     return app

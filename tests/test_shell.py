@@ -828,3 +828,32 @@ def test_inbox_lists_and_reads_like_python(server, names, tmp_path):
         shell, python = run_script("bus-inbox", *args, env=env), run_cli("inbox", *args, env=env)
         assert (shell.returncode, python.returncode) == (code, code), (args, shell.stderr)
         assert shell.stderr.count(b"\n") == 1
+
+
+def test_inbox_read_reports_read_and_keeps_what_the_bus_cannot_hear_yet(server, names, tmp_path):
+    """bus-inbox --read and agent-bus inbox --read tell the bus (POST /read); one the bus
+    cannot hear now is kept in read-unreported and told with the next read."""
+    spark, dell = names("spark", "dell")
+    spool = tmp_path / "spool"
+    env = env_for(server.url, tmp_path, AGENT_BUS_SPOOL=str(spool), AGENT_NAME=dell)
+    first, second, third = (server.send(spark, dell, text)["id"] for text in ("a", "b", "c"))
+    with _run_daemon(dell, env, tmp_path):
+        wait_until(lambda: len(list((spool / dell / "inbox").glob("*.msg"))) == 3,
+                   timeout=30, what="the messages filed")
+
+    def state(message_id: int) -> str:
+        return server.get(f"/status?id={message_id}").json()["messages"][0]["state"]
+
+    assert ok(run_script("bus-inbox", "--read", str(first), env=env)).endswith(b"\n\na")
+    assert state(first) == "read"
+    away = {**env, "AGENT_BUS_URL": "http://127.0.0.1:9"}   # nothing listens there
+    for command, message_id in ((run_script, second), (run_cli, third)):
+        args = ("bus-inbox",) if command is run_script else ("inbox",)
+        done = command(*args, "--read", str(message_id), env=away)
+        assert done.returncode == 0 and b"\n\n" in done.stdout
+        assert b"is not reported read yet" in done.stderr and done.stderr.count(b"\n") == 1
+    assert json.loads((spool / dell / "read-unreported").read_text()) == [second, third]
+    assert "read" not in (state(second), state(third))
+    ok(run_script("bus-inbox", "--read", str(first), env=env))   # the bus is back
+    assert (state(second), state(third)) == ("read", "read")
+    assert not (spool / dell / "read-unreported").exists()

@@ -767,6 +767,30 @@ bus_find_message() {  # bus_find_message ID CODE: the inbox file of message ID, 
   die "$2" "no message $1 in $(bus_absolute "$bus_spool_root")/$bus_agent/inbox"
 }
 
+# bus_report_read ID: tell the bus message ID was read (POST /read), with the ids an
+# earlier read could not tell it (kept in <agent>/read-unreported, as busd/mailbox.py
+# keeps them). Unreachable: ID joins them, a note goes to stderr, and the exit stays 0.
+bus_report_read() {
+  local folder=$bus_spool_root/$bus_agent kept=$bus_spool_root/$bus_agent/read-unreported status=0
+  jq -n --arg agent "$bus_agent" --argjson id "$1" --slurpfile kept <(
+      jq -c '[.[]? | select(type == "number" and . >= 1 and . == floor)]' "$kept" 2>/dev/null || true) \
+    '{agent: $agent, ids: ((($kept[0] // []) + [$id]) | unique | .[-1000:])}' >"$bus_work/read"
+  if [ -z "$bus_url" ]; then
+    bus_error="AGENT_BUS_URL is not set"
+    status=$EXIT_USAGE
+  else
+    bus_http /read "$bus_work/read-reply" "$bus_work/read" || status=$?
+  fi
+  if [ "$status" -eq 0 ] || [ "$status" -eq "$EXIT_REFUSED" ]; then
+    rm -f -- "$kept"   # told, or refused for good (not its message, a revoked token)
+  else
+    jq -c .ids "$bus_work/read" | bus_write_atomically "$kept" "$folder"
+  fi
+  if [ "$status" -ne 0 ]; then
+    printf 'bus-inbox: message %s is not reported read yet: %s\n' "$1" "$bus_error" >&2
+  fi
+}
+
 cmd_inbox() {
   bus_args --read= --body name -- "$@"
   local read_id=${opt_read-}
@@ -783,6 +807,7 @@ cmd_inbox() {
     found=$(bus_find_message "$read_id" "$EXIT_REFUSED")
     if [ "$opt_body" = 0 ]; then
       cat -- "$found"
+      bus_report_read "$read_id"
       return
     fi
     # The body starts after the first empty line; count the header's bytes, not characters.
@@ -793,6 +818,7 @@ cmd_inbox() {
     done <"$found"
     [ "$blank" = 1 ] || die "$EXIT_REFUSED" "$found: not an inbox file: no blank line after the headers"
     tail -c "+$((offset + 1))" -- "$found"
+    bus_report_read "$read_id"
     return
   fi
   bus_inbox_entries "$bus_work/entries"
@@ -1132,13 +1158,15 @@ usage: bus-inbox [NAME] [--read ID] [--body]
 List the messages in NAME's inbox/ (default $AGENT_NAME), oldest first, one line each:
 id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', other control
 characters as spaces). With --read ID, print that message's file: headers, a blank
-line, the body.
+line, the body; its sender then sees it `read` (told to the bus at once, or with the
+next read if the bus cannot be reached now).
 
-  --read ID    print the message with this id
+  --read ID    print the message with this id, and tell the bus it was read
   --body       with --read: print only the body, byte for byte
 
-Environment: AGENT_NAME, AGENT_BUS_SPOOL (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus).
-Needs no network. Exit codes: 0 done, 1 no message with that id, 2 usage or configuration.
+Environment: AGENT_NAME, AGENT_BUS_SPOOL (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus);
+with --read also AGENT_BUS_URL, AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA. Listing needs
+no network. Exit codes: 0 done, 1 no message with that id, 2 usage or configuration.
 USAGE
 }
 
@@ -1188,7 +1216,8 @@ usage: bus-status ID...
 
 Print each message's receipt state, one line per recipient: id<TAB>state<TAB>recipient.
 queued: stored; delivered: the recipient fetched it; filed: its daemon's inbox file is
-durable. A broadcast has a line per agent known to read its channel. You see your own
+durable; read: it was shown to the recipient's model (a hook, an MCP tool) or person.
+A broadcast has a line per agent known to read its channel. You see your own
 messages (admins: all); others show as unknown. Same bytes as `agent-bus status`.
 
 Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.

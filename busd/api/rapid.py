@@ -10,7 +10,7 @@ from ..errors import BusError
 from ..model import check_body, check_channel, check_name, check_recipient
 from ..service import long_poll
 from .common import (accept_send, bus_of, principal_of, query_batch, query_bool, query_float,
-                     query_value, reply)
+                     query_value, read_json_object, reply)
 
 FIELDS = ("from", "to", "msg")
 
@@ -83,7 +83,8 @@ MAX_STATUS_IDS = 100
 
 
 async def status(request: web.Request) -> web.Response:
-    """Receipt states of messages: queued, delivered, filed (per recipient for broadcasts)."""
+    """Receipt states of messages: queued, delivered, filed, read (per recipient for
+    broadcasts)."""
     bus = bus_of(request)
     texts = request.rel_url.query.getall("id", [])
     if not texts:
@@ -95,6 +96,37 @@ async def status(request: web.Request) -> web.Response:
     except ValueError:
         raise BusError(errors.BAD_PARAM, "id must be a whole number") from None
     return reply({"messages": await service.states(bus, principal_of(request), ids)})
+
+
+MAX_READ_IDS = 1000
+
+
+async def mark_read(request: web.Request) -> web.Response:
+    """POST /read {"agent", "ids"}: agent was shown these messages (a hook put them in its
+    model's context, an MCP tool returned them, a person read them): their state becomes
+    `read`. Only a recipient marks a message, with its own token; ids that are not its
+    messages (or lie on channels its token may not use) are answered as `unknown`,
+    unmarked, the same whether they exist or not."""
+    bus = bus_of(request)
+    body = await read_json_object(request)
+    agent = check_name(body.get("agent"), "agent")
+    ids = body.get("ids")
+    if (not isinstance(ids, list) or not ids or len(ids) > MAX_READ_IDS
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in ids)):
+        raise BusError(errors.WRONG_TYPE,
+                       f"ids must be a list of 1 to {MAX_READ_IDS} message ids (whole numbers "
+                       "from 1)")
+    principal = principal_of(request)
+    # A token marks only its own agent's messages (asked before anything about them).
+    bus.access.check_read_as(principal, agent, None)
+    wanted = sorted({i for i in ids if i < 2 ** 63})
+    mine = [m.id for m in await bus.store.messages_by_id(wanted)
+            if roster.is_recipient(m, agent) and bus.access.sees_channel(principal, m.channel)]
+    await bus.store.record_reads(agent, mine)
+    bus.hub.changed()  # the console shows receipts
+    marked = set(mine)
+    return reply({"ok": True, "read": sorted(marked),
+                  "unknown": sorted({i for i in ids if i not in marked})})
 
 
 async def undelivered(request: web.Request) -> web.Response:

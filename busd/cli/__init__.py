@@ -91,12 +91,13 @@ class Env:
             ipc_api_key=bool(environ.get("IPC_API_KEY")),
         )
 
-    def client(self) -> BusClient:
+    def client(self, timeout: float = 15.0) -> BusClient:
+        """The bus client; `timeout`: seconds a request may take (a long-poll takes longer)."""
         if not self.url:
             raise CommandError("AGENT_BUS_URL is not set; export it, for example "
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
         return BusClient(self.url, token=self.token or None, user_agent=self.user_agent,
-                         ca=self.ca or None, signing_key=self._signing_key())
+                         ca=self.ca or None, signing_key=self._signing_key(), timeout=timeout)
 
     def _signing_key(self):
         """AGENT_BUS_KEY's private key, or None when it is unset."""

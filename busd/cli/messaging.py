@@ -28,9 +28,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="a flat JSON object of extra fields")
     send.add_argument("--allow-secret", action="store_true",
                       help="send even if the body looks like a key or credential")
-    send.add_argument("--wait", choices=("delivered", "filed"), default=None,
-                      help="after the ack, wait until the recipient fetched (delivered) or "
-                           "filed it; exit 4 if --timeout passes first")
+    send.add_argument("--wait", choices=("delivered", "filed", "read"), default=None,
+                      help="after the ack, wait until the recipient fetched (delivered), "
+                           "filed or was shown (read) it; exit 4 if --timeout passes first")
     send.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                       help="how long --wait waits (default 60)")
     db_option(send, "store it")
@@ -109,11 +109,11 @@ def status_lines(states: list[dict]) -> str:
 
 
 def _status(args: argparse.Namespace, env: Env) -> int:
-    """where your messages are: queued, delivered or filed
+    """where your messages are: queued, delivered, filed or read
 
     Print each message's receipt state, one line per recipient: id<TAB>state<TAB>recipient.
     queued: stored; delivered: the recipient fetched it; filed: its daemon's inbox file is
-    durable. A broadcast has a line per agent known to read its channel. You see your own
+    durable; read: it was shown to the recipient's model (a hook, an MCP tool) or person. A broadcast has a line per agent known to read its channel. You see your own
     messages (admins: all); others show as unknown."""
     sys.stdout.write(status_lines(ask(args, env, lambda source: source.status(args.ids))))
     sys.stdout.flush()

@@ -22,8 +22,8 @@ LAYERS = {
     "server": ["roster", "service", "direct", "api", "server"],
     "client": ["client", "receive", "listener"],
     "agent": ["agent"],
-    "mailbox": ["mailbox", "mcp_server"],
-    "cli": ["cli", "__main__"],
+    "mailbox": ["mailbox", "mcp_server", "hooks"],
+    "cli": ["cli", "__main__", "cli_hook"],
 }
 ALLOWED = {
     "base": {"base"},
