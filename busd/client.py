@@ -217,13 +217,16 @@ def nothing_waits(url: str, to: str, *, since: float, channel: str, token: str |
         lines += [f"{name}: {value}" for name, value in
                   request_headers(token, user_agent).items()]
         if not all(line.isascii() and line.isprintable() for line in lines):
-            return False   # BusClient refuses such a header itself, and says why
+            return False   # a header this cannot send as it is: left to BusClient
         deadline = time.monotonic() + timeout
         with socket.create_connection(address, timeout=timeout) as sock:
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
             answer = b""
             while len(answer) <= PEEK_BYTES:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False   # a bus that drips its answer is no plain answer
+                sock.settimeout(remaining)
                 chunk = sock.recv(PEEK_BYTES + 1 - len(answer))
                 if not chunk:
                     break

@@ -208,8 +208,9 @@ class CannedBus:
     """A loopback stand-in for a hostile or broken bus: every connection gets `answer`
     (then the connection closes), or nothing at all when `answer` is None."""
 
-    def __init__(self, answer: bytes | None):
+    def __init__(self, answer: bytes | None, drip: float = 0.0):
         self.answer = answer
+        self.drip = drip   # seconds between the answer's bytes (0: all at once)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.requests: list[bytes] = []
@@ -230,6 +231,14 @@ class CannedBus:
                 self.requests.append(request)
                 if self.answer is None:
                     self.done.wait(5)   # hold the connection open, answering nothing
+                elif self.drip:
+                    for byte in self.answer:
+                        if self.done.wait(self.drip):
+                            break
+                        try:
+                            conn.sendall(bytes([byte]))
+                        except OSError:
+                            break   # the asker hung up
                 else:
                     conn.sendall(self.answer)
 
@@ -280,6 +289,15 @@ def test_the_fast_question_trusts_only_a_plain_empty_answer(answer, nothing):
     assert line == "GET /recv?to=dell&since=5.0&block=false&channel=ops&max=1 HTTP/1.1"
     assert "Authorization: Bearer tok" in fields and f"User-Agent: {client.DEFAULT_UA}" in fields
     assert not any("filed" in f for f in [line, *fields])   # it claims no receipt
+
+
+def test_the_fast_question_gives_up_on_an_answer_dripped_past_its_time():
+    answer = http_answer(b'{"messages": [], "pad": "' + b"x" * 8000 + b'"}')
+    with CannedBus(answer, drip=0.0002) as canned:   # about 2 s for the whole
+        started = time.monotonic()
+        assert client.nothing_waits(canned.url, "dell", since=0.0, channel="default",
+                                    timeout=0.3) is False
+        assert time.monotonic() - started < 1.0
 
 
 def test_the_fast_question_leaves_https_and_odd_urls_to_the_bus_client():
