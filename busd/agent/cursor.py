@@ -1,7 +1,8 @@
 """The spool's cursor file: where the next receive starts, for which channel, and how
 much of inbox.log that covers. The inbox writer (agent/inbox.py) keeps it; the Claude
-Code hooks' fast path reads it (hooks.nothing_new), so this module imports only json:
-anything heavier costs that path more than its whole time.
+Code hooks' fast path reads it (hooks.nothing_new), so this module imports only json
+(and collections, which json brings anyway): anything heavier costs that path more
+than its whole time.
 """
 from __future__ import annotations
 
