@@ -7,7 +7,8 @@ the environment (harness/claude.py), timed from spawn to exit:
 
   - empty inbox, a daemon filing for the agent: the common case, every prompt and
     tool call (the target: p50 <= 50 ms);
-  - empty inbox, no daemon: the hook asks the bus itself;
+  - empty inbox, no daemon: the hook asks the bus one question over a plain socket
+    (client.nothing_waits; the same target);
   - 100 messages waiting (filed by the daemon): the hook shows the first 8 KB, reports
     them read, and the rest waits (the inbox is refilled before each run).
 
@@ -76,7 +77,7 @@ def main() -> None:
                 print(f"100 waiting, daemon running:  {percentiles(waiting)}")
                 assert daemon.stop() == 0
 
-            # No daemon: each hook asks the bus (and files what it finds).
+            # No daemon: each hook asks the bus (and would file what it finds).
             for _ in range(50):   # show what the daemon left unread first
                 if run_hook("UserPromptSubmit", options, cwd=tmp, spool=spool).reply is None:
                     break

@@ -4,7 +4,10 @@ Claude Code runs it on SessionStart, UserPromptSubmit, PostToolUse and (opt-in) 
 with the hook's JSON on stdin; it prints the hook's JSON answer (busd/hooks.py says
 what the model sees). It is part of the command line (it reads the environment), kept
 outside busd/cli/ so that the common answer, "nothing new", is given before the CLI
-or the mailbox library is imported: hooks run on every prompt and tool call.
+or the mailbox library is imported: hooks run on every prompt and tool call. Without
+a daemon, "nothing new" is the bus's answer to one question asked over a plain socket
+(client.nothing_waits), for an http:// bus; over https, and whenever that answer is
+anything but "nothing", the full path asks through the bus client.
 
 Settings: AGENT_BUS_URL, AGENT_NAME, AGENT_BUS_TOKEN, AGENT_BUS_CHANNEL, AGENT_BUS_SPOOL
 as for every command (the plugin's launcher sets them from the plugin's options);
@@ -22,6 +25,7 @@ EVENTS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop")
 CONTEXT_EVENTS = ("SessionStart", "UserPromptSubmit", "PostToolUse")
 ON = ("1", "true", "yes", "on")
 BUS_SECONDS = 3.0   # the most one request to the bus may take in a hook
+PEEK_SECONDS = 1.0  # the most the fast path's question may take before the full path
 
 
 def spool_root(environ) -> str:
@@ -30,6 +34,15 @@ def spool_root(environ) -> str:
     return environ.get("AGENT_BUS_SPOOL") or os.path.join(
         environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"),
         "agent-bus")
+
+
+def bus_settings(environ) -> tuple[str, str | None, str, str]:
+    """(url, token, user agent, channel) as cli.Env reads them (tests/test_claude_hooks.py
+    holds them equal), for the fast path's question to the bus."""
+    from .client import DEFAULT_UA
+    return (environ.get("AGENT_BUS_URL", ""), environ.get("AGENT_BUS_TOKEN") or None,
+            environ.get("AGENT_BUS_UA") or DEFAULT_UA,
+            environ.get("AGENT_BUS_CHANNEL") or "default")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     name = environ.get("AGENT_NAME", "")
     if event != "SessionStart" and name and "/" not in name and name not in (".", ".."):
         from .hooks import nothing_new
-        if nothing_new(os.path.join(spool_root(environ), name)):
+        url, token, user_agent, channel = bus_settings(environ)
+
+        def bus_empty(since: float) -> bool:
+            from .client import nothing_waits
+            return bool(url) and nothing_waits(url, name, since=since, channel=channel,
+                                               token=token, user_agent=user_agent,
+                                               timeout=PEEK_SECONDS)
+        if nothing_new(os.path.join(spool_root(environ), name), channel, bus_empty):
             return 0
     return _answer(event, stdin, environ)
 

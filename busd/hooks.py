@@ -17,9 +17,10 @@ looks like a secret is withheld with the path of its inbox file. All of it is bo
 (CONTEXT_CHARS): what does not fit waits for the next time, with a line saying so.
 
 Hooks run on every prompt and tool call, so "nothing new" must be cheap: this module
-imports nothing heavy at the top, and `nothing_new` answers with two stats and a read
-when a daemon files for the agent and nothing was filed since the last full look
-left nothing unread.
+imports nothing heavy at the top, and `nothing_new` answers when nothing was filed
+since the last full look left nothing unread, and nothing more waits: with a daemon
+filing for the agent, from a stat and two small reads; without one, by asking the bus
+one question over a plain socket (client.nothing_waits, passed in by the caller).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import os
 # milliseconds, so this stands in for typing.TYPE_CHECKING.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from .mailbox import Mailbox
 
@@ -47,6 +48,7 @@ STANDING_LINE = (
 # them; importing it costs more than the whole fast path).
 INBOX_LOG = "inbox.log"
 LOCK_FILE = ".lock"
+CURSOR_FILE = "cursor"
 SEEN = ".hook-seen"   # inbox.log's (inode, size) when a full look left nothing unread
 
 
@@ -77,18 +79,34 @@ def daemon_files(folder: str) -> bool:
     return False
 
 
-def nothing_new(folder: str) -> bool:
-    """True only when there is certainly nothing to show: a daemon files for the agent,
-    and inbox.log has not changed since a full look found nothing left unread (every
-    message filed appends to inbox.log, after its inbox file is in place)."""
+def nothing_new(folder: str, channel: str = "default",
+                bus_empty: Callable[[float], bool] | None = None) -> bool:
+    """True only when there is certainly nothing to show: inbox.log has not changed
+    since a full look found nothing left unread (every message filed appends to
+    inbox.log, after its inbox file is in place), and nothing more waits to be filed:
+    a daemon files for the agent, or, when none does, `bus_empty(since)` says the bus
+    holds no message for `channel` past the cursor the next filing starts from.
+
+    `bus_empty` only asks: it files nothing and moves no cursor. The cursor is read
+    before inbox.log, so a filing that ends between the two shows as a changed log."""
+    since = None
     if not daemon_files(folder):
-        return False
+        if bus_empty is None:
+            return False
+        from .agent.cursor import load_state
+        try:
+            state = load_state(os.path.join(folder, CURSOR_FILE))
+        except (OSError, ValueError):
+            return False
+        since = state.since if state is not None and state.serves(channel) else 0.0
     try:
         with open(os.path.join(folder, SEEN), encoding="ascii") as handle:
             seen = handle.read()
     except (OSError, ValueError):
         return False
-    return seen == _log_state(folder)
+    if seen != _log_state(folder):
+        return False
+    return since is None or bus_empty(since)
 
 
 # -- what the model sees --------------------------------------------------------------

@@ -9,16 +9,19 @@ import os
 import re
 import socket
 import subprocess
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from busd import cli, cli_hook, hooks
+from busd import cli, cli_hook, client, hooks
 from busd.agent.spool import SpoolLayout
 from busd.framing import HEADER_RE
 from harness.agents import AgentProcess, inbox_files
 from harness.bus import BusServer, agent_bus_cmd, repo_env, wait_until
 from harness.claude import run_hook
+from tests.test_security import bearer, make_token
 
 PEM = ("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIBXmU5mLbXy1ZC2mmtqTRmO1d8Nyn3cpKyLXAa"
        "uMTwOy\n-----END PRIVATE KEY-----\n")
@@ -69,8 +72,36 @@ def frames(context: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def status(bus, message_id: int) -> str:
-    return bus.get(f"/status?id={message_id}").json()["messages"][0]["state"]
+def status(bus, message_id: int, **headers) -> str:
+    return bus.get(f"/status?id={message_id}", headers=headers).json()["messages"][0]["state"]
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a run with PYTHONPROFILEIMPORTTIME=1 imported (from its stderr)."""
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
+def profiled(session, event: str = "UserPromptSubmit", **options):
+    """Run `event`'s hook as Claude Code does, with its imports listed: (result, modules)."""
+    result = run_hook(event, {**session.options, **options}, cwd=str(session.spool.parent),
+                      spool=session.spool, session_env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.returncode == 0, result.stderr
+    modules = imported(result.stderr)
+    assert "busd.hooks" in modules   # the listing is real: the fast path itself is in it
+    return result, modules
+
+
+def spool_files(layout) -> dict[str, bytes]:
+    """Every file of the agent's folder and inbox, with its content."""
+    found = {}
+    for folder in (layout.root, layout.inbox):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as handle:
+                    found[path] = handle.read()
+    return found
 
 
 def test_a_waiting_message_appears_once_framed_and_turns_read(bus, session):
@@ -117,6 +148,165 @@ def test_with_a_daemon_the_hooks_read_its_inbox_files(bus, session):
         [(_, body)] = frames(session("PostToolUse").context)
         assert body == ["and another"] and status(bus, second["id"]) == "read"
         assert daemon.stop() == 0
+
+
+def test_without_a_daemon_nothing_waiting_is_told_by_one_question_and_moves_nothing(
+        bus, session):
+    """No daemon: "nothing new" is the bus's answer to one plain-socket question, without
+    the bus client (requests) or the mailbox library; it files, marks and moves nothing,
+    and what arrives later is still shown once, by the full path."""
+    ack = bus.send("spark", session.name, "before the quiet")
+    [(_, body)] = frames(session("UserPromptSubmit").context)
+    assert body == ["before the quiet"]
+    before = spool_files(session.layout)
+    for event in ("UserPromptSubmit", "PostToolUse"):
+        quiet, modules = profiled(session, event)
+        assert quiet.stdout == ""
+        assert "requests" not in modules and "busd.mailbox" not in modules, sorted(modules)
+    assert spool_files(session.layout) == before   # no cursor, file or mark moved
+    assert status(bus, ack["id"]) == "read"
+    later = bus.send("spark", session.name, "after the quiet")
+    shown, modules = profiled(session, "PostToolUse")
+    assert "busd.mailbox" in modules   # the bus said something waits: the full path shows it
+    [(_, body)] = frames(shown.context)
+    assert body == ["after the quiet"] and status(bus, later["id"]) == "read"
+    again, modules = profiled(session)
+    assert again.stdout == "" and "requests" not in modules
+
+
+def test_the_fast_question_carries_the_token(tmp_path, names):
+    """On a bus with auth on, the plain-socket question carries the agent's token: with the
+    right one, nothing waiting stays silent without the bus client; with a wrong one, the
+    full path reports the refusal as one line of context."""
+    [me] = names("dell")
+    with BusServer(tmp_path / "bus.db", "--hold", "1") as bus:
+        tokens = {name: make_token(bus.db, name) for name in (me, "spark")}
+        spool = tmp_path / "spool"
+        options = {"bus_url": bus.url, "agent_name": me, "token": tokens[me]}
+
+        def run(**changed):
+            result = run_hook("UserPromptSubmit", {**options, **changed}, cwd=str(tmp_path),
+                              spool=spool, session_env={"PYTHONPROFILEIMPORTTIME": "1"})
+            assert result.returncode == 0, result.stderr
+            return result, imported(result.stderr)
+
+        sent = bus.post("/send", json={"from": "spark", "to": me, "msg": "with auth on"},
+                        headers=bearer(tokens["spark"])).json()
+        first, _ = run()
+        [(_, body)] = frames(first.context)
+        assert body == ["with auth on"]
+        quiet, modules = run()
+        assert quiet.stdout == "" and "requests" not in modules, sorted(modules)
+        refused, modules = run(token="not-" + tokens[me])
+        assert "requests" in modules   # the bus refused the question: the full path says why
+        assert refused.context.count("\n") == 0 and "401" in refused.context, refused.context
+        assert status(bus, sent["id"], **bearer(tokens["spark"])) == "read"
+        assert bus.stop() == 0
+
+
+class CannedBus:
+    """A loopback stand-in for a hostile or broken bus: every connection gets `answer`
+    (then the connection closes), or nothing at all when `answer` is None."""
+
+    def __init__(self, answer: bytes | None, drip: float = 0.0):
+        self.answer = answer
+        self.drip = drip   # seconds between the answer's bytes (0: all at once)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        with self.server:
+            conn, _ = self.server.accept()
+            with conn:
+                conn.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                self.requests.append(request)
+                if self.answer is None:
+                    self.done.wait(5)   # hold the connection open, answering nothing
+                elif self.drip:
+                    for byte in self.answer:
+                        if self.done.wait(self.drip):
+                            break
+                        try:
+                            conn.sendall(bytes([byte]))
+                        except OSError:
+                            break   # the asker hung up
+                else:
+                    conn.sendall(self.answer)
+
+    def __enter__(self) -> "CannedBus":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+
+def http_answer(body: bytes, status_line: bytes = b"HTTP/1.1 200 OK", *fields: bytes,
+                length: int | None = None) -> bytes:
+    head = [status_line, b"Content-Type: application/json", *fields]
+    if length is not None or not any(f.lower().startswith(b"transfer-encoding") for f in fields):
+        head.append(b"Content-Length: %d" % (len(body) if length is None else length))
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("answer, nothing", [
+    (http_answer(b'{"messages": [], "now": 12.5}'), True),
+    (http_answer(b'{"messages": [{"id": 1, "ts": 13.0}], "now": 13.0}'), False),
+    (http_answer(b'{"messages": [], "now": 1}', b"HTTP/1.1 401 Unauthorized"), False),
+    (http_answer(b'{"error": "busy"}', b"HTTP/1.1 503 Service Unavailable"), False),
+    (http_answer(b'{"messages": [], "now"'), False),                    # not JSON
+    (http_answer(b'{"now": 1}'), False),                                # no messages list
+    (http_answer(b'[]'), False),
+    (http_answer(b'{"messages": [], "now": 1}', length=400), False),    # cut short
+    (http_answer(b'{"messages": []}', b"HTTP/1.1 200 OK", b"Content-Length: 16"), False),
+    (http_answer(b"10\r\n{\"messages\": []}\r\n0\r\n\r\n", b"HTTP/1.1 200 OK",
+                 b"Transfer-Encoding: chunked"), False),
+    (http_answer(b'{"messages": [], "now": 1}', b"HTTP/1.1 200 OK",
+                 b"Content-Encoding: gzip"), False),
+    (http_answer(b'{"messages": [], "pad": "' + b"x" * 100_000 + b'"}'), False),  # too long
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 16", False),                  # no end of head
+    (b"SSH-2.0-OpenSSH_9.6\r\n", False),
+    (None, False),                                                       # never answers
+])
+def test_the_fast_question_trusts_only_a_plain_empty_answer(answer, nothing):
+    with CannedBus(answer) as canned:
+        started = time.monotonic()
+        assert client.nothing_waits(canned.url, "dell", since=5.0, channel="ops",
+                                    token="tok", timeout=0.5) is nothing
+        assert time.monotonic() - started < 3
+    [request] = canned.requests
+    line, *fields = request.decode("ascii").split("\r\n")
+    assert line == "GET /recv?to=dell&since=5.0&block=false&channel=ops&max=1 HTTP/1.1"
+    assert "Authorization: Bearer tok" in fields and f"User-Agent: {client.DEFAULT_UA}" in fields
+    assert not any("filed" in f for f in [line, *fields])   # it claims no receipt
+
+
+def test_the_fast_question_gives_up_on_an_answer_dripped_past_its_time():
+    answer = http_answer(b'{"messages": [], "pad": "' + b"x" * 8000 + b'"}')
+    with CannedBus(answer, drip=0.0002) as canned:   # about 2 s for the whole
+        started = time.monotonic()
+        assert client.nothing_waits(canned.url, "dell", since=0.0, channel="default",
+                                    timeout=0.3) is False
+        assert time.monotonic() - started < 1.0
+
+
+def test_the_fast_question_leaves_https_and_odd_urls_to_the_bus_client():
+    for url in ("https://127.0.0.1:1", "http://user:pw@127.0.0.1:1", "http://127.0.0.1:1/?x=1",
+                "ftp://127.0.0.1:1", "http://[::1", "http://127.0.0.1:99999", ""):
+        assert client.nothing_waits(url, "dell", since=0.0, channel="default") is False
+    # A header that could not be sent as it is: no question (BusClient says what is wrong).
+    assert client.nothing_waits("http://127.0.0.1:1", "dell", since=0.0, channel="default",
+                                token="a\r\nX-Evil: 1") is False
 
 
 def test_a_body_cannot_close_its_frame_or_pass_for_another_sender(bus, session):
@@ -209,6 +399,8 @@ def test_session_start_says_who_it_is_what_waits_and_who_is_online(bus, session,
 
 
 def test_an_unreachable_bus_is_one_line_of_context_and_exit_0(session, tmp_path):
+    # A full look first, so that the fast path would answer if the bus did.
+    assert session("UserPromptSubmit").reply is None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = sock.getsockname()[1]   # nothing listens once the socket is closed
@@ -248,18 +440,26 @@ def test_send_wait_read_returns_when_the_hook_shows_it_and_times_out_otherwise(b
 
 def test_the_fast_path_finds_the_spool_folder_the_cli_does(tmp_path):
     for environ in ({"HOME": "/home/x"}, {"HOME": "/h", "XDG_STATE_HOME": "/state"},
-                    {"HOME": "/h", "AGENT_BUS_SPOOL": str(tmp_path)}):
+                    {"HOME": "/h", "AGENT_BUS_SPOOL": str(tmp_path)},
+                    {"HOME": "/h", "AGENT_BUS_URL": "http://b:1", "AGENT_BUS_TOKEN": "t",
+                     "AGENT_BUS_UA": "ua/1", "AGENT_BUS_CHANNEL": "ops"},
+                    {"HOME": "/h", "AGENT_BUS_UA": "", "AGENT_BUS_CHANNEL": "",
+                     "AGENT_BUS_TOKEN": ""}):
         old = dict(os.environ)
         try:
             os.environ.clear()
             os.environ.update(environ)
-            assert cli_hook.spool_root(environ) == cli.Env.from_environ(environ).spool_root
+            env = cli.Env.from_environ(environ)
+            assert cli_hook.spool_root(environ) == env.spool_root
+            assert cli_hook.bus_settings(environ) == (env.url, env.token or None,
+                                                      env.user_agent, env.channel)
         finally:
             os.environ.clear()
             os.environ.update(old)
     layout = SpoolLayout("/a")
     assert os.path.basename(layout.inbox_log) == hooks.INBOX_LOG
     assert os.path.basename(layout.lock_file) == hooks.LOCK_FILE
+    assert os.path.basename(layout.cursor) == hooks.CURSOR_FILE
 
 
 def test_a_message_too_long_to_cut_shows_where_it_is_and_holds_up_nothing(bus, session):
