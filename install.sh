@@ -4,7 +4,8 @@
 #   ./install.sh               install (or upgrade) into your home directory
 #   ./install.sh --agent NAME  also write NAME's settings and spool folder (agent-bus
 #                              init NAME; repeatable), ready for agent-bus@NAME
-#   ./install.sh --dev         also the test tools (pytest, hypothesis, shellcheck, chromium)
+#   ./install.sh --dev         also the test tools (pytest, hypothesis, shellcheck, chromium,
+#                              the Claude Code client)
 #   ./install.sh --uninstall   stop and remove the program and its systemd units;
 #                              your messages, spools and settings stay
 #
@@ -173,6 +174,23 @@ if [ "$dev" = 1 ] && [ ! -x /usr/lib/chromium/chromium ] && ! command -v chromiu
       || die "could not install chromium with apt-get; install it by hand"
   else
     say "note: chromium is missing, so the console's browser tests will be skipped (under CI they fail); install it (Debian/Ubuntu: sudo apt-get install chromium)"
+  fi
+fi
+
+# The Claude Code plugin's tests run the real client (claude plugin validate, marketplace
+# add, install), from npm, pinned, under the data folder: nothing global is touched.
+CLAUDE_CODE_VERSION=2.1.332
+claude_dir=${XDG_DATA_HOME:-$HOME/.local/share}/agent-bus/claude
+if [ "$dev" = 1 ] && [ "$(cat "$claude_dir/version" 2>/dev/null)" != "$CLAUDE_CODE_VERSION" ]; then
+  say "installing the Claude Code client $CLAUDE_CODE_VERSION from npm (the plugin's tests run it)"
+  if command -v npm >/dev/null 2>&1; then
+    mkdir -p "$claude_dir"
+    npm install --prefix "$claude_dir" --no-audit --no-fund --loglevel=error \
+        "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >/dev/null \
+      || die "could not install @anthropic-ai/claude-code with npm; install it by hand into $claude_dir"
+    printf '%s\n' "$CLAUDE_CODE_VERSION" >"$claude_dir/version"
+  else
+    say "note: npm is missing, so the Claude Code plugin's tests will be skipped (under CI they fail); install it (Debian/Ubuntu: sudo apt-get install npm)"
   fi
 fi
 

@@ -126,4 +126,14 @@ STORAGE_UNAVAILABLE = ErrorKind(
 SHUTTING_DOWN = ErrorKind(50302, 503, "the server is shutting down; retry shortly")
 INTERNAL = ErrorKind(50001, 500, "internal error; the server log has details")
 
+
+
+def replayed_ack(channel: str, fields: dict) -> dict:
+    """A signer's own send refused as a REPLAY (its fields: the first one's id and ts):
+    that send was stored, so the signer acknowledges it as a duplicate, as rapid's /send
+    answers one."""
+    return {"ok": True, "ts": fields.get("ts"), "channel": channel, "id": fields.get("id"),
+            "duplicate": True}
+
+
 ALL_KINDS = tuple(v for v in dict(globals()).values() if isinstance(v, ErrorKind))

@@ -7,6 +7,10 @@ A *block* is what `agent-bus recv`, the daemon's stdout and inbox.log show per m
     handoff: verified              status lines (`note:`, `handoff:`): only the daemon's
     ---                            the boundary
 
+What the Claude Code hooks put in a model's context is the same block, its header
+saying more (`[20:45:55Z] from spark (message 42, channel default, signed):`), so
+the same rule keeps a body inside its own frame there too (context_block).
+
 The daemon also writes, after a handoff's block, the result of its check:
 
     [20:45:56Z] handoff check of message 42 from spark:
@@ -104,6 +108,15 @@ def monitor_block(message: dict, status: list[str] | None = None) -> str:
              escape_body(str(message.get("msg", "")))]
     lines += status or []
     return "\n".join(lines) + f"\n{BOUNDARY}\n"
+
+
+def context_block(ts: float, sender: object, message_id: int, channel: object, signed: bool,
+                  body: str, status: list[str] | None = None) -> str:
+    """A message's block as the hooks show it to a model: the header names its sender, id,
+    channel and whether its signature was verified; the body is escaped as in every block."""
+    header = (f"{stamp(ts)} from {shown_name(sender)} (message {int(message_id)}, channel "
+              f"{shown_name(channel)}, {'signed' if signed else 'not signed'}):")
+    return "\n".join([header, escape_body(body), *(status or [])]) + f"\n{BOUNDARY}\n"
 
 
 def check_block(ts: float, message_id: int, sender: object, status: str) -> str:

@@ -13,18 +13,21 @@ request was wrong (USAGE) or refused (REFUSED); the bus's own are BusClientError
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import model, receipts
 from .agent.spool import (AgentLock, AgentLocked, InboxEntry, SpoolLayout, list_inbox,
                           parse_inbox_file)
-from .fileio import write_atomically
+from .client import BusClientError
+from .fileio import FILE_MODE, write_atomically
 from .secretguard import refusal
 
 if TYPE_CHECKING:
@@ -32,10 +35,15 @@ if TYPE_CHECKING:
     from .client import BusClient
 
 USAGE, REFUSED = "usage", "refused"
-WAIT_STATES = (receipts.QUEUED, receipts.DELIVERED, receipts.FILED)
+WAIT_STATES = receipts.STATES
 SERVER_HOLD_SECONDS = 25
 PREVIEW_CHARS = 120
-READ_MARK = "mcp-read"   # what has been shown: the (ts, id) of the last entry shown
+# What has been shown to the model (by the MCP tools and the Claude Code hooks alike):
+# the (ts, id) of the last entry shown. The name is older than the hooks.
+READ_MARK = "mcp-read"
+SHOWN_LOCK = ".shown.lock"   # held while one process shows and marks
+UNREPORTED = "read-unreported"  # read receipts the bus could not be told yet
+READ_BATCH = 1000            # most ids one POST /read takes
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -128,7 +136,7 @@ class Mailbox:
     # -- receipts ---------------------------------------------------------------
 
     def status(self, ids: list[int]) -> list[dict]:
-        """Each message's receipt state: queued, delivered or filed (per recipient)."""
+        """Each message's receipt state: queued, delivered, filed or read (per recipient)."""
         return self.client.status(ids)
 
     def wait_for(self, message_id: int, target: str, timeout: float,
@@ -165,16 +173,23 @@ class Mailbox:
             return parse_inbox_file(handle.read())
 
     def message(self, entry: InboxEntry) -> dict:
-        """An inbox message as one JSON object: {id, ts, time, from, to, channel, body,
-        file, meta?, note?, handoff?, handoff_reason?}."""
+        """An inbox message as one JSON object: {id, ts, time, from, to, channel, signed,
+        body, file, meta?, note?, handoff?, handoff_reason?}."""
         headers, body = self.read(entry)
         shown = {"id": entry.id, "ts": entry.ts, "time": headers.get("time"),
                  "from": headers.get("from"), "to": headers.get("to"),
-                 "channel": headers.get("channel"), "body": body.decode("utf-8", "replace"),
-                 "file": entry.path}
+                 "channel": headers.get("channel"), "signed": headers.get("signed") == "true",
+                 "body": body.decode("utf-8", "replace"), "file": entry.path}
         for name in ("meta", "note", "handoff", "handoff-reason"):
             if name in headers:
                 shown[name.replace("-", "_")] = headers[name]
+        return shown
+
+    def read_message(self, message_id: int) -> dict:
+        """Message `message_id` of the inbox as message() gives it, reported read."""
+        shown = self.message(self.find(message_id))
+        with self.showing():
+            self.report_read([message_id])
         return shown
 
     # What has been shown to the model is remembered as the (ts, id) of the last entry
@@ -191,17 +206,68 @@ class Mailbox:
         mark = self._read_mark()
         return [e for e in self.entries() if (e.ts, e.id) > mark]
 
+    @contextlib.contextmanager
+    def showing(self) -> Iterator[None]:
+        """Held while a reader picks unread messages, shows them and marks them: two hooks
+        (or a hook and the MCP server) running at once never show the same message."""
+        self.layout.create()
+        fd = os.open(os.path.join(self.layout.root, SHOWN_LOCK),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def mark_shown(self, entry: InboxEntry) -> None:
         write_atomically(os.path.join(self.layout.root, READ_MARK),
                          json.dumps({"ts": entry.ts, "id": entry.id}).encode("ascii"))
 
     def show_unread(self, limit: int) -> list[dict]:
-        """Up to `limit` unread messages, oldest first, marked shown."""
-        entries = self.unread()[:limit]
-        shown = [self.message(e) for e in entries]
-        if entries:
-            self.mark_shown(entries[-1])
+        """Up to `limit` unread messages, oldest first, marked shown and reported read."""
+        with self.showing():
+            entries = self.unread()[:limit]
+            shown = [self.message(e) for e in entries]
+            if entries:
+                self.mark_shown(entries[-1])
+                self.report_read([e.id for e in entries])
         return shown
+
+    # -- read receipts --------------------------------------------------------
+
+    def _unreported(self) -> list[int]:
+        try:
+            with open(os.path.join(self.layout.root, UNREPORTED), encoding="ascii") as handle:
+                ids = json.load(handle)
+            return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i > 0]
+        except (FileNotFoundError, ValueError, TypeError):
+            return []
+
+    def report_read(self, ids: list[int]) -> bool:
+        """Tell the bus these messages were shown (their state becomes `read`), with any
+        an earlier call could not report; whether the bus heard all of them. Those it could
+        not hear because it was unreachable are kept for the next call, never lost.
+        Called under showing(), which keeps the ids not told yet whole."""
+        path = os.path.join(self.layout.root, UNREPORTED)
+        waiting = sorted(set(self._unreported()) | set(ids))
+        if not waiting:
+            return True
+        left: list[int] = []
+        for start in range(0, len(waiting), READ_BATCH):
+            batch = waiting[start:start + READ_BATCH]
+            try:
+                self.client.mark_read(self.name, batch)
+            except BusClientError as exc:
+                if exc.transient:
+                    left += batch   # a refusal (not its message, a revoked token) is final
+            except MailboxError:
+                left += batch       # no bus configured: told once one is
+        if left:
+            write_atomically(path, json.dumps(left[-10 * READ_BATCH:]).encode("ascii"))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return not left
 
     # -- filing from the bus (when no daemon does) --------------------------------
 
@@ -233,10 +299,12 @@ class Mailbox:
         came within `seconds`."""
         deadline = time.monotonic() + seconds
         while True:
-            unread = self.unread()
-            if unread:
-                self.mark_shown(unread[0])
-                return self.message(unread[0])
+            with self.showing():
+                unread = self.unread()
+                if unread:
+                    self.mark_shown(unread[0])
+                    self.report_read([unread[0].id])
+                    return self.message(unread[0])
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None

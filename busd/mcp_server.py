@@ -44,9 +44,9 @@ class AgentTools:
              timeout: float = 60) -> dict:
         """Send a message to another agent (or '*' for everyone on the channel) and return
         the bus's acknowledgement {ok, id, ts, channel, state}. wait_for: 'queued' returns
-        once it is stored; 'delivered' or 'filed' wait (up to timeout seconds) until the
-        recipient fetched or filed it. Bodies that look like keys or credentials are
-        refused: use handoff."""
+        once it is stored; 'delivered', 'filed' or 'read' wait (up to timeout seconds) until
+        the recipient fetched it, filed it, or was shown it (its model or its person). Bodies
+        that look like keys or credentials are refused: use handoff."""
         check_recipient(to)
         _require(bool(body), "body is empty: say something")
         _require(wait_for in WAIT_STATES, f"wait_for must be one of {', '.join(WAIT_STATES)}")
@@ -64,8 +64,8 @@ class AgentTools:
 
     def status(self, ids: list[int]) -> list[dict]:
         """Receipt state of messages you sent, by id: queued (stored), delivered (the
-        recipient fetched it) or filed (its inbox file is durable); per recipient for
-        broadcasts."""
+        recipient fetched it), filed (its inbox file is durable) or read (it was shown to the
+        recipient's model or person); per recipient for broadcasts."""
         _require(bool(ids) and len(ids) <= 100 and all(i >= 1 for i in ids),
                  "ids: 1 to 100 positive message ids")
         return self.mailbox.status(ids)
@@ -80,9 +80,9 @@ class AgentTools:
         return self.mailbox.show_unread(limit)
 
     def read(self, id: int) -> dict:  # noqa: A002 - the tool's argument is called id
-        """One message from the inbox by its id (read or not)."""
+        """One message from the inbox by its id (read or not); its sender sees it read."""
         _require(id >= 1, "id must be a positive message id")
-        return self.mailbox.message(self.mailbox.find(id))
+        return self.mailbox.read_message(id)
 
     def wait(self, seconds: float = 30) -> dict | None:
         """Block until the next unread message arrives (at most `seconds`, up to 600) and

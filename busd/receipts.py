@@ -7,6 +7,10 @@ A message's state, per recipient:
   filed      the recipient's daemon says its inbox file is durable: the daemon polls
              with `filed=true`, and its since-cursor (saved only after the file is
              fsynced) has passed the message
+  read       the recipient reported that it was shown the message: a Claude Code hook
+             put it in the model's context, an MCP tool returned it, or a person read it
+             (`agent-bus inbox --read`). Reported per message (POST /read), so it needs
+             no order; it implies filed.
 
 The recipient-side cursor is what moves a message on, so one fetched but lost before
 filing stays `delivered` and is fetched again. A broadcast's recipients are the
@@ -17,8 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-QUEUED, DELIVERED, FILED = "queued", "delivered", "filed"
-ORDER = {QUEUED: 0, DELIVERED: 1, FILED: 2}
+QUEUED, DELIVERED, FILED, READ = "queued", "delivered", "filed", "read"
+ORDER = {QUEUED: 0, DELIVERED: 1, FILED: 2, READ: 3}
+STATES = tuple(ORDER)
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,9 @@ def reached(state: str, target: str) -> bool:
 
 
 def _state_for(ts: float, message_id: int, rows: list[ReceiptRow],
-               watermark: int | None) -> str:
+               watermark: int | None, read: bool) -> str:
+    if read:
+        return READ
     filed = max((r.filed for r in rows), default=0.0)
     delivered = max((r.delivered for r in rows), default=0.0)
     if filed >= ts:
@@ -52,9 +59,11 @@ def _state_for(ts: float, message_id: int, rows: list[ReceiptRow],
     return QUEUED
 
 
-def message_states(messages, receipts: list[ReceiptRow],
-                   watermarks: list[WatermarkRow]) -> list[dict]:
-    """[{id, ts, from, to, channel, state, recipients: {name: state}}] for stored messages."""
+def message_states(messages, receipts: list[ReceiptRow], watermarks: list[WatermarkRow],
+                   reads: dict[int, set[str]] | None = None) -> list[dict]:
+    """[{id, ts, from, to, channel, state, recipients: {name: state}}] for stored messages;
+    `reads`: {message id: the recipients that reported reading it}."""
+    reads = reads or {}
     by_agent: dict[str, list[ReceiptRow]] = {}
     for row in receipts:
         by_agent.setdefault(row.agent, []).append(row)
@@ -68,10 +77,14 @@ def message_states(messages, receipts: list[ReceiptRow],
         else:
             readers = [message.to]
         recipients = {}
+        read_by = reads.get(message.id, set())
+        if message.to == "*":
+            # One that read a broadcast is a reader of its channel, polled or not.
+            readers = sorted(set(readers) | (read_by - {message.sender}))
         for name in readers:
             rows = [r for r in by_agent.get(name, []) if r.channel in (message.channel, "*")]
             recipients[name] = _state_for(message.ts, message.id, rows,
-                                          marks.get((name, message.channel)))
+                                          marks.get((name, message.channel)), name in read_by)
         overall = min(recipients.values(), key=ORDER.__getitem__) if recipients else QUEUED
         out.append({"id": message.id, "ts": message.ts, "from": message.sender,
                     "to": message.to, "channel": message.channel, "state": overall,

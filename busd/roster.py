@@ -10,12 +10,19 @@ import time
 
 from . import receipts
 from .identity import Access, Principal
-from .model import StoredMessage
+from .model import BROADCAST, StoredMessage
 from .store import Store
 
 
 def is_handoff(message: StoredMessage) -> bool:
     return isinstance(message.meta, dict) and message.meta.get("kind") == "handoff"
+
+
+def is_recipient(message: StoredMessage, agent: str) -> bool:
+    """Is `agent` one the message is for (addressed to it, or broadcast by another)?"""
+    if message.to == BROADCAST:
+        return agent != message.sender
+    return message.to == agent
 
 
 async def visible_pending(store: Store, access: Access, principal: Principal
@@ -74,7 +81,8 @@ async def states(store: Store, messages: list[StoredMessage]) -> dict[int, dict]
     """{id: {id, ts, from, to, channel, state, recipients, handoff?}} of stored messages;
     `handoff` ({agent: result}) where a recipient's daemon reported its check."""
     rows, marks = await store.receipts({m.channel for m in messages})
-    found = {s["id"]: s for s in receipts.message_states(messages, rows, marks)}
+    reads = await store.reads([m.id for m in messages])
+    found = {s["id"]: s for s in receipts.message_states(messages, rows, marks, reads)}
     checks = await store.handoff_checks([m.id for m in messages if is_handoff(m)])
     for message_id, reported in checks.items():
         found[message_id]["handoff"] = reported

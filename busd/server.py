@@ -18,11 +18,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__, errors, metrics
 from .api import console, elipc, handoffs, openapi, rapid
-from .api.common import (BUS, ERROR_CODE, PRINCIPAL, Bus, BusSettings, error_reply,
-                         read_json_object, reply)
+from .api.common import BUS, ERROR_CODE, PRINCIPAL, error_reply, read_json_object, reply
 from .errors import BusError
 from .identity import Access
 from .ratelimit import RateLimiter
+from .service import Bus, BusSettings
 from .store import Store
 from .store_factory import open_store
 
@@ -193,9 +193,7 @@ def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
                           client_max_size=bus.settings.limits.max_request_bytes)
     app[BUS] = bus
     app[GUARD] = guard
-    bus.store.on_commit = bus.committed
-    bus.store.on_remote_commit = bus.hub.publish
-    bus.store.on_commits_missed = bus.hub.wake_all
+    bus.hear_commits()
 
     async def answer_parked_polls(_app: web.Application) -> None:
         bus.hub.close()
@@ -217,6 +215,7 @@ def make_app(bus: Bus, guard: RequestGuard) -> web.Application:
         web.get("/undelivered", rapid.undelivered),
         web.get("/openapi.json", _openapi),
         web.post("/handoff-checks", handoffs.report),
+        web.post("/read", rapid.mark_read),
         *console.routes(),
     ])
     return app

@@ -33,6 +33,8 @@ import binascii
 import hashlib
 import math
 import os
+import time
+import uuid
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -133,6 +135,17 @@ def native_payload(channel: str, sender: str, to: str, signed_at_ms: int, key: s
     """What a native send's signature covers; SigningError if meta cannot be signed."""
     return "\n".join([NATIVE_TAG, channel, sender, to, str(signed_at_ms), key, _sha256(body),
                       meta_digest(meta)]).encode("utf-8")
+
+
+def sign_send(key: Ed25519PrivateKey, channel: str, sender: str, to: str, body: str,
+              meta: dict | None, idempotency_key: str | None = None) -> dict:
+    """The fields a natively signed send carries beside the message: `key` (a fresh one
+    if None: it is the nonce that makes a replay detectable), `signed_at` (now, in
+    milliseconds) and `signature`. SigningError if meta cannot be signed."""
+    idempotency_key = idempotency_key or uuid.uuid4().hex
+    signed_at = int(time.time() * 1000)
+    payload = native_payload(channel, sender, to, signed_at, idempotency_key, body, meta)
+    return {"key": idempotency_key, "signed_at": signed_at, "signature": sign(key, payload)}
 
 
 def meta_digest(meta: dict | None) -> str:

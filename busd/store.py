@@ -123,6 +123,15 @@ class Store(abc.ABC):
         """{message id: {agent: result}} for those of `ids` someone reported a check of."""
 
     @abc.abstractmethod
+    async def record_reads(self, agent: str, ids: list[int]) -> None:
+        """`agent` was shown these messages (the caller checked that they are its own):
+        `read`. Durable when it returns; ids of messages the bus does not hold are ignored."""
+
+    @abc.abstractmethod
+    async def reads(self, ids: list[int]) -> dict[int, set[str]]:
+        """{message id: the agents that read it} for those of `ids` someone read."""
+
+    @abc.abstractmethod
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
         """el-ipc read: unread messages on the channel; the watermark moves past them durably."""
 

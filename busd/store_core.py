@@ -336,6 +336,19 @@ class SQLStore(Store):
             out.setdefault(message_id, {})[agent] = result
         return out
 
+    async def record_reads(self, agent: str, ids: list[int]) -> None:
+        if ids:
+            await self._write(self.sql.record_reads, (agent, time.time(),
+                                                      self.dialect.array(ids)))
+
+    async def reads(self, ids: list[int]) -> dict[int, set[str]]:
+        if not ids:
+            return {}
+        out: dict[int, set[str]] = {}
+        for message_id, agent in await self._rows(self.sql.reads, (self.dialect.array(ids),)):
+            out.setdefault(message_id, set()).add(agent)
+        return out
+
     async def read_unread(self, agent: str, channel: str, limit: int) -> list[StoredMessage]:
         rows = await self._rows(self.sql.unread,
                                 {"agent": agent, "channel": channel, "limit": limit})
@@ -378,6 +391,7 @@ class SQLStore(Store):
             return 0
         removed = await self._write(self.sql.delete_messages, (self.dialect.array(ids),))
         await self._write(self.sql.delete_handoff_checks, (self.dialect.array(ids),))
+        await self._write(self.sql.delete_reads, (self.dialect.array(ids),))
         return removed
 
     # -- identity: tokens and keys ------------------------------------------

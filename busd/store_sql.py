@@ -187,6 +187,16 @@ MIGRATIONS: tuple[str, ...] = (
             SELECT 1 FROM agents WHERE agents.name = messages.from_name
                                    AND agents.created_at <= messages.ts);
     """,
+    # 6: `read` receipts: which recipient was shown which message (a hook put it in its
+    # model's context, an MCP tool returned it, a person read it with `inbox --read`).
+    """
+    CREATE TABLE read_receipts (
+        message_id {bigint} NOT NULL,
+        agent      TEXT NOT NULL,
+        read_at    {real} NOT NULL,
+        PRIMARY KEY (message_id, agent)
+    ){without_rowid};
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -277,6 +287,11 @@ class Queries:
         "result = excluded.result, checked_at = excluded.checked_at")
     handoff_checks = ("SELECT message_id, agent, result FROM handoff_checks "
                       "WHERE message_id = ANY(%s)")
+    # The first report of a read stands: a later one changes nothing.
+    record_reads = ("INSERT INTO read_receipts (message_id, agent, read_at) "
+                    "SELECT id, %s, %s FROM messages WHERE id = ANY(%s) "
+                    "ON CONFLICT (message_id, agent) DO NOTHING")
+    reads = "SELECT message_id, agent FROM read_receipts WHERE message_id = ANY(%s)"
     channels = ("SELECT channel, COUNT(*), MAX(ts) FROM messages "
                 "GROUP BY channel ORDER BY MAX(ts) DESC")
 
@@ -311,6 +326,7 @@ class Queries:
         """
     delete_messages = "DELETE FROM messages WHERE id = ANY(%s)"
     delete_handoff_checks = "DELETE FROM handoff_checks WHERE message_id = ANY(%s)"
+    delete_reads = "DELETE FROM read_receipts WHERE message_id = ANY(%s)"
 
     token_by_hash = ("SELECT id, agent, channels, admin FROM tokens "
                      "WHERE hash = %s AND revoked_at IS NULL")

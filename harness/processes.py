@@ -52,6 +52,17 @@ class Child:
         self._reap(10)
 
 
+def finish(process: subprocess.Popen, timeout: float) -> tuple[bytes, bytes]:
+    """A child's whole output once it exits; killed (and reaped) if it outlives `timeout`,
+    so no test leaves it running. Its exit status is then process.returncode."""
+    try:
+        return process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def live_processes() -> Iterator[tuple[int, list[str]]]:
     """(pid, the fields of /proc/<pid>/stat after the command name) of every process
     that is not a zombie: fields[0] is the state, [1] the parent, [2] the process

@@ -235,6 +235,24 @@ def test_a_rotated_log_is_reopened_and_no_old_block_is_repeated(layout):
     assert log_text(layout) == expected_log(2, 3)
 
 
+@pytest.mark.parametrize("garbage", [b'{"since": 1', b"\xff\xfe not text", b'["since"]'])
+def test_a_cursor_file_that_is_not_one_starts_over_and_files_nothing_twice(layout, garbage,
+                                                                          caplog):
+    writer = fresh_writer(layout)
+    writer.write_batch({"messages": [message(1), message(2)]})
+    writer.close()
+    with open(layout.cursor, "wb") as handle:
+        handle.write(garbage)
+    with pytest.raises(ValueError, match="is not a cursor file"):
+        load_state(layout.cursor)
+    writer = fresh_writer(layout)   # logs why, and receives everything again
+    assert writer.since == 0.0 and "is not a cursor file" in caplog.text
+    writer.write_batch({"messages": [message(1), message(2), message(3)]})
+    writer.close()
+    assert [int(h["id"]) for h, _ in inbox_messages(layout)] == [1, 2, 3]
+    assert log_text(layout) == expected_log(1, 2, 3)
+
+
 def handoff_message(i: int, path: str) -> dict:
     return message(i, meta={"kind": "handoff", "files": 1, "sha256": "ab" * 32, "path": path,
                             "bytes": 8})

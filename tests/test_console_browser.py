@@ -1,6 +1,6 @@
 """The operator console in a real headless Chromium, against a real bus with auth on and
-two real agent daemons: log in, watch agents and messages arrive, receipts turn filed,
-a handoff verify; a hostile body stays text; the page keeps a bounded number of rows."""
+two real agent daemons: log in, watch agents and messages arrive, receipts turn filed then
+read, a handoff verify; a hostile body stays text; the page keeps a bounded number of rows."""
 from __future__ import annotations
 
 import json
@@ -47,7 +47,7 @@ def fleet(tmp_path):
     try:
         for daemon in daemons:
             daemon.start()
-        yield bus, tokens
+        yield bus, tokens, spool
         for daemon in daemons:
             assert daemon.stop() == 0
         assert bus.stop() == 0
@@ -72,7 +72,7 @@ def row_of(message_id: int) -> str:
 
 
 def test_the_console_follows_a_live_bus_in_a_real_browser(chromium, fleet, tmp_path):
-    bus, tokens = fleet
+    bus, tokens, spool = fleet
     browser = Browser(width=1280, height=800).start()
     browser_pid = browser.proc.pid
     try:
@@ -112,6 +112,15 @@ def test_the_console_follows_a_live_bus_in_a_real_browser(chromium, fleet, tmp_p
         assert browser.evaluate(f"{row}.querySelector('td.name').textContent") == "ops"
         assert browser.evaluate(wait_in_page(
             f"{row}.querySelector('td.receipt .badge').textContent === 'filed'", 10000)), \
+            browser.evaluate(f"{row}.innerText")
+        # dell's person reads it: the fourth badge.
+        read = subprocess.run(agent_bus_cmd("inbox", "dell", "--read", str(ack["id"])),
+                              capture_output=True, timeout=60,
+                              env=repo_env(AGENT_BUS_URL=bus.url, AGENT_BUS_SPOOL=str(spool),
+                                           AGENT_BUS_TOKEN=tokens["dell"]))
+        assert read.returncode == 0 and read.stderr == b"", read.stderr
+        assert browser.evaluate(wait_in_page(
+            f"{row}.querySelector('td.receipt .badge').textContent === 'read'", 10000)), \
             browser.evaluate(f"{row}.innerText")
 
         # A handoff: dell's daemon checks it on arrival, and the console shows the result.

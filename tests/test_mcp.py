@@ -195,3 +195,31 @@ def test_without_a_daemon_the_tools_file_whatever_a_message_holds(bus, tmp_path)
     assert malformed["handoff"] == zeros["handoff"] == "not checked"
     assert zeros["handoff_reason"].startswith("filed without the daemon")
     assert shown["body"] == forged and plain["body"] == "still here"
+
+
+def test_send_wait_for_read_returns_once_the_recipients_inbox_tool_shows_it(bus, tmp_path):
+    spool = tmp_path / "spool"
+
+    async def scenario():
+        async with mcp_session("spark", bus.url, spool) as spark, \
+                mcp_session("dell", bus.url, spool) as dell:
+            waiting = asyncio.create_task(spark.call_tool(
+                "send", {"to": "dell", "body": "read me", "wait_for": "read", "timeout": 30}))
+            shown = []
+            for _ in range(100):   # until the message is there to show (bounded)
+                shown = payload(await dell.call_tool("inbox", {}))
+                if shown:
+                    break
+                await asyncio.sleep(0.05)
+            assert [m["body"] for m in shown] == ["read me"]
+            ack = payload(await asyncio.wait_for(waiting, 30))
+            assert ack["state"] == "read" and ack["timed_out"] is False
+            # `wait` reports too: the message it returns is read.
+            late = payload(await spark.call_tool("send", {"to": "dell", "body": "by id"}))
+            assert bus.get(f"/status?id={late['id']}").json()["messages"][0]["state"] == "queued"
+            payload(await dell.call_tool("wait", {"seconds": 10}))
+            assert bus.get(f"/status?id={late['id']}").json()["messages"][0]["state"] == "read"
+            timed_out = payload(await spark.call_tool(
+                "send", {"to": "dell", "body": "unread", "wait_for": "read", "timeout": 1}))
+            assert timed_out["state"] == "not yet read" and timed_out["timed_out"] is True
+    asyncio.run(scenario())

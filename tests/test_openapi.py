@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from busd import __version__
-from busd.api.common import Bus, BusSettings
+from busd.service import Bus, BusSettings
 from busd.api.openapi import document
 from busd.identity import Access
 from busd.server import RequestGuard, make_app

@@ -205,9 +205,11 @@ def test_attack_07_signatures_kept_unverified_before_the_upgrade_are_dropped(sto
         client.send("alice", "bob", "verified")
         client.close()
         assert bus.stop() == 0
-    # Back to schema 4, with the signature as the old code kept it.
+    # Back to schema 4, with the signature as the old code kept it (migrations 5 and 6
+    # undone).
     run_sql(f"UPDATE messages SET signature = '{NOT_A_SIGNATURE}' WHERE from_name = 'mallory'",
             "ALTER TABLE agents DROP COLUMN registration_signed_at",
+            "DROP TABLE read_receipts",
             "UPDATE schema_version SET version = 4")
     with BusServer(db) as bus:
         got = bus.get("/recv?to=bob").json()["messages"]

@@ -23,6 +23,7 @@ from busd.framing import monitor_block
 from busd.cli.directory import agents_table
 from busd.listener import summary_line
 from harness.bus import REPO, BusServer, agent_bus_cmd, repo_env, wait_until
+from harness.processes import finish
 
 BIN = REPO / "bin"
 LIB = BIN / "lib" / "agent-bus.sh"
@@ -439,6 +440,43 @@ def test_channels_and_agent_card_print_what_python_prints(tmp_path):
             assert b"cannot reach the bus" in shell.stderr and shell.stderr.count(b"\n") == 1
 
 
+def test_read_prints_what_python_prints_and_moves_the_watermark(tmp_path):
+    """bus-read and `agent-bus read` (el-ipc's read over GET /messages): the same bytes for
+    the same unread messages, each reader's watermark moved past them; --wait answered by
+    the next send; the same exit codes."""
+    with BusServer(tmp_path / "read.db", "--hold", "5") as bus:
+        env = env_for(bus.url, tmp_path)
+        for body in ("plain", BODIES[1], BODIES[2], BODIES[13]):
+            bus.post("/send", json={"channel": "ops", "sender": "herald", "content": body})
+        shell = ok(run_script("bus-read", "ops", "carol", env=env))
+        assert shell == ok(run_cli("read", "ops", "dave", env=env))
+        assert shell == (jqtext.dumps(json.loads(shell), pretty=True) + "\n").encode()
+        assert [m["content"] for m in json.loads(shell)] == [
+            "plain", BODIES[1], BODIES[2], BODIES[13]]
+        assert ok(run_script("bus-read", "ops", "carol", env=env)) == \
+            ok(run_cli("read", "ops", "dave", env=env)) == b"[]\n"
+
+        waiting = subprocess.Popen([str(BIN / "bus-read"), "ops", "carol", "--wait"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        try:
+            bus.wait_parked()
+            bus.post("/send", json={"channel": "ops", "sender": "herald", "content": "late"})
+        finally:
+            out, err = finish(waiting, 10)
+        assert waiting.returncode == 0, err
+        assert [m["content"] for m in json.loads(out)] == ["late"]
+
+        for args in (("ops",), ("ops", "bad/name")):
+            shell, python = run_script("bus-read", *args, env=env), run_cli("read", *args, env=env)
+            assert (shell.returncode, python.returncode) == \
+                ((2, 2) if len(args) == 1 else (1, 1)), (shell.stderr, python.stderr)
+        bus.stop()
+        shell, python = run_script("bus-read", "ops", "carol", env=env), \
+            run_cli("read", "ops", "carol", env=env)
+        assert shell.returncode == python.returncode == 3
+        assert b"cannot reach the bus" in shell.stderr and shell.stderr.count(b"\n") == 1
+
+
 # -- failures -----------------------------------------------------------------
 
 
@@ -790,3 +828,32 @@ def test_inbox_lists_and_reads_like_python(server, names, tmp_path):
         shell, python = run_script("bus-inbox", *args, env=env), run_cli("inbox", *args, env=env)
         assert (shell.returncode, python.returncode) == (code, code), (args, shell.stderr)
         assert shell.stderr.count(b"\n") == 1
+
+
+def test_inbox_read_reports_read_and_keeps_what_the_bus_cannot_hear_yet(server, names, tmp_path):
+    """bus-inbox --read and agent-bus inbox --read tell the bus (POST /read); one the bus
+    cannot hear now is kept in read-unreported and told with the next read."""
+    spark, dell = names("spark", "dell")
+    spool = tmp_path / "spool"
+    env = env_for(server.url, tmp_path, AGENT_BUS_SPOOL=str(spool), AGENT_NAME=dell)
+    first, second, third = (server.send(spark, dell, text)["id"] for text in ("a", "b", "c"))
+    with _run_daemon(dell, env, tmp_path):
+        wait_until(lambda: len(list((spool / dell / "inbox").glob("*.msg"))) == 3,
+                   timeout=30, what="the messages filed")
+
+    def state(message_id: int) -> str:
+        return server.get(f"/status?id={message_id}").json()["messages"][0]["state"]
+
+    assert ok(run_script("bus-inbox", "--read", str(first), env=env)).endswith(b"\n\na")
+    assert state(first) == "read"
+    away = {**env, "AGENT_BUS_URL": "http://127.0.0.1:9"}   # nothing listens there
+    for command, message_id in ((run_script, second), (run_cli, third)):
+        args = ("bus-inbox",) if command is run_script else ("inbox",)
+        done = command(*args, "--read", str(message_id), env=away)
+        assert done.returncode == 0 and b"\n\n" in done.stdout
+        assert b"is not reported read yet" in done.stderr and done.stderr.count(b"\n") == 1
+    assert json.loads((spool / dell / "read-unreported").read_text()) == [second, third]
+    assert "read" not in (state(second), state(third))
+    ok(run_script("bus-inbox", "--read", str(first), env=env))   # the bus is back
+    assert (state(second), state(third)) == ("read", "read")
+    assert not (spool / dell / "read-unreported").exists()

@@ -4,7 +4,7 @@ with this one, so a change to how migrations are written must not change what th
 
 The snapshots (tests/data/schema-vN-*.txt) were dumped by `dump_sqlite`/`dump_postgres`
 below from the code that first made each version: v4 from c076502 (the commit before the
-store core), v5 from b6023f5. A new migration adds a new snapshot; these stay as they are.
+store core), v5 from b6023f5, v6 from the h18 branch (read receipts). A new migration adds a new snapshot; these stay as they are.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 SNAPSHOTS = Path(__file__).resolve().parent / "data"
-VERSIONS = (4, 5)
+VERSIONS = (4, 5, 6)
 
 
 def _squeeze(sql: str) -> str:

@@ -767,6 +767,30 @@ bus_find_message() {  # bus_find_message ID CODE: the inbox file of message ID, 
   die "$2" "no message $1 in $(bus_absolute "$bus_spool_root")/$bus_agent/inbox"
 }
 
+# bus_report_read ID: tell the bus message ID was read (POST /read), with the ids an
+# earlier read could not tell it (kept in <agent>/read-unreported, as busd/mailbox.py
+# keeps them). Unreachable: ID joins them, a note goes to stderr, and the exit stays 0.
+bus_report_read() {
+  local folder=$bus_spool_root/$bus_agent kept=$bus_spool_root/$bus_agent/read-unreported status=0
+  jq -n --arg agent "$bus_agent" --argjson id "$1" --slurpfile kept <(
+      jq -c '[.[]? | select(type == "number" and . >= 1 and . == floor)]' "$kept" 2>/dev/null || true) \
+    '{agent: $agent, ids: ((($kept[0] // []) + [$id]) | unique | .[-1000:])}' >"$bus_work/read"
+  if [ -z "$bus_url" ]; then
+    bus_error="AGENT_BUS_URL is not set"
+    status=$EXIT_USAGE
+  else
+    bus_http /read "$bus_work/read-reply" "$bus_work/read" || status=$?
+  fi
+  if [ "$status" -eq 0 ] || [ "$status" -eq "$EXIT_REFUSED" ]; then
+    rm -f -- "$kept"   # told, or refused for good (not its message, a revoked token)
+  else
+    jq -c .ids "$bus_work/read" | bus_write_atomically "$kept" "$folder"
+  fi
+  if [ "$status" -ne 0 ]; then
+    printf 'bus-inbox: message %s is not reported read yet: %s\n' "$1" "$bus_error" >&2
+  fi
+}
+
 cmd_inbox() {
   bus_args --read= --body name -- "$@"
   local read_id=${opt_read-}
@@ -783,6 +807,7 @@ cmd_inbox() {
     found=$(bus_find_message "$read_id" "$EXIT_REFUSED")
     if [ "$opt_body" = 0 ]; then
       cat -- "$found"
+      bus_report_read "$read_id"
       return
     fi
     # The body starts after the first empty line; count the header's bytes, not characters.
@@ -793,6 +818,7 @@ cmd_inbox() {
     done <"$found"
     [ "$blank" = 1 ] || die "$EXIT_REFUSED" "$found: not an inbox file: no blank line after the headers"
     tail -c "+$((offset + 1))" -- "$found"
+    bus_report_read "$read_id"
     return
   fi
   bus_inbox_entries "$bus_work/entries"
@@ -1006,6 +1032,19 @@ cmd_channels() {
   jq . "$bus_work/reply"
 }
 
+cmd_read() {
+  bus_args CHANNEL AGENT --wait -- "$@"
+  { bus_given arg_CHANNEL && bus_given arg_AGENT; } || bus_usage_error "give a CHANNEL and an AGENT"
+  bus_start
+  bus_require_url
+  local query seconds=15
+  query="/messages?channel=$(bus_uri "$arg_CHANNEL")&agent=$(bus_uri "$arg_AGENT")"
+  # A waiting read is held up to the bus's hold (25 s, at most 30): wait 35 s, as recv does.
+  if [ "$opt_wait" = 1 ]; then query+="&wait=true"; seconds=35; fi
+  bus_call "$query" "$bus_work/reply" "" "$seconds"
+  jq . "$bus_work/reply"
+}
+
 cmd_agent_card() {
   bus_args -- "$@"
   bus_fetch /.well-known/agent-card.json
@@ -1119,13 +1158,15 @@ usage: bus-inbox [NAME] [--read ID] [--body]
 List the messages in NAME's inbox/ (default $AGENT_NAME), oldest first, one line each:
 id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', other control
 characters as spaces). With --read ID, print that message's file: headers, a blank
-line, the body.
+line, the body; its sender then sees it `read` (told to the bus at once, or with the
+next read if the bus cannot be reached now).
 
-  --read ID    print the message with this id
+  --read ID    print the message with this id, and tell the bus it was read
   --body       with --read: print only the body, byte for byte
 
-Environment: AGENT_NAME, AGENT_BUS_SPOOL (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus).
-Needs no network. Exit codes: 0 done, 1 no message with that id, 2 usage or configuration.
+Environment: AGENT_NAME, AGENT_BUS_SPOOL (default ${XDG_STATE_HOME:-~/.local/state}/agent-bus);
+with --read also AGENT_BUS_URL, AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA. Listing needs
+no network. Exit codes: 0 done, 1 no message with that id, 2 usage or configuration.
 USAGE
 }
 
@@ -1175,7 +1216,8 @@ usage: bus-status ID...
 
 Print each message's receipt state, one line per recipient: id<TAB>state<TAB>recipient.
 queued: stored; delivered: the recipient fetched it; filed: its daemon's inbox file is
-durable. A broadcast has a line per agent known to read its channel. You see your own
+durable; read: it was shown to the recipient's model (a hook, an MCP tool) or person.
+A broadcast has a line per agent known to read its channel. You see your own
 messages (admins: all); others show as unknown. Same bytes as `agent-bus status`.
 
 Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
@@ -1217,6 +1259,24 @@ usage: bus-channels
 Print every channel with its message count and the time of its newest message, newest
 first (GET /channels), as JSON indented by two, as `agent-bus channels` (and el-ipc's
 `channels`) does. Once auth is on it needs an admin token.
+
+Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
+Exit codes: 0 done, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus
+unreachable or failing (network, 5xx).
+USAGE
+}
+
+usage_read() {
+  cat <<'USAGE'
+usage: bus-read CHANNEL AGENT [--wait]
+
+Print what AGENT has not read yet on CHANNEL, oldest first (GET /messages; at most
+1,000, read again for the rest), as `agent-bus read` (and el-ipc's `read`) does: a JSON
+list of {id, sender, content, timestamp, signed?} indented by two, '[]' when there is
+nothing. AGENT's watermark on CHANNEL moves past them.
+
+  --wait         if nothing is unread, wait until a message comes or the bus's hold
+                 ends (25 s; then '[]')
 
 Environment: AGENT_BUS_URL (required), AGENT_BUS_TOKEN, AGENT_BUS_UA, AGENT_BUS_CA.
 Exit codes: 0 done, 1 refused by the bus (4xx), 2 usage or configuration, 3 bus

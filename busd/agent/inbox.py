@@ -45,6 +45,7 @@ from ..client import BusClient
 from ..framing import check_block, monitor_block
 from ..fileio import FILE_MODE, fsync_dir, write_atomically, write_new_file
 from ..receive import Backoff, Cursor, follow, messages_of
+from .cursor import BadCursorFile, ReceiveState, load_state, save_state
 from .spool import InboxEntry, SpoolLayout, entries_in, parse_inbox_file
 from .spool import list_inbox, read_header_value  # noqa: F401 - where callers look for them
 
@@ -286,44 +287,6 @@ def with_check(data: bytes, check: handoff.Check, checked: str) -> bytes:
     return b"\n".join(kept + [line.encode("utf-8") for line in tail]) + b"\n\n" + body
 
 
-# -- the cursor file -------------------------------------------------------
-
-@dataclass(frozen=True)
-class ReceiveState:
-    """What the cursor file holds: where to poll from, and how much of inbox.log that covers."""
-    since: float
-    channel: str
-    log_bytes: int | None
-
-
-def load_state(path: str) -> ReceiveState | None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read().strip()
-    except FileNotFoundError:
-        return None
-    try:
-        # A bare number is a cursor someone wrote by hand: honour it, verify no log.
-        return ReceiveState(since=float(text), channel="", log_bytes=None)
-    except ValueError:
-        pass
-    try:
-        data = json.loads(text)
-        return ReceiveState(since=float(data["since"]), channel=str(data["channel"]),
-                            log_bytes=int(data["inbox_log_bytes"]))
-    except (ValueError, KeyError, TypeError):
-        # Torn by a power cut, or edited: starting over is safe, nothing is filed twice.
-        log.warning("%s is not a cursor file (%r); receiving everything the bus holds again "
-                    "(messages already in inbox/ are not filed twice)", path, text[:60])
-        return None
-
-
-def save_state(path: str, state: ReceiveState) -> None:
-    text = json.dumps({"since": state.since, "channel": state.channel,
-                       "inbox_log_bytes": state.log_bytes})
-    write_atomically(path, text.encode() + b"\n")
-
-
 # -- the writer ------------------------------------------------------------
 
 class InboxWriter:
@@ -361,8 +324,13 @@ class InboxWriter:
             if name.startswith(".") and name.endswith(".tmp"):
                 os.unlink(os.path.join(self.layout.inbox, name))  # a crash's half-written file
         self._open_log()
-        state = load_state(self.layout.cursor)
-        if state is not None and state.channel not in ("", self.channel):
+        try:
+            state = load_state(self.layout.cursor)
+        except BadCursorFile as exc:
+            log.warning("%s; receiving everything the bus holds again (messages already in "
+                        "inbox/ are not filed twice)", exc)
+            state = None
+        if state is not None and not state.serves(self.channel):
             log.info("the channel changed from %s to %s: receiving %s from the start "
                      "(messages already in inbox/ are not filed again)",
                      state.channel, self.channel, self.channel)

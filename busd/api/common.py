@@ -1,59 +1,17 @@
-"""What every route shares: the bus context, strict parsing, JSON replies, the long-poll."""
+"""What every route shares: the bus of the request, strict parsing, JSON replies."""
 from __future__ import annotations
 
 import asyncio
 import json
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Awaitable, Callable, TypeVar
 
 from aiohttp import web
 
-from .. import agent_card, errors, secretguard
+from .. import errors, service
 from ..errors import BusError
-from ..identity import Access, Principal
-from ..metrics import BusMetrics
-from ..receipts import Presence
-from ..model import Limits, NewMessage, SendResult, check_key, check_meta
-from ..store import Store
-from ..waiters import Waiter, WaiterHub
-
-
-@dataclass
-class BusSettings:
-    hold_seconds: float = 25.0          # long-poll hold; clients time out at 35 s
-    default_batch: int = 100            # rapid's default `max`
-    max_batch: int = 1000               # most messages one read hands out; a larger `max` gets this
-    body_timeout: float = 10.0          # a body must arrive within this
-    secret_guard: bool = False          # refuse bodies that look like keys or credentials
-    online_window: float = 60.0         # contact this recent counts as online
-    limits: Limits = field(default_factory=Limits)
-    card_name: str = agent_card.DEFAULT_NAME
-    card_description: str = agent_card.DEFAULT_DESCRIPTION
-    public_url: str = ""                # the card's url; "" = as the request reached the bus
-
-
-@dataclass
-class Bus:
-    store: Store
-    settings: BusSettings
-    access: Access
-    hub: WaiterHub = field(default_factory=WaiterHub)
-    metrics: BusMetrics = None  # type: ignore[assignment]
-    presence: Presence = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.presence is None:
-            self.presence = Presence(self.settings.online_window)
-        if self.metrics is None:
-            self.metrics = BusMetrics(parked_waiters=lambda: len(self.hub),
-                                      wakeups=lambda: self.hub.wakeups)
-
-    def committed(self, messages) -> None:
-        """The store made these visible: wake their receivers, count them."""
-        self.hub.publish(messages)
-        self.metrics.committed(messages)
+from ..identity import Principal
+from ..model import NewMessage, SendResult, check_key, check_meta
+from ..service import Bus
 
 
 BUS = web.AppKey("bus", Bus)
@@ -187,68 +145,13 @@ def check_signature(value: object) -> str | None:
 
 async def accept_send(request: web.Request, body: dict, legacy: bool, *, channel: str,
                       sender: str, to: str, text: str) -> SendResult:
-    """The one way a send is stored: the fields both protocols share (meta, key,
-    signature) checked, who may send it, its signature, then a durable commit."""
+    """A /send of either protocol: the fields both share (meta, key, signature, signed_at,
+    allow_secret) read from the body, then the one send flow (service.send)."""
     bus = bus_of(request)
     message = NewMessage(channel=channel, sender=sender, to=to, body=text,
                          meta=check_meta(body.get("meta"), bus.settings.limits.max_meta_bytes),
                          key=check_key(body.get("key")),
                          signature=check_signature(body.get("signature")))
-    signed_at = body.get("signed_at")
-    if bus.settings.secret_guard and body.get("allow_secret") is not True:
-        if problem := secretguard.refusal(message.body):
-            raise BusError(errors.SECRET_REFUSED,
-                           problem.replace("--allow-secret", '"allow_secret": true'))
-    if signed_at is not None and (not isinstance(signed_at, int) or isinstance(signed_at, bool)):
-        raise BusError(errors.WRONG_TYPE, "signed_at must be whole milliseconds since 1970")
-    bus.access.check_send_as(principal_of(request), message.sender, message.channel)
-    message = await bus.access.verify_send(message, signed_at, legacy)
-    bus.store.note_contact(message.sender)
-    result = await bus.store.append(message)
-    if result.duplicate and message.signature and signed_at is not None:
-        first = result.message
-        raise BusError(errors.REPLAY, fields={"id": first.id, "ts": first.ts})
-    return result
-
-
-Found = TypeVar("Found")
-
-
-async def wait_for_news(bus: Bus, fetch: Callable[[], Awaitable[Found]], block: bool,
-                news: Callable[[Found], bool], register: Callable[[], Waiter]) -> Found:
-    """Fetch; if `block` and nothing is news, wait for a wake-up (or the hold) and look
-    again. Returns what the last fetch found (a rapid fetch carries its own safe `now`)."""
-    if not block or bus.hub.closed:
-        return await fetch()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + bus.settings.hold_seconds
-    while True:
-        # Registered before looking, so a change between the look and the wait still wakes us.
-        waiter = register()
-        try:
-            found = await fetch()
-            remaining = deadline - loop.time()
-            if news(found) or remaining <= 0 or bus.hub.closed:
-                return found
-            await waiter.wait(remaining)
-        finally:
-            bus.hub.unregister(waiter)
-
-
-async def long_poll(bus: Bus, channel: str, name: str, fetch: Callable[[], Awaitable[Found]],
-                    block: bool, has_messages: Callable[[Found], bool]) -> Found:
-    """Fetch; if nothing and `block`, park (seen as present) until a matching commit or
-    the hold ends."""
-    if not block or bus.hub.closed:
-        return await fetch()
-    bus.presence.parked_now(name)
-    bus.hub.changed()  # presence: the console shows who is listening
-    hung_up = False
-    try:
-        return await wait_for_news(bus, fetch, True, has_messages, lambda: bus.hub.register(channel, name))
-    except asyncio.CancelledError:
-        hung_up = True  # the client went away (the server cancels its handler)
-        raise
-    finally:
-        bus.presence.unparked(name, hung_up, time.time())
-        bus.hub.changed()
+    return await service.send(bus, principal_of(request), message,
+                              signed_at=body.get("signed_at"), legacy=legacy,
+                              allow_secret=body.get("allow_secret") is True)

@@ -32,7 +32,8 @@ from .. import __version__, errors, roster
 from ..errors import BusError
 from ..identity import OPEN, Principal
 from ..model import StoredMessage, check_channel, check_name
-from .common import bus_of, principal_of, query_bool, query_value, reply, wait_for_news
+from ..service import wait_for_news
+from .common import bus_of, principal_of, query_bool, query_value, reply
 
 PREFIX = "/ui"
 COOKIE = "agent_bus_console"

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .. import __version__, agent_card as agent_cards, errors, roster
+from .. import __version__, errors, service
 from ..errors import BusError
 from ..model import check_body, check_channel, check_name
-from .common import accept_send, bus_of, long_poll, principal_of, query_bool, query_value, reply
+from .common import accept_send, bus_of, principal_of, query_bool, query_value, reply
 
 FIELDS = ("channel", "sender", "content")
-READ_BATCH = 1000
 
 
 async def send(request: web.Request, body: dict) -> web.Response:
@@ -48,38 +47,18 @@ def _channel_and_agent(request: web.Request) -> tuple[str, str]:
 
 
 async def messages(request: web.Request) -> web.Response:
-    bus = bus_of(request)
     channel, agent = _channel_and_agent(request)
-    wait = query_bool(request, "wait", False)
-    bus.access.check_read_as(principal_of(request), agent, channel)
-    bus.store.note_contact(agent)
-
-    async def fetch():
-        return await bus.store.read_unread(agent, channel, READ_BATCH)
-
-    found = await long_poll(bus, channel, agent, fetch, wait, has_messages=bool)
-    if found:
-        bus.hub.changed()  # the watermark moved: these are delivered now
-    bus.metrics.handed_out(found)
+    found = await service.read_unread(bus_of(request), principal_of(request), channel, agent,
+                                      wait=query_bool(request, "wait", False))
     return reply([m.as_elipc() for m in found])
 
 
 async def channels(request: web.Request) -> web.Response:
-    bus = bus_of(request)
-    principal = principal_of(request)
-    bus.access.check_admin(principal)
-    return reply([row for row in await bus.store.channels()
-                  if bus.access.sees_channel(principal, row["channel"])])
+    return reply(await service.channels(bus_of(request), principal_of(request)))
 
 
 async def agents(request: web.Request) -> web.Response:
-    """The roster: registered agents and every agent that has talked to the bus, with
-    whether it can receive right now (el-ipc's fields, and ours beside them)."""
-    bus = bus_of(request)
-    principal = principal_of(request)
-    if not principal.admin:
-        bus.access.require_token(principal)
-    return reply(await roster.roster(bus.store, bus.access, bus.presence, principal))
+    return reply(await service.agents(bus_of(request), principal_of(request)))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -94,9 +73,5 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def agent_card(request: web.Request) -> web.Response:
-    bus = bus_of(request)
-    settings = bus.settings
-    return reply(agent_cards.build(
-        name=settings.card_name, description=settings.card_description,
-        url=settings.public_url or f"{request.scheme}://{request.host}", version=__version__,
-        tokens=await bus.store.auth_enabled(), operator_key=await bus.store.first_operator_key()))
+    return reply(await service.card(bus_of(request), f"{request.scheme}://{request.host}",
+                                    __version__))

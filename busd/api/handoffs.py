@@ -16,19 +16,13 @@ from aiohttp import web
 from .. import errors
 from ..errors import BusError
 from ..handoff import REPORTED
-from ..model import BROADCAST, StoredMessage, check_name
-from ..roster import is_handoff
+from ..model import check_name
+from ..roster import is_handoff, is_recipient
 from .common import bus_of, principal_of, read_json_object, reply
 
 # verified, mismatch, not checked; `unreachable` (older daemons) told a sender what exists
 # on the recipient's machine, and is refused. Rows stored before stay readable.
 RESULTS = REPORTED
-
-
-def is_recipient(message: StoredMessage, agent: str) -> bool:
-    if message.to == BROADCAST:
-        return agent != message.sender
-    return message.to == agent
 
 
 async def report(request: web.Request) -> web.Response:

@@ -137,7 +137,7 @@ AGENT_CARD = {
     },
 }
 OBJECT = {"type": "object"}
-RECEIPT_STATE = {"enum": ["queued", "delivered", "filed"]}
+RECEIPT_STATE = {"enum": ["queued", "delivered", "filed", "read"]}
 HANDOFF_REPORT = {"enum": ["verified", "mismatch", "not checked"]}
 # What /status shows may also be `unreachable`: reported by daemons before "not checked".
 HANDOFF_RESULT = {"enum": ["verified", "mismatch", "not checked", "unreachable"]}
@@ -237,13 +237,14 @@ def document(version: str) -> dict:
                                "pending": {"type": "object",
                                            "additionalProperties": {"type": "integer"}}}}}))},
         "/status": {"get": _operation(
-            "Receipt states of messages you sent: queued, delivered, filed (per recipient)",
+            "Receipt states of messages you sent: queued, delivered, filed, read (per "
+            "recipient)",
             _json({"type": "object", "required": ["messages"], "properties": {
                 "messages": {"type": "array", "items": {
                     "type": "object", "required": ["id", "state"],
                     "properties": {"id": {"type": "integer"},
                                    "state": {"enum": ["queued", "delivered", "filed",
-                                                      "unknown"]},
+                                                      "read", "unknown"]},
                                    "recipients": RECIPIENT_STATES,
                                    "handoff": HANDOFF_CHECKS}}}}}),
             [{"name": "id", "in": "query", "required": True, "style": "form", "explode": True,
@@ -289,6 +290,17 @@ def document(version: str) -> dict:
             body={"type": "object", "required": ["id", "agent", "result"],
                   "properties": {"id": {"type": "integer", "minimum": 1}, "agent": NAME,
                                  "result": HANDOFF_REPORT}})},
+        "/read": {"post": _operation(
+            "A recipient reports messages it was shown (to its model or its person): their "
+            "state becomes read. Ids that are not its messages come back as unknown, unmarked",
+            _json({"type": "object", "required": ["ok", "read", "unknown"],
+                   "properties": {"ok": {"const": True},
+                                  "read": {"type": "array", "items": {"type": "integer"}},
+                                  "unknown": {"type": "array", "items": {"type": "integer"}}}}),
+            body={"type": "object", "required": ["agent", "ids"],
+                  "properties": {"agent": NAME, "ids": {
+                      "type": "array", "minItems": 1, "maxItems": 1000,
+                      "items": {"type": "integer", "minimum": 1}}}})},
         "/ui": {"get": _console_operation(
             "The operator console, a web page (admin; open mode on loopback). Without an "
             "admin credential, the login form, answered 401 (or 403 for a non-admin token)",

@@ -5,11 +5,12 @@ import time
 
 from aiohttp import web
 
-from .. import errors, roster
+from .. import errors, roster, service
 from ..errors import BusError
 from ..model import check_body, check_channel, check_name, check_recipient
-from .common import (accept_send, bus_of, long_poll, principal_of, query_batch, query_bool,
-                     query_float, query_value, reply)
+from ..service import long_poll
+from .common import (accept_send, bus_of, principal_of, query_batch, query_bool, query_float,
+                     query_value, read_json_object, reply)
 
 FIELDS = ("from", "to", "msg")
 
@@ -24,11 +25,7 @@ async def send(request: web.Request, body: dict) -> web.Response:
         request, body, legacy=False, channel=check_channel(body.get("channel")),
         sender=check_name(body["from"], "from"), to=check_recipient(body["to"]),
         text=check_body(body["msg"], "msg", limits.max_msg_bytes, allow_empty=True))
-    stored = result.message
-    payload = {"ok": True, "ts": stored.ts, "channel": stored.channel, "id": stored.id}
-    if result.duplicate:
-        payload["duplicate"] = True
-    return reply(payload)
+    return reply(service.send_ack(result))
 
 
 async def recv(request: web.Request) -> web.Response:
@@ -86,7 +83,8 @@ MAX_STATUS_IDS = 100
 
 
 async def status(request: web.Request) -> web.Response:
-    """Receipt states of messages: queued, delivered, filed (per recipient for broadcasts)."""
+    """Receipt states of messages: queued, delivered, filed, read (per recipient for
+    broadcasts)."""
     bus = bus_of(request)
     texts = request.rel_url.query.getall("id", [])
     if not texts:
@@ -97,18 +95,38 @@ async def status(request: web.Request) -> web.Response:
         ids = [int(text) for text in texts]
     except ValueError:
         raise BusError(errors.BAD_PARAM, "id must be a whole number") from None
+    return reply({"messages": await service.states(bus, principal_of(request), ids)})
+
+
+MAX_READ_IDS = 1000
+
+
+async def mark_read(request: web.Request) -> web.Response:
+    """POST /read {"agent", "ids"}: agent was shown these messages (a hook put them in its
+    model's context, an MCP tool returned them, a person read them): their state becomes
+    `read`. Only a recipient marks a message, with its own token; ids that are not its
+    messages (or lie on channels its token may not use) are answered as `unknown`,
+    unmarked, the same whether they exist or not."""
+    bus = bus_of(request)
+    body = await read_json_object(request)
+    agent = check_name(body.get("agent"), "agent")
+    ids = body.get("ids")
+    if (not isinstance(ids, list) or not ids or len(ids) > MAX_READ_IDS
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in ids)):
+        raise BusError(errors.WRONG_TYPE,
+                       f"ids must be a list of 1 to {MAX_READ_IDS} message ids (whole numbers "
+                       "from 1)")
     principal = principal_of(request)
-    if not principal.admin:
-        bus.access.require_token(principal)
-    # An id no database integer can hold is simply unknown (the stores cannot look it up).
-    stored_range = sorted({i for i in ids if 0 < i < 2 ** 63})
-    found = [m for m in await bus.store.messages_by_id(stored_range)
-             # A sender may follow its own messages; admins follow everyone's; both only
-             # on the channels their token may see.
-             if (principal.admin or m.sender == principal.name)
-             and bus.access.sees_channel(principal, m.channel)]
-    states = await roster.states(bus.store, found)
-    return reply({"messages": [states.get(i, {"id": i, "state": "unknown"}) for i in ids]})
+    # A token marks only its own agent's messages (asked before anything about them).
+    bus.access.check_read_as(principal, agent, None)
+    wanted = sorted({i for i in ids if i < 2 ** 63})
+    mine = [m.id for m in await bus.store.messages_by_id(wanted)
+            if roster.is_recipient(m, agent) and bus.access.sees_channel(principal, m.channel)]
+    await bus.store.record_reads(agent, mine)
+    bus.hub.changed()  # the console shows receipts
+    marked = set(mine)
+    return reply({"ok": True, "read": sorted(marked),
+                  "unknown": sorted({i for i in ids if i not in marked})})
 
 
 async def undelivered(request: web.Request) -> web.Response:

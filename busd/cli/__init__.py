@@ -7,12 +7,15 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Mapping, NoReturn
 
 from .. import __version__, model
+from ..client import DEFAULT_UA, BusClient, BusClientError
+from ..errors import BusError
 
 if TYPE_CHECKING:
-    from ..client import BusClient, BusClientError
+    from ..direct import DirectBus
     from ..mailbox import Mailbox
 
 # Exit codes, shared with the bin/ shell mirrors (README, "Exit codes").
@@ -37,7 +40,7 @@ class Env:
     channel: str
     token: str
     key_path: str       # AGENT_BUS_KEY: the agent's Ed25519 private key; sends get signed
-    user_agent: str     # AGENT_BUS_UA; "" is the client's own (client.DEFAULT_UA)
+    user_agent: str
     ca: str
     state_dir: str      # ${XDG_STATE_HOME:-~/.local/state}/agent-bus: the default DB lives here
     cursor_dir: str     # AGENT_BUS_STATE_DIR, else <state_dir>/cursors
@@ -67,7 +70,7 @@ class Env:
             channel=environ.get("AGENT_BUS_CHANNEL") or "default",
             token=environ.get("AGENT_BUS_TOKEN", ""),
             key_path=environ.get("AGENT_BUS_KEY", ""),
-            user_agent=environ.get("AGENT_BUS_UA", ""),
+            user_agent=environ.get("AGENT_BUS_UA") or DEFAULT_UA,
             ca=environ.get("AGENT_BUS_CA", ""),
             state_dir=os.path.join(state_home, "agent-bus"),
             cursor_dir=environ.get("AGENT_BUS_STATE_DIR") or os.path.join(
@@ -90,22 +93,75 @@ class Env:
             ipc_api_key=bool(environ.get("IPC_API_KEY")),
         )
 
-    def client(self) -> BusClient:
-        from ..client import DEFAULT_UA, BusClient
-
+    def client(self, timeout: float = 15.0) -> BusClient:
+        """The bus client; `timeout`: seconds a request may take (a long-poll takes longer)."""
         if not self.url:
             raise CommandError("AGENT_BUS_URL is not set; export it, for example "
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
-        signing_key = None
-        if self.key_path:
-            from ..signing import SigningError, read_private_file
-            try:
-                signing_key = read_private_file(self.key_path)
-            except SigningError as exc:
-                raise CommandError(f"AGENT_BUS_KEY: {exc}", EXIT_USAGE) from None
-        return BusClient(self.url, token=self.token or None,
-                         user_agent=self.user_agent or DEFAULT_UA,
-                         ca=self.ca or None, signing_key=signing_key)
+        return BusClient(self.url, token=self.token or None, user_agent=self.user_agent,
+                         ca=self.ca or None, signing_key=self._signing_key(), timeout=timeout)
+
+    def _signing_key(self):
+        """AGENT_BUS_KEY's private key, or None when it is unset."""
+        if not self.key_path:
+            return None
+        from ..signing import SigningError, read_private_file
+        try:
+            return read_private_file(self.key_path)
+        except SigningError as exc:
+            raise CommandError(f"AGENT_BUS_KEY: {exc}", EXIT_USAGE) from None
+
+    def direct(self, db: str, *, listen: bool = False, create: bool = False) -> DirectBus:
+        """The bus straight on database `db`, with no server (a `--db` command); sends are
+        signed with AGENT_BUS_KEY, as over HTTP. A SQLite file that does not exist is made
+        only when `create` (a send, as el-ipc's CLI does); otherwise it is an error, so a
+        mistyped path does not wait on a new, empty bus."""
+        from ..direct import DirectBus
+        from ..service import BusSettings
+        from ..store import is_postgres
+
+        if not create and not is_postgres(db) and not os.path.exists(db):
+            raise CommandError(f"no bus database at {db}; start the server once (agent-bus "
+                               "serve), or send a first message with --db", EXIT_USAGE)
+        os.umask(0o077)  # a database made here is the bus's, private like the server's
+        return DirectBus(db, settings=BusSettings(**self.card_settings()), listen=listen,
+                         signing_key=self._signing_key(),
+                         url=f"http://127.0.0.1:{self.serve_port()}")
+
+    def bus(self, db: str | None, *, listen: bool = False, create: bool = False
+            ) -> BusClient | DirectBus:
+        """The bus a command talks to: straight on database `db` if given, else over HTTP
+        (AGENT_BUS_URL). Both answer the same calls with the same shapes."""
+        return self.direct(db, listen=listen, create=create) if db else self.client()
+
+    def serve_port(self) -> int:
+        """serve's default port: IPC_PORT, el-ipc's setting; 9876 (both seeds' port)."""
+        if not self.port:
+            return 9876
+        try:
+            port = int(self.port)
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65535:
+            raise CommandError(f"IPC_PORT must be a port number (0-65535), got "
+                               f"{self.port[:40]!r}", EXIT_USAGE)
+        return port
+
+    def card_settings(self, name: str | None = None, description: str | None = None,
+                      url: str | None = None) -> dict[str, str]:
+        """What the agent card says (BusSettings' card fields): the values given, else
+        el-ipc's IPC_AGENT_NAME, IPC_AGENT_DESC and IPC_AGENT_URL, else the defaults."""
+        from .. import agent_card
+
+        url = url if url is not None else self.card_url
+        parts = urlsplit(url)
+        if url and not (parts.scheme in ("http", "https") and parts.netloc):
+            raise CommandError(f"--card-url / IPC_AGENT_URL must be an absolute http:// or "
+                               f"https:// URL, got {url!r}", EXIT_USAGE)
+        return {"card_name": name or self.card_name or agent_card.DEFAULT_NAME,
+                "card_description": (description or self.card_description
+                                     or agent_card.DEFAULT_DESCRIPTION),
+                "public_url": url}
 
     def agent_name(self, given: str | None = None) -> str:
         name = given or self.name
@@ -121,12 +177,14 @@ class Env:
                                "A-Z a-z 0-9 . _ -, or '*' for all", EXIT_USAGE)
         return channel
 
-    def mailbox(self, name: str | None = None, channel: str | None = None) -> Mailbox:
-        """The agent's mailbox (its spool folder; the bus once a flow needs it)."""
+    def mailbox(self, name: str | None = None, channel: str | None = None,
+                db: str | None = None) -> Mailbox:
+        """The agent's mailbox (its spool folder; the bus once a flow needs it: straight
+        on database `db` if given, else over HTTP)."""
         from ..mailbox import Mailbox
 
         return Mailbox(self.agent_name(name), self.spool_root, channel or self.channel,
-                       connect=self.client)
+                       connect=lambda: self.bus(db, create=True))
 
 
 # -- the arguments several commands take ---------------------------------------------
@@ -147,6 +205,13 @@ def name_argument(parser: argparse.ArgumentParser, what: str = "agent name") -> 
 def channel_option(parser: argparse.ArgumentParser, help: str = "channel (default "
                    "$AGENT_BUS_CHANNEL or 'default')", metavar: str | None = None) -> None:
     parser.add_argument("--channel", default=None, help=help, metavar=metavar)
+
+
+def db_option(parser: argparse.ArgumentParser, what: str = "work") -> None:
+    parser.add_argument("--db", default=None, metavar="PATH|URL",
+                        help=f"{what} straight on this bus database (a SQLite path or a "
+                             "postgresql:// URL), with no server, as el-ipc's CLI does; "
+                             "without it, over HTTP ($AGENT_BUS_URL)")
 
 
 def sender_option(parser: argparse.ArgumentParser, help: str = "sender name") -> None:
@@ -186,13 +251,15 @@ def exit_code_for(exc: BusClientError) -> int:
 # command import them all. tests/fast/test_cli_start.py keeps this table whole.
 COMMAND_MODULES = {
     "serve": "serve", "migrate": "serve",
-    "send": "messaging", "status": "messaging", "undelivered": "messaging", "recv": "messaging",
+    "send": "messaging", "status": "messaging", "read": "messaging", "undelivered": "messaging",
+    "recv": "messaging",
     "listen": "listen",
     "agents": "directory", "health": "directory",
     "channels": "discovery", "agent-card": "discovery",
     "agent": "agent",
     "drop": "spool", "inbox": "spool",
-    "token": "security", "keygen": "security", "operator": "security", "register": "security",
+    "token": "security", "keygen": "security", "operator": "security", "seed": "security",
+    "register": "security",
     "handoff": "handoff", "verify": "handoff", "fetch": "handoff",
     "init": "init",
     "mcp": "mcp",
@@ -232,6 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BusClientError as exc:
+        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except BusError as exc:
+        # From a --db command, which runs the bus's own flows: the bus refused (4xx) or
+        # its database failed (5xx), as over HTTP.
+        db = getattr(args, "db", None)
+        if db:
+            from ..store import shown_database
+        where = f"{shown_database(db)}: " if db else ""
+        print(f"agent-bus {args.command}: {where}{exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.http_status >= 500 else EXIT_REFUSED
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -247,15 +326,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_code_of(exc: Exception) -> int | None:
-    """The exit code of a mailbox or client error; None for anything else. An error of a
-    module the command never imported cannot have happened, so none is imported here."""
+    """The exit code of a mailbox or store error; None for anything else. An error of a
+    module the command never imported cannot have happened, so neither is imported here
+    (`drop` and `inbox` start without the store)."""
     package = __name__.rpartition(".")[0]
     mailbox = sys.modules.get(f"{package}.mailbox")
     if mailbox is not None and isinstance(exc, mailbox.MailboxError):
         return EXIT_USAGE if exc.kind == mailbox.USAGE else EXIT_REFUSED
-    client = sys.modules.get(f"{package}.client")
-    if client is not None and isinstance(exc, client.BusClientError):
-        return exit_code_for(exc)
+    store = sys.modules.get(f"{package}.store")
+    if store is not None and isinstance(exc, store.StoreError):
+        return EXIT_USAGE
     return None
 
 

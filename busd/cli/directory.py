@@ -5,14 +5,15 @@ import argparse
 import time
 
 from ..jqtext import dumps
-from . import EXIT_OK, Env, command
+from . import EXIT_OK, Env, command, db_option
+from .discovery import ask
 
 AGENT_COLUMNS = (("NAME", "name"), ("ONLINE", "online"), ("LAST SEEN", "last_seen"),
                  ("PENDING", "pending"), ("ROLE", "role"), ("IDENTITY", "identity"))
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    command(commands, "agents", _agents)
+    db_option(command(commands, "agents", _agents), "read the roster")
 
     command(commands, "health", _health)
 
@@ -46,7 +47,7 @@ def _agents(args: argparse.Namespace, env: Env) -> int:
     Print the bus's roster (GET /agents) as a table: name, online (a parked long-poll or
     contact within the last minute), last contact (UTC), messages waiting per channel
     (admins), role and identity. Empty cells show '-'."""
-    print(agents_table(env.client().agents()), end="", flush=True)
+    print(agents_table(ask(args, env, lambda source: source.agents())), end="", flush=True)
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""`agent-bus send`, `status`, `undelivered` and `recv`: messages out, receipts, messages in."""
+"""`agent-bus send`, `status`, `undelivered`, `recv` and `read`: messages out, receipts,
+messages in. `send`, `status` and `read` also work straight on the database (`--db`)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,8 @@ from ..framing import monitor_block
 from ..jqtext import dumps
 from ..receive import CursorFile, listen, stem
 from . import (EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CommandError, Env, channel_option, command,
-               name_argument, retry_report, sender_option)
+               db_option, name_argument, retry_report, sender_option)
+from .discovery import ask, print_json
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -26,14 +28,23 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="a flat JSON object of extra fields")
     send.add_argument("--allow-secret", action="store_true",
                       help="send even if the body looks like a key or credential")
-    send.add_argument("--wait", choices=("delivered", "filed"), default=None,
-                      help="after the ack, wait until the recipient fetched (delivered) or "
-                           "filed it; exit 4 if --timeout passes first")
+    send.add_argument("--wait", choices=("delivered", "filed", "read"), default=None,
+                      help="after the ack, wait until the recipient fetched (delivered), "
+                           "filed or was shown (read) it; exit 4 if --timeout passes first")
     send.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                       help="how long --wait waits (default 60)")
+    db_option(send, "store it")
 
     status = command(commands, "status", _status)
     status.add_argument("ids", nargs="+", type=int, metavar="ID")
+    db_option(status, "look")
+
+    read = command(commands, "read", _read)
+    read.add_argument("channel", help="the channel to read")
+    read.add_argument("agent", help="whose unread messages (the watermark that moves)")
+    read.add_argument("--wait", action="store_true",
+                      help="if nothing is unread, wait until a message comes (up to 25 s)")
+    db_option(read, "read")
 
     undelivered = command(commands, "undelivered", _undelivered)
     undelivered.add_argument("--older", type=float, default=600.0, metavar="SECONDS",
@@ -70,15 +81,18 @@ def _send(args: argparse.Namespace, env: Env) -> int:
             meta = json.loads(args.meta)
         except ValueError as exc:
             raise CommandError(f"--meta is not JSON: {exc}", EXIT_USAGE) from None
-    mailbox = env.mailbox(args.sender, args.channel)
-    ack = mailbox.send(args.to, _read_stdin_text(), key=args.key, meta=meta,
-                       allow_secret=args.allow_secret)
-    print(dumps(ack), flush=True)
-    if args.wait is not None and mailbox.wait_for(int(ack["id"]), args.wait,
-                                                  args.timeout) is None:
-        print(f"agent-bus send: message {ack['id']} was not {args.wait} within "
-              f"{args.timeout:g} s", file=sys.stderr)
-        return EXIT_TIMEOUT
+    mailbox = env.mailbox(args.sender, args.channel, db=args.db)
+    try:
+        ack = mailbox.send(args.to, _read_stdin_text(), key=args.key, meta=meta,
+                           allow_secret=args.allow_secret)
+        print(dumps(ack), flush=True)
+        if args.wait is not None and mailbox.wait_for(int(ack["id"]), args.wait,
+                                                      args.timeout) is None:
+            print(f"agent-bus send: message {ack['id']} was not {args.wait} within "
+                  f"{args.timeout:g} s", file=sys.stderr)
+            return EXIT_TIMEOUT
+    finally:
+        mailbox.close()
     return EXIT_OK
 
 
@@ -95,14 +109,28 @@ def status_lines(states: list[dict]) -> str:
 
 
 def _status(args: argparse.Namespace, env: Env) -> int:
-    """where your messages are: queued, delivered or filed
+    """where your messages are: queued, delivered, filed or read
 
     Print each message's receipt state, one line per recipient: id<TAB>state<TAB>recipient.
     queued: stored; delivered: the recipient fetched it; filed: its daemon's inbox file is
-    durable. A broadcast has a line per agent known to read its channel. You see your own
+    durable; read: it was shown to the recipient's model (a hook, an MCP tool) or person. A broadcast has a line per agent known to read its channel. You see your own
     messages (admins: all); others show as unknown."""
-    sys.stdout.write(status_lines(env.client().status(args.ids)))
+    sys.stdout.write(status_lines(ask(args, env, lambda source: source.status(args.ids))))
     sys.stdout.flush()
+    return EXIT_OK
+
+
+def _read(args: argparse.Namespace, env: Env) -> int:
+    """read AGENT's unread messages on CHANNEL (el-ipc's read)
+
+    Print what AGENT has not read yet on CHANNEL, oldest first (at most 1,000; read again
+    for the rest), as el-ipc's `read` does: a JSON list of {id, sender, content, timestamp,
+    signed?}, indented by two ('[]' when there is nothing). AGENT's watermark on CHANNEL
+    moves past them, as GET /messages moves it. --wait: if nothing is unread, wait until a
+    message comes or the hold ends (then '[]')."""
+    print_json(ask(args, env, lambda source: source.messages(args.channel, args.agent,
+                                                             wait=args.wait),
+                   listen=args.wait))
     return EXIT_OK
 
 

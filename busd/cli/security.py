@@ -56,6 +56,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="write PREFIX.key and PREFIX.pub instead of printing the private key")
     seed.add_argument("--db", default=None, help=DB_HELP)
 
+    elipc_seed = command(commands, "seed", _seed)
+    elipc_seed.add_argument("name", help="the operator's name")
+    elipc_seed.add_argument("--db", default=None, help=DB_HELP)
+    elipc_seed.set_defaults(out=None)
+
     reg = command(commands, "register", _register)
     reg.add_argument("name", help="the agent to register")
     reg.add_argument("--pubkey", required=True, help="the agent's public key file (PEM)")
@@ -181,6 +186,16 @@ def _operator_seed(args: argparse.Namespace, env: Env) -> int:
               file=sys.stderr)
         sys.stdout.write(private)
     return EXIT_OK
+
+
+def _seed(args: argparse.Namespace, env: Env) -> int:
+    """make operator NAME's keypair: store the public key, print the private one (el-ipc's seed)
+
+    el-ipc's `seed NAME > operator.key`: make an Ed25519 keypair for operator NAME, store
+    its public half in the bus's database (which turns on secure mode: every send must be
+    signed from then on) and print the private key PEM on standard output, once; it is
+    stored nowhere. The same as `agent-bus operator seed NAME`."""
+    return _operator_seed(args, env)
 
 
 def _register(args: argparse.Namespace, env: Env) -> int:

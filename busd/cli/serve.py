@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import os
 import sys
-from urllib.parse import urlsplit
 
 from ..identity import LEGACY_SIGNATURES
 from ..model import Limits
@@ -87,8 +86,8 @@ def _serve(args: argparse.Namespace, env) -> int:
     Run the bus server: the rapid and el-ipc protocols on one port, stored durably in
     SQLite, or in PostgreSQL shared by any number of servers (--db postgresql://...)."""
     # Imported here: every other command starts faster and smaller without aiohttp.
-    from .. import agent_card, logs
-    from ..api.common import BusSettings
+    from .. import logs
+    from ..service import BusSettings
     from ..notify import Notifier
     from ..server import ClientFaultFilter, ConfigError, ServerConfig, run
     from ..store import StoreError, shown_database
@@ -99,20 +98,13 @@ def _serve(args: argparse.Namespace, env) -> int:
         die("IPC_API_KEY is set, but agent-bus has no shared API key: make a token per agent "
             "(agent-bus token create NAME; clients send it as 'Authorization: Bearer', as "
             "they sent IPC_API_KEY), then unset IPC_API_KEY")
-    port = args.port if args.port is not None else _port(env.port)
-    card_url = args.card_url if args.card_url is not None else env.card_url
-    if card_url and not _absolute_http_url(card_url):
-        die(f"--card-url / IPC_AGENT_URL must be an absolute http:// or https:// URL, "
-            f"got {card_url!r}")
+    port = args.port if args.port is not None else env.serve_port()
+    card = env.card_settings(args.card_name, args.card_description, args.card_url)
     os.umask(0o077)
     db = args.db or env.db
     settings = BusSettings(hold_seconds=args.hold, body_timeout=args.body_timeout,
                            secret_guard=args.secret_guard, online_window=args.online_window,
-                           limits=Limits(max_msg_bytes=args.max_msg_bytes),
-                           card_name=args.card_name or env.card_name or agent_card.DEFAULT_NAME,
-                           card_description=(args.card_description or env.card_description
-                                             or agent_card.DEFAULT_DESCRIPTION),
-                           public_url=card_url)
+                           limits=Limits(max_msg_bytes=args.max_msg_bytes), **card)
     config = ServerConfig(host=args.host, port=port, db=db,
                           insecure_open=args.insecure_open, settings=settings,
                           tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -143,24 +135,6 @@ def _serve(args: argparse.Namespace, env) -> int:
     finally:
         notifier.close()
     return EXIT_OK
-
-
-def _port(text: str) -> int:
-    """IPC_PORT, el-ipc's port setting; 9876 (both seeds' port) when unset."""
-    if not text:
-        return 9876
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        die(f"IPC_PORT must be a port number (0-65535), got {text[:40]!r}")
-    return port
-
-
-def _absolute_http_url(text: str) -> bool:
-    parts = urlsplit(text)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def _migrate(args: argparse.Namespace, env) -> int:

@@ -24,7 +24,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     inbox = command(commands, "inbox", _inbox)
     name_argument(inbox)
     inbox.add_argument("--read", type=int, default=None, metavar="ID",
-                       help="print the message with this id")
+                       help="print the message with this id, and tell the bus it was read")
     inbox.add_argument("--body", action="store_true",
                        help="with --read: print only the body, byte for byte")
 
@@ -56,7 +56,8 @@ def _inbox(args: argparse.Namespace, env: Env) -> int:
     List the messages in NAME's inbox/, oldest first, one line each:
     id<TAB>time<TAB>from<TAB>first 120 characters (newlines shown as ' | ', other control
     characters as spaces). With --read ID, print that message's file: headers, a blank line,
-    the body."""
+    the body; its sender then sees it `read` (told to the bus at once, or with the next
+    read if the bus cannot be reached now)."""
     mailbox = env.mailbox(args.name)
     if args.read is None:
         if args.body:
@@ -74,4 +75,14 @@ def _inbox(args: argparse.Namespace, env: Env) -> int:
         data = handle.read()
     sys.stdout.buffer.write(mailbox.read(entry)[1] if args.body else data)
     sys.stdout.buffer.flush()
+    try:
+        with mailbox.showing():
+            told = mailbox.report_read([entry.id])
+    except CommandError as exc:   # no bus configured: the message was still shown
+        told, exc_text = False, str(exc)
+    else:
+        exc_text = "the bus cannot be reached now; it is told with the next read"
+    if not told:
+        print(f"agent-bus inbox: message {entry.id} is not reported read yet: {exc_text}",
+              file=sys.stderr)
     return EXIT_OK

@@ -11,7 +11,7 @@
   const WATCH = 200;          // unsettled messages whose receipts are followed
   const PER_ANSWER = 200;     // messages asked for per feed answer
   const MIN_GAP_MS = 300;     // between feed requests, however busy the bus is
-  const STATES = ["queued", "delivered", "filed"];
+  const STATES = ["queued", "delivered", "filed", "read"];
   // "unreachable": what daemons reported before "not checked" took its place.
   const CHECKS = ["verified", "mismatch", "not checked", "unreachable"];
 
@@ -69,7 +69,7 @@
   function settled(entry) {
     const m = entry.message;
     if (m.gone) return true;
-    if (m.state !== "filed") return false;
+    if (m.state !== "read") return false;   // filed may still turn read
     return !m.handoff || Object.keys(m.handoff).length > 0;
   }
 

@@ -19,11 +19,11 @@ LAYERS = {
              "waiters", "__init__"],
     "store": ["store", "store_core", "store_sql", "store_sqlite", "store_pg", "store_factory",
               "identity"],
-    "server": ["roster", "api", "server"],
+    "server": ["roster", "service", "direct", "api", "server"],
     "client": ["client", "receive", "listener"],
     "agent": ["agent"],
-    "mailbox": ["mailbox", "mcp_server"],
-    "cli": ["cli", "__main__"],
+    "mailbox": ["mailbox", "mcp_server", "hooks"],
+    "cli": ["cli", "__main__", "cli_hook"],
 }
 ALLOWED = {
     "base": {"base"},

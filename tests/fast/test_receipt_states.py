@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from busd.model import BROADCAST, StoredMessage
-from busd.receipts import (DELIVERED, FILED, ORDER, QUEUED, ReceiptRow, WatermarkRow,
+from busd.receipts import (DELIVERED, FILED, ORDER, QUEUED, READ, ReceiptRow, WatermarkRow,
                            message_states)
 
 AGENTS = st.sampled_from(["ann", "bob", "cy", "dee"])
@@ -113,3 +113,28 @@ def test_an_addressed_message_is_where_its_recipients_cursors_put_it(rows, marks
     # Nobody else's cursors count.
     strangers = [dataclasses.replace(r, agent="zed") for r in rows]
     assert message_states([message], mine + strangers, marks) == [shown]
+
+
+READS = st.dictionaries(st.integers(1, 10), st.sets(AGENTS, max_size=3), max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=MESSAGES, rows=ROWS, marks=MARKS, reads=READS)
+def test_read_is_a_recipients_own_report_and_comes_after_every_other_state(messages, rows,
+                                                                           marks, reads):
+    """A recipient that reported reading a message is `read` whatever its cursors say; one
+    that did not is as before; the sender of a broadcast never becomes its reader; and the
+    message is `read` only when all its recipients are."""
+    before = message_states(messages, rows, marks)
+    after = message_states(messages, rows, marks, reads)
+    for message, earlier, later in zip(messages, before, after):
+        read_by = reads.get(message.id, set())
+        assert message.sender not in later["recipients"] or message.to != BROADCAST
+        for name, state in later["recipients"].items():
+            if name in read_by:
+                assert state == READ
+            else:
+                assert state == earlier["recipients"][name]
+        if later["recipients"]:
+            everyone = all(s == READ for s in later["recipients"].values())
+            assert (later["state"] == READ) == everyone
