@@ -7,14 +7,13 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Mapping, NoReturn
 
 from .. import __version__, model
-from ..client import DEFAULT_UA, BusClient, BusClientError
 from ..errors import BusError
 
 if TYPE_CHECKING:
+    from ..client import BusClient, BusClientError
     from ..direct import DirectBus
     from ..mailbox import Mailbox
 
@@ -40,7 +39,7 @@ class Env:
     channel: str
     token: str
     key_path: str       # AGENT_BUS_KEY: the agent's Ed25519 private key; sends get signed
-    user_agent: str
+    user_agent: str     # AGENT_BUS_UA; "" is the client's own (client.DEFAULT_UA)
     ca: str
     state_dir: str      # ${XDG_STATE_HOME:-~/.local/state}/agent-bus: the default DB lives here
     cursor_dir: str     # AGENT_BUS_STATE_DIR, else <state_dir>/cursors
@@ -70,7 +69,7 @@ class Env:
             channel=environ.get("AGENT_BUS_CHANNEL") or "default",
             token=environ.get("AGENT_BUS_TOKEN", ""),
             key_path=environ.get("AGENT_BUS_KEY", ""),
-            user_agent=environ.get("AGENT_BUS_UA") or DEFAULT_UA,
+            user_agent=environ.get("AGENT_BUS_UA", ""),
             ca=environ.get("AGENT_BUS_CA", ""),
             state_dir=os.path.join(state_home, "agent-bus"),
             cursor_dir=environ.get("AGENT_BUS_STATE_DIR") or os.path.join(
@@ -95,10 +94,13 @@ class Env:
 
     def client(self, timeout: float = 15.0) -> BusClient:
         """The bus client; `timeout`: seconds a request may take (a long-poll takes longer)."""
+        from ..client import DEFAULT_UA, BusClient
+
         if not self.url:
             raise CommandError("AGENT_BUS_URL is not set; export it, for example "
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
-        return BusClient(self.url, token=self.token or None, user_agent=self.user_agent,
+        return BusClient(self.url, token=self.token or None,
+                         user_agent=self.user_agent or DEFAULT_UA,
                          ca=self.ca or None, signing_key=self._signing_key(), timeout=timeout)
 
     def _signing_key(self):
@@ -154,6 +156,8 @@ class Env:
         from .. import agent_card
 
         url = url if url is not None else self.card_url
+        from urllib.parse import urlsplit
+
         parts = urlsplit(url)
         if url and not (parts.scheme in ("http", "https") and parts.netloc):
             raise CommandError(f"--card-url / IPC_AGENT_URL must be an absolute http:// or "
@@ -272,10 +276,7 @@ def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    # prog given: argparse would otherwise make a help formatter to work it out, which
-    # imports shutil (a few ms of every start).
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                     prog=parser.prog)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     if command_name in COMMAND_MODULES:
         modules = [COMMAND_MODULES[command_name]]
     else:
@@ -299,9 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BusClientError as exc:
-        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
     except BusError as exc:
         # From a --db command, which runs the bus's own flows: the bus refused (4xx) or
         # its database failed (5xx), as over HTTP.
@@ -326,10 +324,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_code_of(exc: Exception) -> int | None:
-    """The exit code of a mailbox or store error; None for anything else. An error of a
-    module the command never imported cannot have happened, so neither is imported here
-    (`drop` and `inbox` start without the store)."""
+    """The exit code of a client, mailbox or store error; None for anything else. An error
+    of a module the command never imported cannot have happened, so none is imported here
+    (`drop` and `inbox` start without the client and the store)."""
     package = __name__.rpartition(".")[0]
+    client = sys.modules.get(f"{package}.client")
+    if client is not None and isinstance(exc, client.BusClientError):
+        return exit_code_for(exc)
     mailbox = sys.modules.get(f"{package}.mailbox")
     if mailbox is not None and isinstance(exc, mailbox.MailboxError):
         return EXIT_USAGE if exc.kind == mailbox.USAGE else EXIT_REFUSED

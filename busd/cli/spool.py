@@ -9,8 +9,7 @@ import os
 import sys
 
 from ..agent import spool
-from ..agent.spool import BadDrop
-from ..mailbox import inbox_line
+from ..agent.spool import BadDrop, SpoolLayout
 from . import (EXIT_OK, EXIT_USAGE, CommandError, Env, channel_option, command, name_argument,
                sender_option)
 
@@ -35,7 +34,11 @@ def _drop(args: argparse.Namespace, env: Env) -> int:
     Write standard input, byte for byte, into $AGENT_NAME's outbox as one file addressed to
     TO ('*' for everyone on the channel), atomically. Prints the file's path. The daemon
     (agent-bus agent) sends it; it need not be running yet."""
-    layout = env.mailbox(args.sender).layout
+    # The spool folder alone: a drop needs no mailbox (nor its imports).
+    try:
+        layout = SpoolLayout.for_agent(env.spool_root, env.agent_name(args.sender))
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
     body = sys.stdin.buffer.read()
     os.umask(0o077)
     try:
@@ -58,6 +61,8 @@ def _inbox(args: argparse.Namespace, env: Env) -> int:
     characters as spaces). With --read ID, print that message's file: headers, a blank line,
     the body; its sender then sees it `read` (told to the bus at once, or with the next
     read if the bus cannot be reached now)."""
+    from ..mailbox import inbox_line
+
     mailbox = env.mailbox(args.name)
     if args.read is None:
         if args.body:
