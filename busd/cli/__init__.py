@@ -39,7 +39,7 @@ class Env:
     channel: str
     token: str
     key_path: str       # AGENT_BUS_KEY: the agent's Ed25519 private key; sends get signed
-    user_agent: str     # AGENT_BUS_UA; "" is the client's own (client.DEFAULT_UA)
+    ua_setting: str     # AGENT_BUS_UA as set ("": unset); `user_agent` is the one sent
     ca: str
     state_dir: str      # ${XDG_STATE_HOME:-~/.local/state}/agent-bus: the default DB lives here
     cursor_dir: str     # AGENT_BUS_STATE_DIR, else <state_dir>/cursors
@@ -69,7 +69,7 @@ class Env:
             channel=environ.get("AGENT_BUS_CHANNEL") or "default",
             token=environ.get("AGENT_BUS_TOKEN", ""),
             key_path=environ.get("AGENT_BUS_KEY", ""),
-            user_agent=environ.get("AGENT_BUS_UA", ""),
+            ua_setting=environ.get("AGENT_BUS_UA", ""),
             ca=environ.get("AGENT_BUS_CA", ""),
             state_dir=os.path.join(state_home, "agent-bus"),
             cursor_dir=environ.get("AGENT_BUS_STATE_DIR") or os.path.join(
@@ -92,15 +92,23 @@ class Env:
             ipc_api_key=bool(environ.get("IPC_API_KEY")),
         )
 
+    @property
+    def user_agent(self) -> str:
+        """AGENT_BUS_UA, else the client's own. The client module is imported only when
+        asked: commands that never talk to the bus start without it."""
+        from ..client import DEFAULT_UA
+
+        return self.ua_setting or DEFAULT_UA
+
     def client(self, timeout: float = 15.0) -> BusClient:
         """The bus client; `timeout`: seconds a request may take (a long-poll takes longer)."""
-        from ..client import DEFAULT_UA, BusClient
+        from ..client import BusClient
 
         if not self.url:
             raise CommandError("AGENT_BUS_URL is not set; export it, for example "
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
         return BusClient(self.url, token=self.token or None,
-                         user_agent=self.user_agent or DEFAULT_UA,
+                         user_agent=self.user_agent,
                          ca=self.ca or None, signing_key=self._signing_key(), timeout=timeout)
 
     def _signing_key(self):
