@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from typing import BinaryIO, Iterator
 
 FILE_MODE = 0o600
@@ -57,7 +56,7 @@ def atomic_file(path: str, mode: int = FILE_MODE, *, replace: bool = True,
     block ends, and not at all if the block raises. FileExistsError with `replace=False`
     when `path` exists by then."""
     folder, name = os.path.split(os.path.abspath(path))
-    temp = os.path.join(temp_dir or folder, f".{name.encode()[:200].decode('utf-8', 'ignore')}.{secrets.token_hex(4)}.tmp")
+    temp = os.path.join(temp_dir or folder, f".{name.encode()[:200].decode('utf-8', 'ignore')}.{os.urandom(4).hex()}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "wb") as handle:

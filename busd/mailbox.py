@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from . import model, receipts
 from .agent.spool import (AgentLock, AgentLocked, InboxEntry, SpoolLayout, list_inbox,
                           parse_inbox_file)
-from .client import BusClientError
 from .fileio import FILE_MODE, write_atomically
 from .secretguard import refusal
 
@@ -248,6 +247,9 @@ class Mailbox:
         an earlier call could not report; whether the bus heard all of them. Those it could
         not hear because it was unreachable are kept for the next call, never lost.
         Called under showing(), which keeps the ids not told yet whole."""
+        # Here, not at the top: listing and reading the spool import no client (a fast start).
+        from .client import BusClientError
+
         path = os.path.join(self.layout.root, UNREPORTED)
         waiting = sorted(set(self._unreported()) | set(ids))
         if not waiting:

@@ -60,7 +60,7 @@ async def _errors_and_identity(request: web.Request, handler):
         console.secure(response)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    bus.metrics.latency.labels(route).observe(time.perf_counter() - started)
+    bus.metrics.answered(route, time.perf_counter() - started)
     if response.status >= 400:
         code = response.get(ERROR_CODE, str(response.status * 100))
         bus.metrics.errors.labels(code).inc()

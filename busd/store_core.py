@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable
+from typing import Any
 
 from . import errors
 from .errors import BusError
@@ -117,6 +117,8 @@ class SQLStore(Store):
         # database may not have it yet, and repeats are not written again.
         self._acknowledged: dict[tuple[str, str], tuple[float, float, float]] = {}
         self._contacts: dict[str, float] = {}
+        self._identity_cache: dict[tuple, Any] = {}
+        self._identity_generation = 0
 
     # -- what a store supplies ---------------------------------------------
 
@@ -202,9 +204,34 @@ class SQLStore(Store):
         rows = await self._rows(sql, params)
         return rows[0][0] if rows else None
 
-    def _identity_value(self, key: tuple, sql: str, params: Any = ()) -> Awaitable[Any]:
-        """An answer about tokens, keys or flags (a store may cache these)."""
-        return self._value(sql, params)
+    # -- identity answers, cached ------------------------------------------
+    #
+    # Every request asks whether auth is on and every send whether secure mode is. So
+    # these answers are kept while the store hears every change to them: its own writes
+    # to tokens, keys or flags drop them as they commit, and so does news that another
+    # process committed (PostgreSQL: its NOTIFY; SQLite: the writer's data_version
+    # check, cued by the WAL watch). A store that cannot hear others keeps nothing.
+
+    def _hears_identity_changes(self) -> bool:
+        """Whether another process's change to tokens, keys or flags would reach
+        `_forget_identity` (so cached answers may be kept)."""
+        return False
+
+    def _forget_identity(self) -> None:
+        self._identity_cache.clear()
+        self._identity_generation += 1
+
+    async def _identity_value(self, key: tuple, sql: str, params: Any = ()) -> Any:
+        """An answer about tokens, keys or flags, from the cache where it may be kept."""
+        cache = self._identity_cache
+        if key in cache:
+            return cache[key]
+        generation = self._identity_generation
+        value = await self._value(sql, params)
+        # Kept only if nothing changed while we asked, and we would hear of a change.
+        if generation == self._identity_generation and self._hears_identity_changes():
+            cache[key] = value
+        return value
 
     @staticmethod
     def _message(row: tuple) -> StoredMessage:

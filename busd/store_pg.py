@@ -1,9 +1,11 @@
 """The PostgreSQL store: any number of bus servers (replicas) share one database.
 
-Order across replicas. Every transaction that inserts messages updates the one
+Order across replicas. Every transaction that inserts messages locks the one
 row of the `clock` table first and holds that row lock to COMMIT, so these
 transactions run one at a time, whichever replica sent them, and each becomes
-visible before the next one can take the lock. Each takes its ids and stamps
+visible before the next one can take the lock. A replica takes the lock before it
+fixes its group: the sends that reach it while another replica holds the clock join
+the group, so replicas taking turns commit in larger groups. Each takes its ids and stamps
 from the clock row: ids go on from the last id, and ts (whole microseconds) is
 the database's wall clock, or the last ts + 1 us if that is not later. So ids
 and ts increase strictly in commit order, for everything every replica writes.
@@ -32,11 +34,12 @@ import asyncio
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from . import errors
@@ -107,6 +110,22 @@ SQL_TELLING_IDENTITY = ("WITH changed AS ({statement} RETURNING 1), "
                         "told AS (SELECT pg_notify(%s, %s)) "
                         "SELECT (SELECT count(*) FROM changed), (SELECT 1 FROM told)")
 SQL_LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
+# A group's transaction begins by locking the clock row (SQL_SEND_MESSAGES updates it
+# under that lock); one round trip, simple protocol (no parameters).
+SQL_TAKE_THE_CLOCK = "BEGIN; SELECT last_id FROM clock FOR UPDATE"
+
+
+async def _roll_back(conn: psycopg.AsyncConnection) -> None:
+    """End a transaction a failed write left open, so the connection serves the next one."""
+    if conn.broken or conn.info.transaction_status not in (TransactionStatus.INTRANS,
+                                                           TransactionStatus.INERROR):
+        return
+    try:
+        await conn.execute(PostgresStore.sql.roll_back)
+    except psycopg.Error as exc:
+        log.warning("could not roll back a failed write (%s); the connection is replaced",
+                    _one_line(exc))
+        await conn.close()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -153,8 +172,6 @@ class PostgresStore(SQLStore):
         self._listener: asyncio.Task | None = None
         self._committing: asyncio.Task | None = None
         self._hearing = False
-        self._identity_cache: dict[tuple, Any] = {}
-        self._identity_generation = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -322,27 +339,14 @@ class PostgresStore(SQLStore):
             notice = json.dumps({"replica": self.replica, "wake_all": True})
         return notice
 
-    # -- identity answers, cached ------------------------------------------
+    # -- identity answers, cached (store_core) ---------------------------------
     #
-    # Every request asks whether auth is on and every send whether secure mode is;
-    # a round trip for each would halve throughput. So these answers are kept
-    # while this replica hears the others' commits: every write to tokens, keys
-    # or flags (by any replica, or an admin command) notifies in its transaction,
-    # and the cache is dropped when that arrives, or when hearing is lost.
+    # A round trip for each would halve throughput. Every write to tokens, keys or
+    # flags (by any replica, or an admin command) notifies in its transaction, and the
+    # cache is dropped when that arrives, or when hearing is lost.
 
-    def _forget_identity(self) -> None:
-        self._identity_cache.clear()
-        self._identity_generation += 1
-
-    async def _identity_value(self, key: tuple, sql: str, params: Any = ()) -> Any:
-        if key in self._identity_cache:
-            return self._identity_cache[key]
-        generation = self._identity_generation
-        value = await self._value(sql, params)
-        # Kept only if nothing changed while we asked, and we would hear of a change.
-        if self._hearing and generation == self._identity_generation:
-            self._identity_cache[key] = value
-        return value
+    def _hears_identity_changes(self) -> bool:
+        return self._hearing
 
     # -- group commit ------------------------------------------------------
 
@@ -392,24 +396,36 @@ class PostgresStore(SQLStore):
     async def _execute(self, sql: str, params: Any) -> list[tuple]:
         """One statement on the writer connection, in a transaction of its own (autocommit);
         its rows, or a BusError. Run again where PostgreSQL says nothing was done."""
+        async def statement(conn: psycopg.AsyncConnection) -> list[tuple]:
+            cursor = await conn.execute(sql, params)
+            return await cursor.fetchall() if cursor.description else [(cursor.rowcount,)]
+
+        return await self._attempt(statement)
+
+    async def _attempt(self, work: Callable[[psycopg.AsyncConnection], Awaitable[list[tuple]]]
+                       ) -> list[tuple]:
+        """`work` on the writer connection: its rows, or a BusError. Run again where
+        PostgreSQL says nothing was done; a transaction `work` left open is rolled back."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             conn = await self._writer_connection()
             try:
-                cursor = await conn.execute(sql, params)
-                return await cursor.fetchall() if cursor.description else [(cursor.rowcount,)]
+                return await work(conn)
             except (pg_errors.AdminShutdown, pg_errors.TransactionRollback) as exc:
                 # The answer was "session ended by an administrator" (a restart,
                 # pg_terminate_backend: the statement was not run), or a deadlock or
                 # serialization failure (PostgreSQL undid it): nothing was stored.
                 problem: psycopg.Error = exc
+                await _roll_back(conn)
             except psycopg.OperationalError as exc:
                 if conn.broken:
                     raise BusError(errors.STORAGE_UNAVAILABLE,
                                    "the connection to PostgreSQL broke while writing, so "
                                    "whether it was stored is unknown; a retry with the same "
                                    "idempotency key is safe") from None
+                await _roll_back(conn)
                 raise BusError(errors.STORAGE_UNAVAILABLE, _one_line(exc)) from None
             except psycopg.Error as exc:
+                await _roll_back(conn)
                 log.error("PostgreSQL refused a write, nothing of it was stored: %s",
                           _one_line(exc))
                 raise BusError(errors.INTERNAL, type(exc).__name__) from None
@@ -421,10 +437,21 @@ class PostgresStore(SQLStore):
         return (await self._execute(sql, params))[0][0]
 
     async def _store_sends(self, group: Group) -> None:
+        async def under_the_clock(conn: psycopg.AsyncConnection) -> list[tuple]:
+            # The clock row's lock first: while another replica's group holds it (to its
+            # COMMIT), the sends that reach this replica join this group, so replicas
+            # that take turns on the clock commit in larger groups.
+            await conn.execute(SQL_TAKE_THE_CLOCK)
+            self._take_latecomers(group)
+            async with conn.pipeline():  # the group and its COMMIT: one round trip
+                cursor = await conn.execute(SQL_SEND_MESSAGES, {
+                    **_columns(group), "notify_channel": NOTIFY_CHANNEL,
+                    "notice": self._wake_notice(group.sends)})
+                await conn.execute(self.sql.commit)
+            return await cursor.fetchall()
+
         try:
-            rows = await self._execute(SQL_SEND_MESSAGES, {
-                **_columns(group), "notify_channel": NOTIFY_CHANNEL,
-                "notice": self._wake_notice(group.sends)})
+            rows = await self._attempt(under_the_clock)
         except BusError as exc:
             group.by_key.clear()
             for send in group.sends:
@@ -455,6 +482,16 @@ class PostgresStore(SQLStore):
             answer(send, outcome)
         if committed and self.on_commit is not None:
             self.on_commit(committed)
+
+    def _take_latecomers(self, group: Group) -> None:
+        """Sends that joined the forming group while `group` waited for the clock ride
+        along with it (after its own: arrival order). Their keys stay findable: a later
+        send with one of them waits for `group`, as it would have for the forming one."""
+        forming = self._forming
+        if forming.sends:
+            group.sends.extend(forming.sends)
+            group.by_key.update(forming.by_key)
+            forming.sends, forming.by_key = [], {}
 
     async def _find_duplicates(self, group: Group,
                                stored: dict[int, tuple[int, float]]) -> dict[int, StoredMessage]:

@@ -237,6 +237,9 @@ class Queries:
     get_version = "SELECT version FROM schema_version"
     set_version = "UPDATE schema_version SET version = %s"
     init_version = "INSERT INTO schema_version (version) VALUES (0)"
+    # A transaction's end, where a store opens one itself.
+    commit = "COMMIT"
+    roll_back = "ROLLBACK"
 
     find_by_key = f"SELECT {_COLUMNS} FROM messages WHERE from_name = %s AND key = %s"
     recv = _RECV.format(channel="AND channel = %(channel)s ")

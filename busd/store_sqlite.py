@@ -28,7 +28,9 @@ committed. The writer turns the watch off in its first transaction (its own writ
 are no news) and leaves it off while jobs keep coming: each of their transactions
 checks data_version anyway. Idle for LOOK_AFTER, it turns the watch on and looks once
 more, which covers the time it was off. Other processes' new messages wake the
-long-polls parked on them, as a replica's do on PostgreSQL.
+long-polls parked on them, as a replica's do on PostgreSQL. What they heard also drops
+the cached answers about tokens, keys and flags (store_core), and so does the WAL watch's
+cue itself, so a token or operator another process adds counts from the next request.
 """
 from __future__ import annotations
 
@@ -89,9 +91,9 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        conn.execute("ROLLBACK")
+        conn.execute(SQLiteStore.sql.roll_back)
         raise
-    conn.execute("COMMIT")
+    conn.execute(SQLiteStore.sql.commit)
 
 
 def _insert_params(send: Send) -> tuple:
@@ -165,6 +167,12 @@ class WalWatch:
             log.warning("cannot watch %s again (%s): messages other processes write into "
                         "the database wake parked long-polls only when this server next "
                         "writes", os.fsdecode(self._path), os.strerror(ctypes.get_errno()))
+
+    @property
+    def working(self) -> bool:
+        """False once the watch could not be turned on again: an idle writer would then
+        not hear other processes' commits."""
+        return not self._failed
 
     def off(self) -> None:
         self._set(self.IN_DELETE_SELF)  # if this fails, the server's writes are reported too
@@ -267,6 +275,9 @@ class SQLiteStore(SQLStore):
 
     def _wal_written(self) -> None:
         """Another process wrote the WAL: the writer looks (once for a run of events)."""
+        # Its commit may change tokens, keys or flags: ask again from now on (the look's
+        # `_heard` drops what is asked before that commit is visible).
+        self._forget_identity()
         if not self._look_queued:
             self._look_queued = True
             self._queue.put(_LOOK)
@@ -455,9 +466,8 @@ class SQLiteStore(SQLStore):
                 log.exception("unexpected error in the writer")
                 outcome = BusError(errors.INTERNAL, type(exc).__name__)
             try:
-                if heard is not None:
-                    self._loop.call_soon_threadsafe(self._heard, heard)
-                self._loop.call_soon_threadsafe(self._committed, group, outcome)
+                # One wake-up of the loop per group: what was heard, then the outcome.
+                self._loop.call_soon_threadsafe(self._committed, group, outcome, heard)
             except RuntimeError:
                 break  # the loop is gone: nobody is waiting for an answer
         conn.close()
@@ -521,8 +531,14 @@ class SQLiteStore(SQLStore):
                     duplicates[index] = self._message(row)
         return Written(counts[len(sends):], duplicates, top)
 
+    def _hears_identity_changes(self) -> bool:
+        # While the writer is busy each of its transactions checks data_version; while
+        # it is idle, the WAL watch cues a look.
+        return self._open and self._watch is not None and self._watch.working
+
     def _heard(self, heard: Heard) -> None:
         """On the loop thread: other processes committed; wake whom it concerns."""
+        self._forget_identity()  # they may have changed tokens, keys or flags
         self._clock.raise_floor(heard.floor)
         if not self.listen:
             return
@@ -532,9 +548,14 @@ class SQLiteStore(SQLStore):
         elif heard.recipients and self.on_remote_commit is not None:
             self.on_remote_commit(heard.recipients)
 
-    def _committed(self, group: Group, outcome: Written | BusError) -> None:
-        """On the loop thread: the writer is done with `group` (or failed it)."""
+    def _committed(self, group: Group, outcome: Written | BusError,
+                   heard: Heard | None = None) -> None:
+        """On the loop thread: the writer is done with `group` (or failed it), and what
+        it heard of other processes' commits in that transaction."""
+        if heard is not None:
+            self._heard(heard)
         if isinstance(outcome, BusError):
+            self._forget_identity()
             self._fail(group, outcome)
             # It may have failed before looking: whatever others committed, re-check.
             if self.listen and self.on_commits_missed is not None:
@@ -548,6 +569,8 @@ class SQLiteStore(SQLStore):
                 else:
                     committed.append(send.stored)
                     answer(send, SendResult(send.stored))
+            if any(changes_identity for *_, changes_identity in group.statements):
+                self._forget_identity()  # before its writer hears it is done
             for (_sql, _params, future, _changes_identity), count in zip(group.statements,
                                                                         outcome.counts):
                 settle(future, count)

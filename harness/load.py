@@ -141,3 +141,37 @@ def exactly_once_in_order(acks: list[dict], received: list[dict]) -> tuple[int, 
     stamps = [m["ts"] for m in received]
     reordered = sum(1 for a, b in zip(stamps, stamps[1:]) if b <= a)
     return lost, duplicated, reordered
+
+
+async def measure_followed_throughput(url: str, clients: int, per_client: int, recipient: str,
+                                      settle_seconds: float = 30.0
+                                      ) -> tuple[float, list[dict], list[dict]]:
+    """Durable sends/s of `clients` keep-alive senders while a receiver parked in a
+    long-poll follows the cursor (as a daemon does), and what it received: the sends'
+    acknowledgements and the messages, for exactly_once_in_order. The receiver stops once
+    it holds as many messages as were acknowledged, or `settle_seconds` after the last ack."""
+    received: list[dict] = []
+    expected = clients * per_client
+
+    async def follow() -> None:
+        async with KeepAliveClient(url) as receiver:
+            since = (await receiver.recv(recipient, 0.0, block=False))["now"]
+            ready.set()
+            # Each poll returns at least one message or at the hold's end: bounded by
+            # `expected` polls with messages, and the deadline below.
+            for _ in range(expected + 10):
+                if len(received) >= expected:
+                    return
+                body = await receiver.recv(recipient, since, block=True)
+                received.extend(body["messages"])
+                since = advanced(since, body)
+
+    ready = asyncio.Event()
+    follower = asyncio.create_task(follow())
+    await asyncio.wait_for(ready.wait(), 10)
+    rate, acks = await measure_throughput(url, clients, per_client, recipient)
+    try:
+        await asyncio.wait_for(follower, settle_seconds)
+    except asyncio.TimeoutError:
+        pass  # what it missed shows as lost
+    return rate, acks, received

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -67,20 +69,17 @@ def postgres_db(postgres):
     postgres.drop_database(url)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def server(request, tmp_path_factory):
-    """One real bus server per test module and store; tests keep apart by unique names.
-
-    Every module that uses it runs once on SQLite and once on a fresh PostgreSQL
-    database: the protocol is the same whichever store is behind it.
-    """
-    if request.param == "sqlite":
-        db, postgres = str(tmp_path_factory.mktemp("bus") / "bus.db"), None
+@contextlib.contextmanager
+def bus_on(store: str, request, folder: Path, *args: str) -> Iterator[BusServer]:
+    """A real bus server on a fresh SQLite file in `folder`, or on a fresh PostgreSQL
+    database (dropped after); it must stop cleanly, with no traceback in its log."""
+    if store == "sqlite":
+        db, postgres = str(folder / "bus.db"), None
     else:
         postgres = request.getfixturevalue("postgres")
         db = postgres.create_database()
     try:
-        with BusServer(db, "--hold", "2") as bus:
+        with BusServer(db, *args) as bus:
             yield bus
             assert bus.stop() == 0
             # A 500 hides behind a JSON reply; the log tells: none may have happened.
@@ -88,6 +87,25 @@ def server(request, tmp_path_factory):
     finally:
         if postgres is not None:
             postgres.drop_database(db)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
+    """One real bus server per test module and store; tests keep apart by unique names.
+
+    Every module that uses it runs once on SQLite and once on a fresh PostgreSQL
+    database: the protocol is the same whichever store is behind it.
+    """
+    with bus_on(request.param, request, tmp_path_factory.mktemp("bus"), "--hold", "2") as bus:
+        yield bus
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def own_server(request, tmp_path):
+    """A bus server of one test's own (for a test that changes what every request sees,
+    such as tokens), on SQLite and on PostgreSQL."""
+    with bus_on(request.param, request, tmp_path, "--hold", "1") as bus:
+        yield bus
 
 
 _counter = itertools.count()

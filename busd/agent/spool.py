@@ -11,7 +11,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import stat
 import time
 from dataclasses import dataclass
@@ -143,7 +142,7 @@ def new_token(now: float | None = None) -> str:
     micros = int(round(now * 1_000_000))
     seconds, fraction = divmod(micros, 1_000_000)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds))
-    return f"{stamp}.{fraction:06d}Z-{secrets.token_hex(4)}"
+    return f"{stamp}.{fraction:06d}Z-{os.urandom(4).hex()}"
 
 
 def fit_name(prefix: str, name: str, suffix: str = "") -> str:

@@ -3,16 +3,17 @@ then calls the library. Each submodule registers one group of commands."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 from typing import TYPE_CHECKING, Mapping, NoReturn
 
 from .. import __version__, model
-from ..client import DEFAULT_UA, BusClient, BusClientError
+from ..errors import BusError
 
 if TYPE_CHECKING:
+    from ..client import BusClient, BusClientError
     from ..direct import DirectBus
     from ..mailbox import Mailbox
 
@@ -38,7 +39,7 @@ class Env:
     channel: str
     token: str
     key_path: str       # AGENT_BUS_KEY: the agent's Ed25519 private key; sends get signed
-    user_agent: str
+    ua_setting: str     # AGENT_BUS_UA as set ("": unset); `user_agent` is the one sent
     ca: str
     state_dir: str      # ${XDG_STATE_HOME:-~/.local/state}/agent-bus: the default DB lives here
     cursor_dir: str     # AGENT_BUS_STATE_DIR, else <state_dir>/cursors
@@ -68,7 +69,7 @@ class Env:
             channel=environ.get("AGENT_BUS_CHANNEL") or "default",
             token=environ.get("AGENT_BUS_TOKEN", ""),
             key_path=environ.get("AGENT_BUS_KEY", ""),
-            user_agent=environ.get("AGENT_BUS_UA") or DEFAULT_UA,
+            ua_setting=environ.get("AGENT_BUS_UA", ""),
             ca=environ.get("AGENT_BUS_CA", ""),
             state_dir=os.path.join(state_home, "agent-bus"),
             cursor_dir=environ.get("AGENT_BUS_STATE_DIR") or os.path.join(
@@ -91,12 +92,23 @@ class Env:
             ipc_api_key=bool(environ.get("IPC_API_KEY")),
         )
 
+    @property
+    def user_agent(self) -> str:
+        """AGENT_BUS_UA, else the client's own. The client module is imported only when
+        asked: commands that never talk to the bus start without it."""
+        from ..client import DEFAULT_UA
+
+        return self.ua_setting or DEFAULT_UA
+
     def client(self, timeout: float = 15.0) -> BusClient:
         """The bus client; `timeout`: seconds a request may take (a long-poll takes longer)."""
+        from ..client import BusClient
+
         if not self.url:
             raise CommandError("AGENT_BUS_URL is not set; export it, for example "
                                "AGENT_BUS_URL=http://127.0.0.1:9876", EXIT_USAGE)
-        return BusClient(self.url, token=self.token or None, user_agent=self.user_agent,
+        return BusClient(self.url, token=self.token or None,
+                         user_agent=self.user_agent,
                          ca=self.ca or None, signing_key=self._signing_key(), timeout=timeout)
 
     def _signing_key(self):
@@ -152,6 +164,8 @@ class Env:
         from .. import agent_card
 
         url = url if url is not None else self.card_url
+        from urllib.parse import urlsplit
+
         parts = urlsplit(url)
         if url and not (parts.scheme in ("http", "https") and parts.netloc):
             raise CommandError(f"--card-url / IPC_AGENT_URL must be an absolute http:// or "
@@ -243,59 +257,95 @@ def exit_code_for(exc: BusClientError) -> int:
     return EXIT_UNREACHABLE if exc.transient else EXIT_REFUSED
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import (agent, directory, discovery, handoff, init, listen, mcp, messaging, security,
-                   serve)
+# The module that registers each command, in the order `agent-bus -h` lists them. A
+# command imports only its own module, and that module what the command uses, so the
+# commands agents and hooks run often (drop, inbox) start fast; help and an unknown
+# command import them all. tests/fast/test_cli_start.py keeps this table whole.
+COMMAND_MODULES = {
+    "serve": "serve", "migrate": "serve",
+    "send": "messaging", "status": "messaging", "read": "messaging", "undelivered": "messaging",
+    "recv": "messaging",
+    "listen": "listen",
+    "agents": "directory", "health": "directory",
+    "channels": "discovery", "agent-card": "discovery",
+    "agent": "agent",
+    "drop": "spool", "inbox": "spool",
+    "token": "security", "keygen": "security", "operator": "security", "seed": "security",
+    "register": "security",
+    "handoff": "handoff", "verify": "handoff", "fetch": "handoff",
+    "init": "init",
+    "mcp": "mcp",
+}
 
+
+def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or (given a known `command_name`) of that one's module."""
     parser = argparse.ArgumentParser(
         prog="agent-bus",
         description="A shell-first message bus for agents. See README.md for the everyday uses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, messaging, listen, directory, discovery, agent, security, handoff, init,
-                   mcp):
-        module.register(commands)
+    if command_name in COMMAND_MODULES:
+        modules = [COMMAND_MODULES[command_name]]
+    else:
+        modules = list(dict.fromkeys(COMMAND_MODULES.values()))
+    for module in modules:
+        importlib.import_module(f"{__name__}.{module}").register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv) == ["--version"]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:
         # Before the commands are imported: a launcher asks this to find the program.
         print(f"agent-bus {__version__}")
         return EXIT_OK
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and not argv[0].startswith("-") else None)
     args = parser.parse_args(argv)
-    from ..errors import BusError
-    from ..mailbox import USAGE, MailboxError
-    from ..store import StoreError, shown_database
     env = Env.from_environ(os.environ)
     try:
         return args.func(args, env)
     except CommandError as exc:
         print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except MailboxError as exc:
-        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE if exc.kind == USAGE else EXIT_REFUSED
-    except BusClientError as exc:
-        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
     except BusError as exc:
         # From a --db command, which runs the bus's own flows: the bus refused (4xx) or
         # its database failed (5xx), as over HTTP.
         db = getattr(args, "db", None)
+        if db:
+            from ..store import shown_database
         where = f"{shown_database(db)}: " if db else ""
         print(f"agent-bus {args.command}: {where}{exc.message}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.http_status >= 500 else EXIT_REFUSED
-    except StoreError as exc:
-        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         # The reader went away (| head); that is not an error of ours.
         sys.stderr.close()
         return EXIT_OK
+    except Exception as exc:
+        code = _exit_code_of(exc)
+        if code is None:
+            raise
+        print(f"agent-bus {args.command}: {exc}", file=sys.stderr)
+        return code
+
+
+def _exit_code_of(exc: Exception) -> int | None:
+    """The exit code of a client, mailbox or store error; None for anything else. An error
+    of a module the command never imported cannot have happened, so none is imported here
+    (`drop` and `inbox` start without the client and the store)."""
+    package = __name__.rpartition(".")[0]
+    client = sys.modules.get(f"{package}.client")
+    if client is not None and isinstance(exc, client.BusClientError):
+        return exit_code_for(exc)
+    mailbox = sys.modules.get(f"{package}.mailbox")
+    if mailbox is not None and isinstance(exc, mailbox.MailboxError):
+        return EXIT_USAGE if exc.kind == mailbox.USAGE else EXIT_REFUSED
+    store = sys.modules.get(f"{package}.store")
+    if store is not None and isinstance(exc, store.StoreError):
+        return EXIT_USAGE
+    return None
 
 
 def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
