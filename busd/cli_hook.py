@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             return bool(url) and nothing_waits(url, name, since=since, channel=channel,
                                                token=token, user_agent=user_agent,
                                                timeout=PEEK_SECONDS)
-        if nothing_new(os.path.join(spool_root(environ), name), channel, bus_empty):
-            return 0
+        try:
+            if nothing_new(os.path.join(spool_root(environ), name), channel, bus_empty):
+                return 0
+        except Exception:  # noqa: BLE001 - the full path below answers, and tells what is wrong
+            pass
     return _answer(event, stdin, environ)
 
 
@@ -122,12 +125,13 @@ def _run(event: str, stdin: bytes, environ) -> str | None:
         finally:
             mailbox.close()
     except (CommandError, MailboxError) as exc:
-        return None if event == "Stop" else f"agent-bus: {exc}"
+        return None if event == "Stop" else f"agent-bus: {_short(exc)}"
 
 
 def _short(exc: Exception, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
+    """The error as one line of context: its words may come from the bus (framing.one_line)."""
+    from .framing import one_line
+    return one_line(exc, limit) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def nothing_waits(url: str, to: str, *, since: float, channel: str, token: str |
         if body is None:
             return False
         reply = json.loads(body)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return False
     return isinstance(reply, dict) and reply.get("messages") == []
 

@@ -26,8 +26,13 @@ applies the same in jq, byte for byte):
   str.splitlines' included, and the carriage returns, backspaces and escape
   sequences with which a terminal moves its cursor back to a line's start.)
   A segment that begins with the *frame form* -- any number of backslashes, any
-  number of spaces and tabs, then `---`, `[`, `handoff:` or `note:` (these two in
-  any mix of case) -- gets one backslash more in front. Nothing else changes.
+  number of blanks, then `---`, `[`, `handoff:` or `note:` (these two in any mix of
+  case) -- gets one backslash more in front. Nothing else changes. A *blank* is a
+  space, a tab, or a character a reader does not see or sees as a space (NBSP, the
+  zero-width and other format characters, ideographic space, Hangul fillers,
+  variation selectors, tags: BLANKS); a dash in `---` may be any character that looks
+  like one (DASHES) and the `[` any that looks like it (BRACKETS), so that no
+  invisible prefix or look-alike makes a body line pass for a frame line.
 
   The inverse: a segment that begins with a backslash followed by the frame form
   loses that one backslash.
@@ -49,13 +54,34 @@ from .model import is_valid_name
 SEGMENT_BREAKS = "\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029"
 # What a frame line begins with; "handoff:" and "note:" in any case, spelled out so
 # that no regex engine's Unicode case folding ("ﬀ" for "ff") widens or narrows it.
-FRAME_WORDS = r"---|\[|[Hh][Aa][Nn][Dd][Oo][Ff][Ff]:|[Nn][Oo][Tt][Ee]:"
-FRAME_FORM = rf"\\*[ \t]*(?:{FRAME_WORDS})"
+# The code points of the blanks, dashes and brackets the rule knows, as ranges
+# (bin/lib/agent-bus.sh lists the same numbers; tests/test_framing.py holds them equal).
+BLANKS = ((0x09, 0x09), (0x20, 0x20), (0xA0, 0xA0), (0xAD, 0xAD), (0x34F, 0x34F),
+          (0x61C, 0x61C), (0x115F, 0x1160), (0x1680, 0x1680), (0x17B4, 0x17B5),
+          (0x180B, 0x180F), (0x2000, 0x200F), (0x202A, 0x202F), (0x205F, 0x206F),
+          (0x2800, 0x2800), (0x3000, 0x3000), (0x3164, 0x3164), (0xFE00, 0xFE0F),
+          (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF9, 0xFFFB), (0xE0000, 0xE0FFF))
+DASHES = ((0x2D, 0x2D), (0x2010, 0x2015), (0x2212, 0x2212), (0x23AF, 0x23AF),
+          (0x2500, 0x2501), (0x2E3A, 0x2E3B), (0x2F00, 0x2F00), (0x30FC, 0x30FC),
+          (0x4E00, 0x4E00), (0xFE58, 0xFE58), (0xFE63, 0xFE63), (0xFF0D, 0xFF0D))
+BRACKETS = ((0x5B, 0x5B), (0x2045, 0x2045), (0x23A1, 0x23A3), (0x2772, 0x2772),
+            (0x27E6, 0x27E6), (0x3010, 0x3010), (0x3014, 0x3014), (0x3016, 0x3016),
+            (0x301A, 0x301A), (0xFE5D, 0xFE5D), (0xFF3B, 0xFF3B))
+
+
+def _class(ranges) -> str:
+    return "[" + "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "")
+                         for a, b in ranges) + "]"
+
+
+FRAME_WORDS = (rf"{_class(DASHES)}{{3}}|{_class(BRACKETS)}"
+               r"|[Hh][Aa][Nn][Dd][Oo][Ff][Ff]:|[Nn][Oo][Tt][Ee]:")
+FRAME_FORM = rf"\\*{_class(BLANKS)}*(?:{FRAME_WORDS})"
 
 _ESCAPE = re.compile(rf"(\A|[{SEGMENT_BREAKS}])({FRAME_FORM})")
 _UNESCAPE = re.compile(rf"(\A|[{SEGMENT_BREAKS}])\\({FRAME_FORM})")
 _SEGMENTS = re.compile(rf"[{SEGMENT_BREAKS}]")
-_BARE_FRAME = re.compile(rf"[ \t]*(?:{FRAME_WORDS})")
+_BARE_FRAME = re.compile(rf"{_class(BLANKS)}*(?:{FRAME_WORDS})")
 # What JSON leaves as it is but a reader may take for a line break (or cannot encode).
 _RAW_BREAKS = re.compile("[\x80-\x9f\u2028\u2029\ud800-\udfff]")
 
@@ -82,6 +108,15 @@ def segments(text: str) -> list[str]:
 def reads_as_frame(segment: str) -> bool:
     """Could a reader take this segment for a boundary, a header or a status line?"""
     return _BARE_FRAME.match(segment) is not None
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """`text` (an error, say, whose words may come from a bus or a sender) as one line
+    that no reader can take for more: every segment break a space, blanks collapsed,
+    escaped as a body is, cut to `limit` characters."""
+    flat = " ".join(" ".join(segments(str(text))).split())
+    flat = flat if len(flat) <= limit else flat[:limit] + "..."
+    return escape_body(flat)
 
 
 def shown_name(value: object) -> str:

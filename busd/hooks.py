@@ -114,7 +114,7 @@ def nothing_new(folder: str, channel: str = "default",
 def render(message: dict) -> str:
     """One message from the inbox as the model sees it (framing.context_block)."""
     from . import handoff
-    from .framing import context_block
+    from .framing import context_block, one_line
     from .jqtext import dumps
     from .secretguard import find_secret
 
@@ -125,7 +125,7 @@ def render(message: dict) -> str:
         try:
             files = handoff.files_in(meta)
         except handoff.HandoffError as exc:
-            files, body = [], f"(a handoff this cannot read: {exc})"
+            files, body = [], f"(a handoff this cannot read: {one_line(exc)})"
         if files:
             # Names, paths and hashes only: never the note or the files' content.
             body = "\n".join(f"file {n}: {dumps(f.name)} at {dumps(f.path)}, sha256 {f.sha256}"
@@ -195,15 +195,18 @@ class ClaudeHooks:
         """File what waits on the bus, unless a daemon does; a line saying why the bus
         could not be asked, or None."""
         from .client import BusClientError
+        from .framing import one_line
         try:
             self.mailbox.file_from_bus(block=False)
         except BusClientError as exc:
-            return f"agent-bus: new messages cannot be fetched now ({exc}); they wait on the bus."
+            return (f"agent-bus: new messages cannot be fetched now ({one_line(exc)}); they wait "
+                    "on the bus.")
         return None
 
     def session_start(self) -> str:
         """Who this agent is on the bus, how many messages wait, who is online."""
         from .client import BusClientError
+        from .framing import one_line, shown_name
         problem = self.collect()
         mailbox = self.mailbox
         waiting = len(mailbox.unread())
@@ -226,9 +229,10 @@ class ClaudeHooks:
             try:
                 roster = mailbox.client.agents()
             except BusClientError as exc:
-                lines.append(f"Who is online is not known now ({exc}).")
+                lines.append(f"Who is online is not known now ({one_line(exc)}).")
             else:
-                online = [a["name"] for a in roster if isinstance(a, dict) and a.get("online")
+                online = [shown_name(a["name"]) for a in roster
+                          if isinstance(a, dict) and a.get("online")
                           and a.get("name") != mailbox.name and isinstance(a.get("name"), str)]
                 shown = ", ".join(online[:MAX_ONLINE_NAMES])
                 if len(online) > MAX_ONLINE_NAMES:

@@ -54,7 +54,8 @@ esac
 #                break (U+0080-U+009F, U+2028, U+2029) escaped too.
 #   frame_escape a body segment (the body's start, and after each control character but
 #                tab, U+2028 and U+2029) that begins with backslashes, blanks, then ---,
-#                [, handoff: or note: gets one backslash more. Written without a global
+#                [, handoff: or note: gets one backslash more (blanks, dashes and
+#                brackets: framing.BLANKS, DASHES and BRACKETS, the same code points). Written without a global
 #                regex (jq 1.6 takes quadratic time for those): one pass over the codepoints.
 # shellcheck disable=SC2016  # jq's $variables, not the shell's
 BUS_JQ='
@@ -64,14 +65,27 @@ def json_shown: tojson | [explode[] | if (. >= 128 and . <= 159) or . == 8232 or
   then "\\u" + hex4 else [.] | implode end] | add // "";
 def one_line($sep): split("\n") | join($sep) | split("\r") | join(" ") | split("\t") | join(" ");
 def shown_name: if type == "string" and test("^[A-Za-z0-9._-]{1,64}$") and test("[^.]") then . else json_shown end;
-def frame_form: "(\\A|[\u0000-\b\n-\u001f\u007f-\u009f\u2028\u2029])\\\\*[ \t]*(---|\\[|[Hh][Aa][Nn][Dd][Oo][Ff][Ff]:|[Nn][Oo][Tt][Ee]:)";
+def frame_blank: . == 9 or . == 32 or . == 160 or . == 173 or . == 847 or . == 1564
+  or (. >= 4447 and . <= 4448) or . == 5760 or (. >= 6068 and . <= 6069)
+  or (. >= 6155 and . <= 6159) or (. >= 8192 and . <= 8207) or (. >= 8234 and . <= 8239)
+  or (. >= 8287 and . <= 8303) or . == 10240 or . == 12288 or . == 12644
+  or (. >= 65024 and . <= 65039) or . == 65279 or . == 65440 or (. >= 65529 and . <= 65531)
+  or (. >= 917504 and . <= 921599);
+def frame_dash: . == 45 or (. >= 8208 and . <= 8213) or . == 8722 or . == 9135
+  or (. >= 9472 and . <= 9473) or (. >= 11834 and . <= 11835) or . == 12032 or . == 12540
+  or . == 19968 or . == 65112 or . == 65123 or . == 65293;
+def frame_bracket: . == 91 or . == 8261 or (. >= 9121 and . <= 9123) or . == 10098
+  or . == 10214 or . == 12304 or . == 12308 or . == 12310 or . == 12314 or . == 65117
+  or . == 65339;
+def frame_fold: if . >= 65 and . <= 90 then . + 32 elif frame_dash then 45
+  elif frame_bracket then 91 else . end;
 def frame_escape:
-  if test(frame_form) | not then . else
   explode as $c | ($c | length) as $n
-  | def brk: . <= 8 or (. >= 10 and . <= 31) or (. >= 127 and . <= 159) or . == 8232 or . == 8233;
+  | if any($c[]; frame_dash or frame_bracket or . == 58) | not then . else
+    def brk: . <= 8 or (. >= 10 and . <= 31) or (. >= 127 and . <= 159) or . == 8232 or . == 8233;
     def form:
-      (until(. >= $n or $c[.] != 92; . + 1) | until(. >= $n or ($c[.] != 32 and $c[.] != 9); . + 1)) as $m
-      | $c[$m:$m + 8] | map(if . >= 65 and . <= 90 then . + 32 else . end) | implode
+      (until(. >= $n or $c[.] != 92; . + 1) | until(. >= $n or ($c[.] | frame_blank | not); . + 1)) as $m
+      | $c[$m:$m + 8] | map(frame_fold) | implode
       | startswith("---") or startswith("[") or startswith("handoff:") or startswith("note:");
     [0, (range(0; $n) | select($c[.] | brk) | . + 1)] | map(select(form)) as $at
   | ([0] + $at) as $from | ($at + [$n]) as $to
