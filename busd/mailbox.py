@@ -21,20 +21,22 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from . import model, receipts
+from . import model
 from .agent.spool import (AgentLock, AgentLocked, InboxEntry, SpoolLayout, list_inbox,
                           parse_inbox_file)
 from .fileio import FILE_MODE, write_atomically
 from .secretguard import refusal
 
+# Only for the annotations: importing `typing` costs `agent-bus drop` and `inbox` milliseconds.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
+
     from . import handoff
     from .client import BusClient
 
 USAGE, REFUSED = "usage", "refused"
-WAIT_STATES = receipts.STATES
 SERVER_HOLD_SECONDS = 25
 PREVIEW_CHARS = 120
 # What has been shown to the model (by the MCP tools and the Claude Code hooks alike):
@@ -140,8 +142,10 @@ class Mailbox:
 
     def wait_for(self, message_id: int, target: str, timeout: float,
                  stop: threading.Event | None = None) -> str | None:
-        """Follow a message until every recipient reached `target` (a WAIT_STATE); its
+        """Follow a message until every recipient reached `target` (one of receipts.STATES); its
         state then, or None if `timeout` passed first."""
+        from . import receipts   # here, not at the top: `agent-bus inbox` starts without it
+
         stop = stop or threading.Event()
         deadline = time.monotonic() + timeout
         pause = 0.05

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 from . import handoff
 from .client import BusClientError
-from .mailbox import WAIT_STATES, Mailbox, MailboxError, check_recipient
+from .mailbox import Mailbox, MailboxError, check_recipient
+from .receipts import STATES as WAIT_STATES
 
 MAX_WAIT_SECONDS = 600
 
