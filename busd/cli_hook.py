@@ -22,7 +22,6 @@ import os
 import sys
 
 EVENTS = ("SessionStart", "UserPromptSubmit", "PostToolUse", "Stop")
-CONTEXT_EVENTS = ("SessionStart", "UserPromptSubmit", "PostToolUse")
 ON = ("1", "true", "yes", "on")
 BUS_SECONDS = 3.0   # the most one request to the bus may take in a hook
 PEEK_SECONDS = 1.0  # the most the fast path's question may take before the full path

@@ -265,13 +265,10 @@ class ClaudeHooks:
         return problem
 
     def _remember(self, seen: str | None) -> None:
-        from .fileio import write_atomically
+        from .fileio import unlink_quietly, write_atomically
         path = os.path.join(self.mailbox.layout.root, SEEN)
         if seen is None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            unlink_quietly(path)
         else:
             write_atomically(path, seen.encode("ascii"))
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from . import model
 from .agent.spool import (AgentLock, AgentLocked, InboxEntry, SpoolLayout, list_inbox,
                           parse_inbox_file)
-from .fileio import FILE_MODE, write_atomically
+from .fileio import FILE_MODE, unlink_quietly, write_atomically
 from .secretguard import refusal
 
 # Only for the annotations: importing `typing` costs `agent-bus drop` and `inbox` milliseconds.
@@ -271,8 +271,7 @@ class Mailbox:
         if left:
             write_atomically(path, json.dumps(left[-10 * READ_BATCH:]).encode("ascii"))
         else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            unlink_quietly(path)
         return not left
 
     # -- filing from the bus (when no daemon does) --------------------------------
@@ -323,9 +322,10 @@ class Mailbox:
 
     def _wait_for_inbox_change(self, timeout: float) -> None:
         # A 20 ms look (one stat) keeps this simple and well inside "within 1 s".
-        before = os.stat(self.layout.inbox).st_mtime_ns
+        inbox = self.layout.inbox
+        before = os.stat(inbox).st_mtime_ns
         end = time.monotonic() + timeout
-        while time.monotonic() < end and os.stat(self.layout.inbox).st_mtime_ns == before:
+        while time.monotonic() < end and os.stat(inbox).st_mtime_ns == before:
             time.sleep(0.02)
 
     # -- handoffs received --------------------------------------------------------

@@ -47,7 +47,7 @@ from ..fileio import FILE_MODE, fsync_dir, write_atomically, write_new_file
 from ..receive import Backoff, Cursor, follow, messages_of
 from .cursor import BadCursorFile, ReceiveState, load_state, save_state
 from .spool import InboxEntry, SpoolLayout, entries_in, parse_inbox_file
-from .spool import list_inbox, read_header_value  # noqa: F401 - where callers look for them
+from .spool import read_header_value  # noqa: F401 - where callers look for it
 
 log = logging.getLogger("busd.agent.inbox")
 
@@ -319,9 +319,11 @@ class InboxWriter:
         self._lock = threading.Lock()
 
     def open(self) -> None:
-        self._ids.update(entry.id for entry in entries_in(self.layout.inbox))
         for name in os.listdir(self.layout.inbox):
-            if name.startswith(".") and name.endswith(".tmp"):
+            entry = InboxEntry.named(self.layout.inbox, name)
+            if entry is not None:
+                self._ids.add(entry.id)
+            elif name.startswith(".") and name.endswith(".tmp"):
                 os.unlink(os.path.join(self.layout.inbox, name))  # a crash's half-written file
         self._open_log()
         try:

@@ -78,7 +78,7 @@ def _inbox(args: argparse.Namespace, env: Env) -> int:
     entry = mailbox.find(args.read)
     with open(entry.path, "rb") as handle:
         data = handle.read()
-    sys.stdout.buffer.write(mailbox.read(entry)[1] if args.body else data)
+    sys.stdout.buffer.write(spool.parse_inbox_file(data)[1] if args.body else data)
     sys.stdout.buffer.flush()
     try:
         with mailbox.showing():
