@@ -181,7 +181,9 @@ fi
 # add, install), from npm, pinned, under the data folder: nothing global is touched.
 CLAUDE_CODE_VERSION=2.1.332
 claude_dir=${XDG_DATA_HOME:-$HOME/.local/share}/agent-bus/claude
-if [ "$dev" = 1 ] && [ "$(cat "$claude_dir/version" 2>/dev/null)" != "$CLAUDE_CODE_VERSION" ]; then
+# The marker alone is not trusted: a client whose files are gone is installed again.
+if [ "$dev" = 1 ] && { [ ! -x "$claude_dir/node_modules/.bin/claude" ] \
+    || [ "$(cat "$claude_dir/version" 2>/dev/null)" != "$CLAUDE_CODE_VERSION" ]; }; then
   say "installing the Claude Code client $CLAUDE_CODE_VERSION from npm (the plugin's tests run it)"
   if command -v npm >/dev/null 2>&1; then
     mkdir -p "$claude_dir"

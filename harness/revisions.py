@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-REPO = Path(__file__).resolve().parent.parent
+from .bus import REPO
 
 # The top of every probe: this tree's harness (or, in a revision from before the harness
 # package, the same things where they were then), and the server's CPU time.

@@ -636,19 +636,26 @@ cmd_send() {
   bus_post_send "$bus_work/request"
 }
 
-cmd_recv() {
-  bus_args --channel= --since= --once --no-cursor name -- "$@"
+# bus_follower_start: what recv and listen do first; sets follow_channel and follow_stem
+# (NAME@CHANNEL: '@' and '%' never occur in names, so every pair has its own files).
+bus_follower_start() {
   bus_term_status=$EXIT_OK
   bus_start
   if bus_given opt_since; then
     since=$(bus_number "$opt_since") || bus_usage_error "--since must be a number of seconds, got '$opt_since'"
   fi
   bus_require_name "${arg_name-}"
-  local channel=${opt_channel:-$bus_channel} cursor=""
+  follow_channel=${opt_channel:-$bus_channel}
   bus_require_url
-  # '@' and '%' never occur in names, so every (name, channel) has its own file.
+  follow_stem=$bus_agent@${follow_channel//\*/%2A}
+}
+
+cmd_recv() {
+  bus_args --channel= --since= --once --no-cursor name -- "$@"
+  bus_follower_start
+  local cursor=""
   if [ "$opt_no_cursor" = 0 ] && [ "$bus_no_cursor" = 0 ]; then
-    cursor=$bus_cursor_dir/$bus_agent@${channel//\*/%2A}.cursor
+    cursor=$bus_cursor_dir/$follow_stem.cursor
   fi
   if bus_given opt_since; then
     :
@@ -658,7 +665,7 @@ cmd_recv() {
     bus_call /healthz "$bus_work/health"
     since=$(jq -r .now "$bus_work/health")
   fi
-  bus_follow "$bus_agent" "$channel" "$opt_once" bus_print_blocks "$cursor"
+  bus_follow "$bus_agent" "$follow_channel" "$opt_once" bus_print_blocks "$cursor"
 }
 
 bus_print_blocks() {
@@ -667,15 +674,9 @@ bus_print_blocks() {
 
 cmd_listen() {
   bus_args --channel= --dir= --full= --summary= --heartbeat= --since= --once name -- "$@"
-  bus_term_status=$EXIT_OK
-  bus_start
-  if bus_given opt_since; then
-    since=$(bus_number "$opt_since") || bus_usage_error "--since must be a number of seconds, got '$opt_since'"
-  fi
-  bus_require_name "${arg_name-}"
-  local channel=${opt_channel:-$bus_channel} stem file last
-  bus_require_url
-  stem=${opt_dir:-$bus_listen_dir}/$bus_agent@${channel//\*/%2A}
+  bus_follower_start
+  local stem file last
+  stem=${opt_dir:-$bus_listen_dir}/$follow_stem
   listen_full=${opt_full:-$stem.jsonl}
   listen_summary=${opt_summary:-$stem.tsv}
   listen_heartbeat=${opt_heartbeat:-$stem.heartbeat}
@@ -694,7 +695,7 @@ cmd_listen() {
            | jq 'select(type == "object" and (.ts | type) == "number") | .ts' 2>/dev/null) || last=""
     if [ -n "$last" ]; then since=$(jq -n "[$since, $last] | max"); fi
   fi
-  bus_follow "$bus_agent" "$channel" "$opt_once" bus_log_batch "$stem.cursor"
+  bus_follow "$bus_agent" "$follow_channel" "$opt_once" bus_log_batch "$stem.cursor"
 }
 
 bus_log_batch() {  # the full log, the summary log, the heartbeat (busd/listener.py)
@@ -717,8 +718,7 @@ cmd_drop() {
       || die "$EXIT_USAGE" "not dropped: invalid channel '$channel': channels are 1-64 characters of A-Z a-z 0-9 . _ - and not only dots"
   fi
   cat >"$bus_work/body"
-  jq -Rs . <"$bus_work/body" >"$bus_work/body.json"
-  jq -e 'explode | index(0) == null' "$bus_work/body.json" >/dev/null \
+  jq -Rse 'explode | index(0) == null' <"$bus_work/body" >/dev/null \
     || die "$EXIT_USAGE" "not dropped: binary: standard input holds a NUL byte; only UTF-8 text can be sent: share binary files by their path instead"
   bus_utf8 "$bus_work/body" \
     || die "$EXIT_USAGE" "not dropped: binary: standard input is not UTF-8 text; only UTF-8 text can be sent: share binary files by their path instead"
@@ -932,7 +932,7 @@ bus_os_error() {  # bus_os_error TEXT: the strerror at the end of a tool's error
 cmd_verify() {
   bus_args --name= target sha256 -- "$@"
   bus_given arg_target || bus_usage_error "give an inbox message id, or a FILE and its SHA256"
-  bus_start jq sha256sum dd stat
+  bus_start sha256sum dd stat
   # Each file to check, as "expected sha256 NUL path NUL size NUL" in $bus_work/files
   # (the size the handoff announced; empty for a FILE and SHA256).
   if bus_given arg_sha256; then
