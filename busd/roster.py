@@ -80,6 +80,8 @@ async def roster(store: Store, access: Access, presence: receipts.Presence,
 async def states(store: Store, messages: list[StoredMessage]) -> dict[int, dict]:
     """{id: {id, ts, from, to, channel, state, recipients, handoff?}} of stored messages;
     `handoff` ({agent: result}) where a recipient's daemon reported its check."""
+    if not messages:
+        return {}
     rows, marks = await store.receipts({m.channel for m in messages})
     reads = await store.reads([m.id for m in messages])
     found = {s["id"]: s for s in receipts.message_states(messages, rows, marks, reads)}

@@ -20,7 +20,6 @@ US_TO_TS = "::float8 / 1000000"
 
 
 class PostgresDialect:
-    name = "postgresql"
     # `now`: the clock as committed (see store.CommitClock).
     clock_now = f"SELECT last_us{US_TO_TS} AS now FROM clock"
     types = {
@@ -60,7 +59,6 @@ class PostgresDialect:
 
 
 class SQLiteDialect(PostgresDialect):
-    name = "sqlite"
     # The clock row is `meta`'s "clock", a ts written as repr() text (exact in Python;
     # SQLite's own REAL-to-text conversion would round it); none yet in a new database.
     clock_now = "SELECT COALESCE((SELECT value FROM meta WHERE key = 'clock'), '0') AS now"

@@ -122,8 +122,9 @@ async def mark_read(request: web.Request) -> web.Response:
     wanted = sorted({i for i in ids if i < 2 ** 63})
     mine = [m.id for m in await bus.store.messages_by_id(wanted)
             if roster.is_recipient(m, agent) and bus.access.sees_channel(principal, m.channel)]
-    await bus.store.record_reads(agent, mine)
-    bus.hub.changed()  # the console shows receipts
+    if mine:
+        await bus.store.record_reads(agent, mine)
+        bus.hub.changed()  # the console shows receipts
     marked = set(mine)
     return reply({"ok": True, "read": sorted(marked),
                   "unknown": sorted({i for i in ids if i not in marked})})
